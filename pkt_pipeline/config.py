@@ -1,0 +1,139 @@
+"""One typed configuration object for every stage, loaded from YAML with CLI overrides.
+
+A config file mirrors `PktConfig`: one section per concern. Unknown keys and values of the
+wrong type are refused with the dotted key named, so a typo never silently falls back to a
+default. Overrides use dotted keys (`--set assets.dtype=float32`); values are parsed as YAML.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not match `PktConfig`."""
+
+
+@dataclass
+class RuntimeConfig:
+    """Where and in which precision models run."""
+
+    device: str = "auto"
+    """`auto` (CUDA when present, else CPU), `cpu`, `cuda`, `cuda:1`, ..."""
+    dtype: str = "auto"
+    """`auto` (bf16 on a CPU that supports it and on GPUs that do, else fp16/fp32), or a torch dtype name."""
+    trust_remote_code: bool = False
+    """Run model code shipped with a hub repository. Off unless you trust that repository."""
+
+
+@dataclass
+class AssetsConfig:
+    """The pinned real models and evaluation data that `pkt assets fetch` provides."""
+
+    models_dir: str = "models"
+    data_dir: str = "data"
+    models: list[str] = field(default_factory=list)
+    """Model names from the pin file; empty means every model pinned with `default: true`."""
+    pins: str | None = None
+    """Pin file to use instead of the one shipped with pkt."""
+    dtype: str = "bfloat16"
+    """Precision of the converted safetensors weights."""
+
+
+@dataclass
+class PktConfig:
+    teacher: str = "models/qwen2.5-coder-1.5b-instruct"
+    """Teacher model: a hub id, a local HF directory or a .gguf file."""
+    student: str = "models/qwen2.5-coder-0.5b-instruct"
+    """Student model: a hub id, a local HF directory or a .gguf file."""
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    assets: AssetsConfig = field(default_factory=AssetsConfig)
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> PktConfig:
+    """Build a `PktConfig` from an optional YAML file, then apply `key.sub=value` overrides."""
+    raw: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        raw = loaded
+        source = str(path)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        _set_dotted(raw, key.strip().split("."), yaml.safe_load(value))
+    return _build(PktConfig, raw, prefix="", source=source)
+
+
+def to_dict(config: PktConfig) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def _set_dotted(tree: dict[str, Any], keys: list[str], value: Any) -> None:
+    for key in keys[:-1]:
+        node = tree.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"cannot override inside {key!r}: it is not a section")
+        tree = node
+    tree[keys[-1]] = value
+
+
+def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: {prefix or 'config'} must be a mapping, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in raw.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1)
+            hint = f"; did you mean {prefix}{close[0]!r}?" if close else ""
+            raise ConfigError(f"{source}: unknown key {dotted!r}{hint}")
+        kwargs[key] = _coerce(hints[key], value, dotted, source)
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, dotted: str, source: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, prefix=f"{dotted}.", source=source)
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(arg, value, dotted, source)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0])
+    if origin is list:
+        (item_type,) = typing.get_args(hint)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: {dotted} must be a list, got {value!r}")
+        return [_coerce(item_type, v, dotted, source) for v in value]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (str, int, float, bool):
+        if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+            raise ConfigError(f"{source}: {dotted} must be {hint.__name__}, got {value!r}")
+        return value
+    raise ConfigError(f"{source}: {dotted} has an unsupported type {hint!r}")

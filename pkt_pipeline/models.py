@@ -1,0 +1,192 @@
+"""Load causal LMs and their tokenizers from a hub id, a local HF directory or a GGUF file.
+
+Every stage loads models through `load_model` / `load_tokenizer`, so the dtype and device
+policy and the error messages are the same everywhere:
+
+- a `.gguf` file is dequantized to float by transformers; the quantizer marks it leaves
+  behind are cleared so the model trains with peft and saves with `save_pretrained`;
+- on CPU the default dtype is bf16 where the CPU computes it natively (2.5-3x faster than
+  fp32 on AVX512-BF16/AMX machines), on GPU bf16 where supported, else fp16;
+- `trust_remote_code` stays off unless the caller asks for it.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+
+log = logging.getLogger(__name__)
+
+# `name` or `org/name`, as on the Hugging Face hub.
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+def _local_roots() -> set[str]:
+    """Top-level names in the working directory: `models/x` then means a path, not a hub org."""
+    return {entry.name for entry in Path.cwd().iterdir() if entry.is_dir()}
+
+
+class ModelLoadError(RuntimeError):
+    """A model or tokenizer that cannot be found or read; the message names the source."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from: exactly one of a hub id, a local directory or a GGUF file."""
+
+    kind: str  # "hub", "dir" or "gguf"
+    location: str
+
+    @property
+    def pretrained_args(self) -> tuple[str, dict]:
+        """Arguments for transformers' `from_pretrained` that read this source."""
+        if self.kind == "gguf":
+            path = Path(self.location)
+            return str(path.parent), {"gguf_file": path.name}
+        return self.location, {}
+
+    def __str__(self) -> str:
+        return self.location
+
+
+def resolve_source(name_or_path: str | os.PathLike) -> ModelSource:
+    """Classify a model reference, refusing paths that do not exist.
+
+    Anything on disk is a path. What is not on disk is a hub id only if it has a hub id's
+    shape (`name` or `org/name`) and does not start in a local folder or end in `.gguf`;
+    otherwise it is a missing path, reported as such rather than as a failed download.
+    """
+    text = os.fspath(name_or_path)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            ggufs = sorted(path.glob("*.gguf"))
+            hint = f" It holds {ggufs[0].name}: pass that file instead." if ggufs else ""
+            raise ModelLoadError(f"{path} is not a Hugging Face model directory (no config.json).{hint}")
+        return ModelSource("dir", str(path))
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ModelLoadError(
+                f"{path} is a file but not a .gguf model; pass a model directory, a .gguf file or a hub id"
+            )
+        return ModelSource("gguf", str(path))
+    if not _HUB_ID.fullmatch(text) or text.lower().endswith(".gguf") or Path(text).parts[0] in _local_roots():
+        raise ModelLoadError(f"model not found: {path} does not exist")
+    return ModelSource("hub", text)
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {device!r} was asked for but this torch sees no CUDA device")
+    return resolved
+
+
+@functools.cache
+def cpu_supports_bf16() -> bool:
+    """True where the CPU has native bf16 matmuls (AVX512-BF16 or AMX); emulated bf16 is slow."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_dtype(dtype: str | torch.dtype = "auto", device: torch.device | str = "cpu") -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype != "auto":
+        resolved = getattr(torch, dtype, None)
+        if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+            raise ValueError(f"unknown floating-point dtype {dtype!r} (try bfloat16, float16 or float32)")
+        return resolved
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu":
+        return torch.bfloat16 if cpu_supports_bf16() else torch.float32
+    return torch.float32
+
+
+def load_tokenizer(name_or_path: str | os.PathLike, trust_remote_code: bool = False):
+    """The tokenizer of a model source, with a pad token (the EOS token when none is defined)."""
+    from transformers import AutoTokenizer
+
+    source = resolve_source(name_or_path)
+    location, extra = source.pretrained_args
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code, **extra)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(_explain(source, exc, "tokenizer")) from exc
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(
+    name_or_path: str | os.PathLike,
+    dtype: str | torch.dtype = "auto",
+    device: str = "auto",
+    trust_remote_code: bool = False,
+):
+    """A causal LM ready for inference or training, on the policy's device and dtype."""
+    from transformers import AutoModelForCausalLM
+
+    source = resolve_source(name_or_path)
+    target_device = resolve_device(device)
+    target_dtype = resolve_dtype(dtype, target_device)
+    location, extra = source.pretrained_args
+    # GGUF tensors dequantize to float32 fastest; the cast to the target dtype follows.
+    load_dtype = torch.float32 if source.kind == "gguf" else target_dtype
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            location, dtype=load_dtype, trust_remote_code=trust_remote_code, **extra
+        )
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
+        raise ModelLoadError(_explain(source, exc, "model")) from exc
+    if source.kind == "gguf":
+        clear_quantizer_flags(model)
+    model.to(device=target_device, dtype=target_dtype)
+    model.eval()
+    log.info("loaded %s (%s) as %s on %s", source, source.kind, target_dtype, target_device)
+    return model
+
+
+def clear_quantizer_flags(model) -> None:
+    """Make a dequantized GGUF model an ordinary float model.
+
+    transformers dequantizes GGUF weights into plain float tensors but still marks the model
+    as quantized (`hf_quantizer`, `is_quantized`, `config.quantization_config`); with those
+    marks `save_pretrained` refuses to save and peft treats the model as not trainable.
+    """
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.quantization_method = None
+
+
+def is_quantized(model) -> bool:
+    return bool(
+        getattr(model, "hf_quantizer", None) is not None
+        or getattr(model, "is_quantized", False)
+        or getattr(model.config, "quantization_config", None) is not None
+    )
+
+
+def _explain(source: ModelSource, exc: Exception, what: str) -> str:
+    if source.kind == "hub":
+        return (
+            f"could not load the {what} of hub id {source.location!r}: {exc}. "
+            "If this machine is offline, download it elsewhere and pass the local directory, "
+            "or a .gguf file (`pkt assets fetch` provides pinned models under models/)."
+        )
+    return f"could not read the {what} at {source.location} ({source.kind}): {exc}"

@@ -1,0 +1,47 @@
+"""Stage `assets`: fetch, verify and convert the pinned models; locate the data sets."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from pkt_pipeline.assets import fetch_dataset, fetch_model, load_pins
+from pkt_pipeline.config import PktConfig
+from pkt_pipeline.datasets import DATASETS, DatasetNotFound, find_dataset
+
+
+def run(config: PktConfig, progress: bool = True, echo=print) -> dict:
+    """Fetch every selected model and pinned data file, then report where each data set is.
+
+    Writes `<models_dir>/assets.json` with what was done, for DVC and for people.
+    """
+    cfg = config.assets
+    pins = load_pins(cfg.pins)
+    models_dir, data_dir = Path(cfg.models_dir), Path(cfg.data_dir)
+    started = time.perf_counter()
+    summary: dict = {"models": [], "datasets": []}
+    for pin in pins.select_models(cfg.models):
+        echo(f"model {pin.name}: {pin.description}")
+        result = fetch_model(pin, models_dir, dtype=cfg.dtype, progress=progress)
+        echo(f"  {result['action']}: {result['path']} (GGUF sha256 {pin.gguf_sha256})")
+        summary["models"].append(result)
+    for pin in pins.datasets.values():
+        result = fetch_dataset(pin, data_dir)
+        echo(f"data set {pin.name}: {result['action']}: {result['path']}")
+        summary["datasets"].append(result)
+    for name in DATASETS:
+        if name in pins.datasets:
+            continue
+        try:
+            location = str(find_dataset(name, data_dir))
+        except DatasetNotFound as exc:
+            location = None
+            echo(f"data set {name}: not available. {exc}")
+        else:
+            echo(f"data set {name}: {location}")
+        summary["datasets"].append({"dataset": name, "action": "located" if location else "missing", "path": location})
+    summary["seconds"] = round(time.perf_counter() - started, 1)
+    models_dir.mkdir(parents=True, exist_ok=True)
+    (models_dir / "assets.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary

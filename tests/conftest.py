@@ -1,0 +1,37 @@
+"""Shared fixtures: the tiny teacher/student pair, built once per test session, no download."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from pkt_pipeline.tiny_models import save_tiny_pair
+
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def tiny_pair(tmp_path_factory) -> dict[str, Path]:
+    """`{"teacher": dir, "student": dir}`: Qwen2 4x64 and 2x32 sharing one tokenizer."""
+    return save_tiny_pair(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_gguf(tiny_pair, tmp_path_factory) -> Path:
+    """The tiny teacher as a Q8_0 GGUF file, read by the same loader as the real models."""
+    from gguf_export import export_qwen2_gguf
+
+    return export_qwen2_gguf(tiny_pair["teacher"], tmp_path_factory.mktemp("gguf") / "tiny-teacher.Q8_0.gguf")
+
+
+def real_model_dir(name: str) -> Path:
+    """A converted pinned model, or a skip saying how to get it."""
+    path = PROJECT_ROOT / "models" / name
+    if not (path / "config.json").is_file():
+        pytest.skip(f"{path} is absent: run `pkt assets fetch` first")
+    return path
