@@ -94,7 +94,7 @@ def _set_dotted(tree: dict[str, Any], keys: list[str], value: Any) -> None:
 
 def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
     if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: {prefix or 'config'} must be a mapping, got {raw!r}")
+        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'config'} must be a mapping, got {raw!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     kwargs = {}
@@ -102,7 +102,7 @@ def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
         dotted = f"{prefix}{key}"
         if key not in fields:
             close = difflib.get_close_matches(key, fields, n=1)
-            hint = f"; did you mean {prefix}{close[0]!r}?" if close else ""
+            hint = f"; did you mean {prefix + close[0]!r}?" if close else ""
             raise ConfigError(f"{source}: unknown key {dotted!r}{hint}")
         kwargs[key] = _coerce(hints[key], value, dotted, source)
     return cls(**kwargs)

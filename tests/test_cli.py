@@ -1,0 +1,42 @@
+"""The command line a newcomer meets: help texts and clean errors, through the real `pkt` entry point."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+
+def pkt(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pkt_pipeline.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=120)
+
+
+def test_top_level_help_lists_commands_and_a_first_experiment():
+    result = pkt("--help")
+    assert result.returncode == 0
+    for word in ("assets", "config", "A typical experiment", "dvc repro"):
+        assert word in result.stdout
+
+
+@pytest.mark.parametrize("command", [["assets"], ["assets", "fetch"], ["assets", "list"], ["config"]])
+def test_every_command_has_help(command):
+    result = pkt(*command, "--help")
+    assert result.returncode == 0
+    assert "Usage: " in result.stdout and len(result.stdout.splitlines()) > 4
+
+
+def test_assets_list_shows_the_pinned_pair():
+    result = pkt("assets", "list")
+    assert "qwen2.5-coder-1.5b-instruct" in result.stdout and "qwen2.5-coder-0.5b-instruct" in result.stdout
+
+
+def test_config_errors_are_one_clear_line(tmp_path):
+    result = pkt("config", "--set", "assets.nope=1", cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip() == "Error: defaults: unknown key 'assets.nope'"
+
+
+def test_config_prints_the_resolved_values():
+    result = pkt("config", "--set", "runtime.device=cpu")
+    assert result.returncode == 0 and "device: cpu" in result.stdout

@@ -1,0 +1,55 @@
+"""The typed config: files, overrides and the errors a typo gets."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import PROJECT_ROOT
+from pkt_pipeline.config import ConfigError, PktConfig, load_config
+
+
+def test_defaults_without_a_file():
+    assert load_config() == PktConfig()
+
+
+def test_shipped_configs_load():
+    for path in sorted((PROJECT_ROOT / "configs").glob("*.yaml")):
+        assert isinstance(load_config(path), PktConfig), path
+
+
+def test_file_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("teacher: a/b\nassets:\n  models: [x, y]\n  dtype: float32\n")
+    config = load_config(path, ["assets.models=z", "runtime.trust_remote_code=true", "assets.pins=null"])
+    assert config.teacher == "a/b"
+    assert config.assets.models == ["z"] and config.assets.dtype == "float32"
+    assert config.runtime.trust_remote_code is True and config.assets.pins is None
+
+
+def test_comma_separated_list_override():
+    assert load_config(overrides=["assets.models=a, b"]).assets.models == ["a", "b"]
+
+
+def test_unknown_key_suggests_the_close_one(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("assets:\n  model_dir: x\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'assets.model_dir'; did you mean 'assets.models_dir'\?"):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("runtime.trust_remote_code=maybe", "runtime.trust_remote_code must be bool, got 'maybe'"),
+        ("assets=3", "assets must be a mapping"),
+        ("teacher", "not of the form section.key=value"),
+    ],
+)
+def test_bad_values_are_named(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=[override])
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found: .*nope.yaml"):
+        load_config(tmp_path / "nope.yaml")
