@@ -8,10 +8,13 @@ converted to the same jsonl layout. When none is reachable the error lists every
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -79,14 +82,39 @@ def find_dataset(name: str, data_dir: str | Path = "data", allow_hub: bool = Tru
         tried.append(f"hub dataset {spec.hub_id} (not tried)")
     else:
         tried.append("no public hub copy exists")
-    hint = " Run `pkt assets fetch`, or set PKT_SHARED_DATA to a folder that holds it." if not spec.hub_id else ""
+    hint = " Set PKT_SHARED_DATA to a folder that holds it." if not spec.hub_id else ""
     raise DatasetNotFound(f"data set {name!r} is not reachable. Tried: " + "; ".join(tried) + "." + hint)
+
+
+@functools.cache
+def hub_unreachable_reason() -> str | None:
+    """Why the hub cannot be reached, or None when it may be; asked once per process.
+
+    Without this, each file's download retries for half a minute before failing on a machine
+    with no network. A proxy may resolve names we cannot, so with one configured we just try.
+    """
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    if any(os.environ.get(var) for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    host = urlparse(constants.ENDPOINT).hostname or ""
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError as exc:
+        return f"cannot resolve {host}: {exc}"
+    return None
 
 
 def _fetch_from_hub(spec: DatasetSpec, data_dir: Path) -> Path:
     """Download the hub's parquet files and write them as the jsonl files pkt reads."""
     import pyarrow.parquet as pq
     from huggingface_hub import hf_hub_download
+
+    reason = hub_unreachable_reason()
+    if reason:
+        raise ConnectionError(reason)
 
     target = data_dir / spec.relpath
     folder = target if not target.suffix else target.parent

