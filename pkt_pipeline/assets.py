@@ -80,6 +80,13 @@ class Pins:
         return [self.models[n] for n in names] if names else [m for m in self.models.values() if m.default]
 
 
+def _sha256(value, where: str) -> str:
+    """A pinned hash; YAML reads an unquoted all-digit hash as a number, so insist on text."""
+    if not isinstance(value, str) or len(value) != 64 or any(c not in "0123456789abcdefABCDEF" for c in value):
+        raise AssetError(f"{where}: sha256 must be 64 hex digits in quotes, got {value!r}")
+    return value.lower()
+
+
 def load_pins(path: str | Path | None = None) -> Pins:
     path = Path(path) if path else DEFAULT_PINS
     try:
@@ -94,9 +101,12 @@ def load_pins(path: str | Path | None = None) -> Pins:
                 upstream=spec.get("upstream", ""),
                 quantization=spec.get("quantization", ""),
                 default=bool(spec.get("default", False)),
-                gguf_sha256=spec["gguf_sha256"].lower(),
+                gguf_sha256=_sha256(spec["gguf_sha256"], f"{path}: models.{name}.gguf_sha256"),
                 gguf_size=spec.get("gguf_size"),
-                parts=tuple(WheelPayload(**part) for part in spec["parts"]),
+                parts=tuple(
+                    WheelPayload(part["requirement"], _sha256(part["sha256"], f"{path}: {part['requirement']}"), part["member"])
+                    for part in spec["parts"]
+                ),
             )
             for name, spec in (raw.get("models") or {}).items()
         }
@@ -104,7 +114,7 @@ def load_pins(path: str | Path | None = None) -> Pins:
             name: DatasetPin(
                 name=name,
                 description=spec.get("description", ""),
-                payload=WheelPayload(spec["requirement"], spec["sha256"].lower(), spec["member"]),
+                payload=WheelPayload(spec["requirement"], _sha256(spec["sha256"], f"{path}: {spec['requirement']}"), spec["member"]),
                 file=spec["file"],
             )
             for name, spec in (raw.get("datasets") or {}).items()

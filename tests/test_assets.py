@@ -21,7 +21,7 @@ import torch
 import yaml
 
 from conftest import PROJECT_ROOT
-from pkt_pipeline.assets import AssetError, fetch_dataset, fetch_model, load_pins
+from pkt_pipeline.assets import DEFAULT_PINS, AssetError, fetch_dataset, fetch_model, load_pins
 from pkt_pipeline.datasets import DatasetNotFound, find_dataset
 from pkt_pipeline.models import load_model, load_tokenizer
 
@@ -187,3 +187,13 @@ def test_shared_data_folder_is_found(tmp_path, monkeypatch):
     (tmp_path / "shared" / "mbpp" / "mbpp.jsonl").write_text("{}\n")
     monkeypatch.setenv("PKT_SHARED_DATA", str(tmp_path / "shared"))
     assert find_dataset("mbpp", tmp_path / "data") == tmp_path / "shared" / "mbpp" / "mbpp.jsonl"
+
+
+def test_pin_hash_that_yaml_reads_as_a_number_is_refused(tmp_path):
+    text = DEFAULT_PINS.read_text().replace(
+        '"b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"', "0" * 64
+    )
+    path = tmp_path / "pins.yaml"
+    path.write_text(text)
+    with pytest.raises(AssetError, match=r"smollm2-135m-instruct.gguf_sha256: sha256 must be 64 hex digits in quotes, got 0"):
+        load_pins(path)
