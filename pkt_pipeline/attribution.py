@@ -1,0 +1,166 @@
+"""Layer Gradient × Activation attribution on the teacher (METHOD.md §1.3, stage A).
+
+For one example with token ids `x` and an answer mask `supervised`, the loss is the teacher's
+mean cross-entropy over the supervised tokens in the Hugging Face label convention: the
+logits at position t-1 predict token t, so a supervised token at t contributes
+CE(logits[t-1], x[t]) and a supervised token at position 0 contributes nothing. The score of
+layer ℓ (ℓ = 0 is the embedding output, ℓ = L the last layer) is
+
+    I_ℓ = Σ_t Σ_j | ∂L/∂h_ℓ[t,j] · h_ℓ[t,j] |        ("abs", the default)
+    I_ℓ = Σ_t Σ_j   ∂L/∂h_ℓ[t,j] · h_ℓ[t,j]          ("signed", the METHOD.md option)
+
+with h_ℓ = `hidden_states[ℓ]` of `model(..., output_hidden_states=True)`.
+
+Notes on the definition:
+
+- The sum runs over all positions t. In a causal model ∂L/∂h_ℓ[t] is exactly zero at every
+  position after the last predicting position (t ≥ last supervised token), since nothing
+  there feeds the loss; earlier unsupervised positions do feed it through attention, and
+  their share is the point of the gradient. Summing over all positions is therefore the
+  same as summing over the positions that feed the loss, with no mask to get wrong.
+- In transformers 5.x `hidden_states[L]` (the last entry) is taken *after* the final norm:
+  it equals `last_hidden_state`, not the raw output of the last decoder layer. Attribution
+  is over the hidden states as the model returns them, so I_L is the score of the normed
+  final state.
+- Each example is one forward and one backward pass. The gradient is taken with
+  `torch.autograd.grad` with respect to the hidden states only; parameters are switched to
+  `requires_grad=False` for the call and restored afterwards, so no `.grad` is created or
+  changed on the model. The model is put in eval mode for the call (no dropout) and its
+  previous mode restored.
+- The loss is computed from float32 logits and the grad·activation product in float32
+  whatever the model dtype (the product is cast, not the model); the sums are float64.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+AGGREGATIONS = ("abs", "signed")
+
+
+def _model_device(model) -> torch.device:
+    device = getattr(model, "device", None)
+    if isinstance(device, torch.device):
+        return device
+    return next(model.parameters()).device
+
+
+def _check_inputs(input_ids: torch.Tensor, supervised: torch.Tensor, aggregation: str) -> None:
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"unknown attribution aggregation {aggregation!r} (choose one of {', '.join(AGGREGATIONS)})")
+    if input_ids.dim() != 1 or supervised.dim() != 1:
+        raise ValueError(
+            f"input_ids and supervised must be 1-D (one example), got shapes "
+            f"{tuple(input_ids.shape)} and {tuple(supervised.shape)}"
+        )
+    if input_ids.shape != supervised.shape:
+        raise ValueError(
+            f"input_ids and supervised differ in length: {input_ids.shape[0]} vs {supervised.shape[0]}"
+        )
+    if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+        raise ValueError(f"input_ids must hold integer token ids, got {input_ids.dtype}")
+    if supervised.dtype != torch.bool:
+        raise ValueError(f"supervised must be a bool mask, got {supervised.dtype}")
+    if not has_effective_supervision(supervised):
+        raise ValueError(
+            "example has no supervised token to predict (supervised is empty or marks only "
+            "position 0, which no logit predicts); filter such examples out"
+        )
+
+
+def has_effective_supervision(supervised) -> bool:
+    """True when some supervised token sits at position ≥ 1, i.e. the LM loss has a term."""
+    return bool(supervised[1:].any())
+
+
+def layer_attribution(
+    model, input_ids: torch.Tensor, supervised: torch.Tensor, aggregation: str = "abs"
+) -> torch.Tensor:
+    """Per-layer Gradient × Activation scores I_ℓ of one example, float64 of shape [L+1] (CPU).
+
+    `input_ids` [T] integer ids, `supervised` [T] bool answer-token mask. Raises ValueError for
+    an unknown `aggregation`, malformed inputs, or an example with no supervised token at
+    position ≥ 1 (nothing to predict). See the module docstring for the exact definition.
+    """
+    input_ids = torch.as_tensor(input_ids)
+    supervised = torch.as_tensor(supervised)
+    _check_inputs(input_ids, supervised, aggregation)
+
+    device = _model_device(model)
+    ids = input_ids.to(device=device, dtype=torch.long).unsqueeze(0)
+    mask = supervised.to(device)
+    # Targets in the HF convention: logits[t-1] predict ids[t] for supervised t ≥ 1.
+    predict = mask[1:]
+    targets = ids[0, 1:][predict]
+
+    was_training = model.training
+    params = list(model.parameters())
+    requires = [p.requires_grad for p in params]
+    try:
+        model.eval()
+        for p in params:
+            p.requires_grad_(False)
+        with torch.enable_grad():
+            # The embedding output is the one leaf that needs a gradient: every hidden state
+            # downstream of it then sits on the graph.
+            embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+            output = model(
+                inputs_embeds=embeds,
+                attention_mask=torch.ones_like(ids),
+                output_hidden_states=True,
+                use_cache=False,
+            )
+            hidden = tuple(output.hidden_states)
+            logits = output.logits[0, :-1][predict].float()
+            loss = F.cross_entropy(logits, targets)
+            grads = torch.autograd.grad(loss, hidden)
+        scores = torch.empty(len(hidden), dtype=torch.float64)
+        for layer, (h, g) in enumerate(zip(hidden, grads)):
+            product = g.detach().float() * h.detach().float()
+            if aggregation == "abs":
+                product = product.abs()
+            scores[layer] = product.sum(dtype=torch.float64).item()
+        return scores
+    finally:
+        for p, flag in zip(params, requires):
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
+def accumulate_attribution(
+    model, examples: Iterable, aggregation: str = "abs", progress: bool = True
+) -> tuple[np.ndarray, int]:
+    """Σ of `layer_attribution` over `examples`; returns (scores float64 [L+1], n_used).
+
+    `examples` yields objects with `.input_ids` (integer numpy array) and `.supervised` (bool
+    numpy array). Examples with no supervised token at position ≥ 1 are skipped and counted
+    (a warning logs how many). Raises ValueError for an unknown aggregation or when no
+    example at all has a supervised token.
+    """
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"unknown attribution aggregation {aggregation!r} (choose one of {', '.join(AGGREGATIONS)})")
+    from tqdm.auto import tqdm
+
+    total: torch.Tensor | None = None
+    used = skipped = 0
+    for example in tqdm(examples, desc="attribution", unit="ex", disable=not progress):
+        supervised = torch.from_numpy(np.asarray(example.supervised, dtype=bool))
+        if not has_effective_supervision(supervised):
+            skipped += 1
+            continue
+        input_ids = torch.from_numpy(np.asarray(example.input_ids).astype(np.int64))
+        scores = layer_attribution(model, input_ids, supervised, aggregation)
+        total = scores if total is None else total + scores
+        used += 1
+    if skipped:
+        log.warning("attribution skipped %d example(s) with no supervised token", skipped)
+    if total is None:
+        raise ValueError(f"no example with a supervised token to attribute ({skipped} skipped)")
+    return total.numpy(), used

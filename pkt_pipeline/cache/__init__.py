@@ -1,0 +1,8 @@
+"""The activation cache: the contract between stage one (teacher) and stage two (student)."""
+
+from .layout import CacheError
+from .reader import Cache, open_cache
+from .store import ArraySpec, CacheFiles, CacheWriter
+from .verify import cache_info, verify_cache
+
+__all__ = ["ArraySpec", "Cache", "CacheError", "CacheFiles", "CacheWriter", "cache_info", "open_cache", "verify_cache"]

@@ -1,0 +1,105 @@
+"""The on-disk layout of an activation cache: what is stored where, and in which encoding.
+
+A cache is one zarr v3 group. Every per-token array is token-major and ragged: the tokens of
+all examples are laid end to end along axis 0. Examples are packed into *groups* that each
+fill one zarr shard (`shard_tokens` rows, zero-padded at the end), so a writer always writes
+whole shards and two writers never touch the same file. The index table (parquet) maps each
+example id to its rows.
+
+    <cache>/zarr.json                      zarr group; attribute pkt_format
+    <cache>/run.json                       identity of the run: teacher, data, settings
+    <cache>/index.parquet                  example_id, content_hash, offset, length, group, ...
+    <cache>/ledger/group-000042.json       one per finished group, with its shard checksums
+    <cache>/tokens, supervised             int32 / bool            [N]
+    <cache>/hidden/NN, delta/NN            bf16 bits (uint16) or fp16 [N, D], NN = layer
+    <cache>/topk/logprobs, topk/indices    float32 / int32         [N, k]
+    <cache>/attribution/scores             float64                 [L+1]
+    <cache>/teacher/lm_head, final_norm    storage dtype           [V, D], [D]
+    <cache>/manifest.json                  written last: its presence means the cache is complete
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import zarr.codecs as zc
+
+FORMAT_NAME = "pkt-activation-cache"
+FORMAT_VERSION = 1
+
+RUN_FILE = "run.json"
+INDEX_FILE = "index.parquet"
+MANIFEST_FILE = "manifest.json"
+LEDGER_DIR = "ledger"
+
+STORAGE_DTYPES = ("bfloat16", "float16")
+COMPRESSORS = ("zstd", "blosc-lz4", "blosc-zstd", "none")
+
+
+class CacheError(RuntimeError):
+    """A cache that is missing, incomplete, corrupt or not the one asked for."""
+
+
+def hidden_key(layer: int) -> str:
+    return f"hidden/{layer:02d}"
+
+
+def delta_key(layer: int) -> str:
+    return f"delta/{layer:02d}"
+
+
+def ledger_key(group: int) -> str:
+    return f"{LEDGER_DIR}/group-{group:06d}.json"
+
+
+def plan_groups(lengths: list[int], shard_tokens: int) -> list[list[int]]:
+    """Pack examples, in order, into groups of at most `shard_tokens` tokens each."""
+    if not lengths:
+        raise CacheError("nothing to cache: the dataset has no examples")
+    too_long = max(lengths)
+    if too_long > shard_tokens:
+        raise CacheError(f"an example of {too_long} tokens does not fit a shard of {shard_tokens}; raise shard_tokens")
+    groups: list[list[int]] = [[]]
+    used = 0
+    for index, length in enumerate(lengths):
+        if used + length > shard_tokens:
+            groups.append([])
+            used = 0
+        groups[-1].append(index)
+        used += length
+    return groups
+
+
+def compressor(name: str, level: int):
+    """The zarr codec for `name`; bf16 bits compress best with a byte shuffle (exponent bytes align)."""
+    if name == "zstd":
+        return zc.ZstdCodec(level=level)
+    if name == "blosc-lz4":
+        return zc.BloscCodec(cname="lz4", clevel=level, shuffle="shuffle")
+    if name == "blosc-zstd":
+        return zc.BloscCodec(cname="zstd", clevel=level, shuffle="shuffle")
+    if name == "none":
+        return None
+    raise CacheError(f"unknown compressor {name!r}; choose one of {COMPRESSORS}")
+
+
+def encode(tensor: torch.Tensor, storage_dtype: str) -> np.ndarray:
+    """A float tensor as the numpy array the cache stores (bf16 as its raw uint16 bits)."""
+    if storage_dtype == "bfloat16":
+        return tensor.detach().to(torch.bfloat16).contiguous().view(torch.uint16).cpu().numpy()
+    if storage_dtype == "float16":
+        largest = tensor.detach().abs().max().item() if tensor.numel() else 0.0
+        if largest > torch.finfo(torch.float16).max:
+            raise CacheError(f"value {largest:.4g} overflows float16; store bfloat16 instead")
+        return tensor.detach().to(torch.float16).cpu().numpy()
+    raise CacheError(f"unknown storage dtype {storage_dtype!r}; choose one of {STORAGE_DTYPES}")
+
+
+def decode(array: np.ndarray, storage_dtype: str) -> torch.Tensor:
+    if storage_dtype == "bfloat16":
+        return torch.from_numpy(np.ascontiguousarray(array).view(np.uint16)).view(torch.bfloat16)
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def numpy_dtype(storage_dtype: str) -> str:
+    return "uint16" if storage_dtype == "bfloat16" else "float16"

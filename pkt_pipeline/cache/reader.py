@@ -1,0 +1,122 @@
+"""Read a finished activation cache, from a notebook or from stage two.
+
+    cache = open_cache("cache/qwen1.5b-mmlu")            # or "s3://bucket/cache", "memory://..."
+    cache.manifest["teacher"]["id"], cache.index.num_rows
+    cache.hidden(12, "professional_law_124")            # torch [T, D] in the stored dtype
+    cache.topk("professional_law_124")                  # (log-probs [T, k] float32, token ids [T, k] int64)
+
+Float data comes back as torch tensors (bf16 has no numpy dtype); token ids and masks as
+numpy arrays. Rows are found by example id through the index, never by position.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from functools import cached_property
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import zarr
+
+from .layout import INDEX_FILE, MANIFEST_FILE, CacheError, decode, delta_key, hidden_key
+from .store import CacheFiles
+
+
+def open_cache(path: str | os.PathLike, storage_options: dict | None = None) -> "Cache":
+    """Open a complete cache at a local path or fsspec URL; refuse an incomplete one."""
+    files = CacheFiles(path, storage_options)
+    if not files.exists():
+        raise CacheError(f"no cache at {files.url}")
+    if not files.exists(MANIFEST_FILE):
+        raise CacheError(f"{files.url} is not a complete pkt cache (no {MANIFEST_FILE}); rerun `pkt extract` to finish it")
+    return Cache(files)
+
+
+class Cache:
+    def __init__(self, files: CacheFiles):
+        self.files = files
+        self.manifest: dict = files.read_json(MANIFEST_FILE)
+        self.root = zarr.open_group(files.zarr_store(read_only=True), mode="r", zarr_format=3)
+        self.storage_dtype: str = self.manifest["capture"]["storage_dtype"]
+
+    @cached_property
+    def index(self) -> pa.Table:
+        return pq.read_table(io.BytesIO(self.files.read_bytes(INDEX_FILE)))
+
+    @cached_property
+    def _rows(self) -> dict[str, tuple[int, int]]:
+        ids = self.index.column("example_id").to_pylist()
+        offsets = self.index.column("offset").to_pylist()
+        lengths = self.index.column("length").to_pylist()
+        return {i: (o, o + n) for i, o, n in zip(ids, offsets, lengths)}
+
+    @property
+    def layers(self) -> list[int]:
+        return list(self.manifest["capture"]["layers"])
+
+    def span(self, example_id: str) -> tuple[int, int]:
+        try:
+            return self._rows[example_id]
+        except KeyError:
+            raise KeyError(f"example {example_id!r} is not in the cache at {self.files.url}") from None
+
+    def content_hash(self, example_id: str) -> str:
+        position = self.index.column("example_id").to_pylist().index(example_id)
+        return self.index.column("content_hash")[position].as_py()
+
+    def tokens(self, example_id: str) -> np.ndarray:
+        start, stop = self.span(example_id)
+        return self.root["tokens"][start:stop]
+
+    def supervised(self, example_id: str) -> np.ndarray:
+        start, stop = self.span(example_id)
+        return self.root["supervised"][start:stop].astype(bool)
+
+    def hidden(self, layer: int, example_id: str) -> torch.Tensor:
+        """The residual stream `hidden_states[layer]` of one example, [T, D]."""
+        self._check_layer(layer, "hidden")
+        start, stop = self.span(example_id)
+        return decode(self.root[hidden_key(layer)][start:stop], self.storage_dtype)
+
+    def delta(self, layer: int, example_id: str) -> torch.Tensor:
+        """The residual contribution h_layer - h_(layer-1), [T, D]: stored, or derived from stored layers."""
+        if layer < 1:
+            raise ValueError("delta is defined for layers >= 1 (layer 0 is the embedding output)")
+        if "delta" in self.manifest["capture"]["kinds"] and layer in self.layers:
+            start, stop = self.span(example_id)
+            return decode(self.root[delta_key(layer)][start:stop], self.storage_dtype)
+        if layer in self.layers and layer - 1 in self.layers:
+            return (self.hidden(layer, example_id).float() - self.hidden(layer - 1, example_id).float()).to(
+                self.hidden(layer, example_id).dtype
+            )
+        raise CacheError(f"delta of layer {layer} needs layers {layer - 1} and {layer}; cached layers: {self.layers}")
+
+    def topk(self, example_id: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The teacher's top-k next-token log-probs at each position and their token ids."""
+        start, stop = self.span(example_id)
+        values = torch.from_numpy(self.root["topk/logprobs"][start:stop])
+        indices = torch.from_numpy(self.root["topk/indices"][start:stop].astype(np.int64))
+        return values, indices
+
+    def attribution(self) -> np.ndarray:
+        """Layer Gradient x Activation score of each teacher layer 0..L."""
+        return self.root["attribution/scores"][...]
+
+    def teacher_head(self) -> dict:
+        """What stage two needs of the teacher without loading it: LM head and final norm."""
+        head = self.root["teacher/lm_head"]
+        return {
+            "lm_head": decode(head[...], self.storage_dtype),
+            "final_norm": decode(self.root["teacher/final_norm"][...], self.storage_dtype),
+            "norm_eps": float(head.attrs["norm_eps"]),
+        }
+
+    def _check_layer(self, layer: int, kind: str) -> None:
+        if layer not in self.layers:
+            raise CacheError(f"layer {layer} was not captured ({kind}); cached layers: {self.layers}")
+
+    def __repr__(self) -> str:
+        return f"<pkt cache {self.files.url}: {self.manifest['counts']['examples']} examples, teacher {self.manifest['teacher']['id']}>"

@@ -1,0 +1,114 @@
+"""What stage one computes from the teacher: per-layer hidden states, top-k log-probs, weights.
+
+`capture_batch` runs one padded forward pass and returns, per example, exactly the tensors the
+cache stores; `group_blocks` lays a group's examples into whole-shard blocks for the writer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .cache.layout import delta_key, encode, hidden_key
+
+
+@dataclass(frozen=True)
+class CaptureSettings:
+    layers: tuple[int, ...]
+    kinds: tuple[str, ...]  # "hidden" and/or "delta"
+    top_k: int
+    storage_dtype: str
+
+
+CAPTURE_KINDS = ("hidden", "delta")
+
+
+@torch.no_grad()
+def capture_batch(model, batch: list, settings: CaptureSettings) -> list[dict[str, torch.Tensor]]:
+    """One forward pass over right-padded `batch` (objects with `.input_ids`); per-example outputs.
+
+    Right padding leaves every real position's causal computation unchanged. Log-probs are
+    taken in float32 one example at a time, so the [B, T, V] float32 tensor never exists.
+    """
+    device = next(model.parameters()).device
+    longest = max(len(example.input_ids) for example in batch)
+    input_ids = torch.zeros((len(batch), longest), dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), longest), dtype=torch.long)
+    for row, example in enumerate(batch):
+        input_ids[row, : len(example.input_ids)] = torch.from_numpy(example.input_ids.astype(np.int64))
+        attention_mask[row, : len(example.input_ids)] = 1
+    output = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), output_hidden_states=True)
+    states = output.hidden_states
+    results = []
+    for row, example in enumerate(batch):
+        length = len(example.input_ids)
+        captured = {}
+        for layer in settings.layers:
+            if "hidden" in settings.kinds:
+                captured[hidden_key(layer)] = states[layer][row, :length]
+            if "delta" in settings.kinds and layer >= 1:
+                captured[delta_key(layer)] = (states[layer][row, :length].float() - states[layer - 1][row, :length].float())
+        logprobs = torch.log_softmax(output.logits[row, :length].float(), dim=-1)
+        values, indices = logprobs.topk(settings.top_k, dim=-1)
+        captured["topk/logprobs"] = values
+        captured["topk/indices"] = indices.to(torch.int32)
+        results.append(captured)
+    return results
+
+
+def group_blocks(
+    examples: list, captured: list[dict[str, torch.Tensor]], offsets: list[int], group_start: int,
+    shard_tokens: int, settings: CaptureSettings,
+) -> dict[str, np.ndarray]:
+    """Whole-shard arrays for one group: each example's rows at its offset, zeros after the last."""
+    blocks: dict[str, np.ndarray] = {}
+
+    def place(key: str, start: int, values: np.ndarray) -> None:
+        if key not in blocks:
+            blocks[key] = np.zeros((shard_tokens, *values.shape[1:]), dtype=values.dtype)
+        blocks[key][start:start + len(values)] = values
+
+    for example, tensors, offset in zip(examples, captured, offsets):
+        start = offset - group_start
+        place("tokens", start, example.input_ids.astype(np.int32))
+        place("supervised", start, example.supervised.astype(bool))
+        for key, tensor in tensors.items():
+            if key.startswith("topk/"):
+                place(key, start, tensor.cpu().numpy())
+            else:
+                place(key, start, encode(tensor, settings.storage_dtype))
+    return blocks
+
+
+def weights_sha256(model) -> str:
+    """A hash of the parameter values, whatever file format they came from."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(str(tensor.dtype).encode())
+        flat = tensor.detach().contiguous().view(-1)
+        digest.update(flat.view(torch.uint8).cpu().numpy().tobytes() if flat.numel() else b"")
+    return digest.hexdigest()
+
+
+def tokenizer_sha256(tokenizer) -> str:
+    """A hash of what decides token ids: the tokenizer definition and the chat template."""
+    digest = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    digest.update(backend.to_str().encode() if backend is not None else repr(sorted(tokenizer.get_vocab().items())).encode())
+    digest.update((tokenizer.chat_template or "").encode())
+    return digest.hexdigest()
+
+
+def final_norm_and_head(model) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The teacher's final norm weight, LM head and norm epsilon, found through the HF API."""
+    head = model.get_output_embeddings().weight
+    base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    norm = getattr(base, "norm", None) or getattr(base, "final_layernorm", None)
+    if norm is None:
+        raise ValueError(f"cannot find the final norm of {type(model).__name__}")
+    eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", None) or model.config.rms_norm_eps
+    return norm.weight.detach(), head.detach(), float(eps)

@@ -1,0 +1,315 @@
+"""Stage one, `pkt extract`: run the teacher once over task data and write the activation cache.
+
+Under `torchrun` / `accelerate launch` every rank runs this same function: rank 0 creates the
+store, then each rank writes the groups `rank, rank + world, ...` and attributes its share of
+the attribution examples (summed across ranks); rank 0 writes the manifest last.
+
+Robustness: a finished group is in the ledger, so a rerun skips it (resume after a crash or
+`kill -9`); Ctrl-C finishes the group in flight and stops; a write error (a full disk) stops
+with the ledger consistent. The manifest, written last, marks the cache complete.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+from tqdm.auto import tqdm
+
+from pkt_pipeline import __version__
+from pkt_pipeline.attribution import accumulate_attribution
+from pkt_pipeline.cache import ArraySpec, CacheError, CacheWriter
+from pkt_pipeline.cache.layout import (
+    COMPRESSORS,
+    STORAGE_DTYPES,
+    compressor,
+    delta_key,
+    hidden_key,
+    numpy_dtype,
+    plan_groups,
+)
+from pkt_pipeline.config import ExtractConfig, PktConfig
+from pkt_pipeline.datasets import find_dataset
+from pkt_pipeline.examples import PROMPT_FORMATS, dataset_fingerprint, load_examples
+from pkt_pipeline.extraction import (
+    CAPTURE_KINDS,
+    CaptureSettings,
+    capture_batch,
+    final_norm_and_head,
+    group_blocks,
+    tokenizer_sha256,
+    weights_sha256,
+)
+from pkt_pipeline.models import load_model, load_tokenizer
+
+
+class Interrupted(RuntimeError):
+    """Ctrl-C arrived; the group in flight was finished and the cache is consistent."""
+
+
+def resolve_data(reference: str, data_dir: str = "data") -> Path:
+    """A jsonl path as given, or TASK/SPLIT of the transfer splits (e.g. `gsm/train`)."""
+    path = Path(reference)
+    if path.is_file():
+        return path
+    if path.suffix == ".jsonl" or path.exists():
+        raise FileNotFoundError(f"dataset not found: {path}")
+    parts = reference.split("/")
+    if len(parts) != 2:
+        raise FileNotFoundError(f"dataset not found: {reference} (give a .jsonl file or TASK/SPLIT, e.g. gsm/train)")
+    candidate = find_dataset("transfer-splits", data_dir) / parts[0] / f"{parts[1]}.jsonl"
+    if not candidate.is_file():
+        raise FileNotFoundError(f"dataset not found: {candidate} (no split {parts[1]!r} of task {parts[0]!r})")
+    return candidate
+
+
+def validate(cfg: ExtractConfig) -> None:
+    checks = [
+        (cfg.prompt_format in PROMPT_FORMATS, f"extract.prompt_format must be one of {PROMPT_FORMATS}"),
+        (set(cfg.capture) <= set(CAPTURE_KINDS) and cfg.capture, f"extract.capture must be a non-empty subset of {CAPTURE_KINDS}"),
+        (cfg.storage_dtype in STORAGE_DTYPES, f"extract.storage_dtype must be one of {STORAGE_DTYPES}"),
+        (cfg.compressor in COMPRESSORS, f"extract.compressor must be one of {COMPRESSORS}"),
+        (cfg.top_k >= 1 and cfg.batch_size >= 1 and cfg.max_length >= 2, "extract.top_k, batch_size must be >= 1 and max_length >= 2"),
+        (cfg.shard_tokens % cfg.chunk_tokens == 0, "extract.shard_tokens must be a multiple of extract.chunk_tokens"),
+        (cfg.max_length <= cfg.shard_tokens, "extract.max_length must not exceed extract.shard_tokens"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+
+
+def distributed_context() -> tuple[int, int]:
+    """(rank, world size), starting torch.distributed when launched by torchrun/accelerate."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend)
+    return (torch.distributed.get_rank(), world) if world > 1 else (0, 1)
+
+
+def run(config: PktConfig, progress: bool = True, echo=print) -> dict:
+    cfg = config.extract
+    validate(cfg)
+    rank, world = distributed_context()
+    started = time.perf_counter()
+    device = config.runtime.device
+    if device == "auto" and world > 1 and torch.cuda.is_available():
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
+
+    data_path = resolve_data(cfg.data, config.assets.data_dir)
+    tokenizer = load_tokenizer(config.teacher, trust_remote_code=config.runtime.trust_remote_code)
+    prompt = {"format": cfg.prompt_format, "max_length": cfg.max_length, "train_on_inputs": cfg.train_on_inputs}
+    examples, counts = load_examples(data_path, tokenizer, cfg.prompt_format, cfg.max_length, cfg.train_on_inputs,
+                                     limit=cfg.limit or None)
+    model = load_model(config.teacher, dtype=config.runtime.dtype, device=device,
+                       trust_remote_code=config.runtime.trust_remote_code)
+    n_layers = model.config.num_hidden_layers
+    layers = tuple(sorted(set(cfg.layers))) if cfg.layers else tuple(range(n_layers + 1))
+    if min(layers) < 0 or max(layers) > n_layers:
+        raise ValueError(f"extract.layers must lie in 0..{n_layers} for this teacher, got {list(layers)}")
+    settings = CaptureSettings(layers, tuple(cfg.capture), cfg.top_k, cfg.storage_dtype)
+
+    lengths = [len(e.input_ids) for e in examples]
+    groups = plan_groups(lengths, cfg.shard_tokens)
+    offsets, group_of = [0] * len(examples), [0] * len(examples)
+    for g, members in enumerate(groups):
+        cursor = g * cfg.shard_tokens
+        for i in members:
+            offsets[i], group_of[i] = cursor, g
+            cursor += lengths[i]
+
+    attribution_path = resolve_attribution_data(cfg, data_path)
+    run_record = _run_record(config, model, tokenizer, examples, counts, settings, prompt, data_path,
+                             attribution_path, len(groups))
+    index = pa.table({
+        "example_id": [e.example_id for e in examples],
+        "content_hash": [e.content_hash for e in examples],
+        "offset": pa.array(offsets, pa.int64()),
+        "length": pa.array(lengths, pa.int32()),
+        "supervised_tokens": pa.array([int(e.supervised.sum()) for e in examples], pa.int32()),
+        "group": pa.array(group_of, pa.int32()),
+        "truncated": [e.truncated for e in examples],
+    })
+    codec = compressor(cfg.compressor, cfg.compression_level)
+    writer_args = (cfg.out, run_record, index, _array_specs(settings, model.config.hidden_size), codec)
+    if rank == 0:
+        writer = CacheWriter.open(*writer_args, overwrite=cfg.overwrite, create=True)
+    _barrier(world)
+    if rank != 0:
+        writer = CacheWriter.open(*writer_args, create=False)
+    if writer.files.exists("manifest.json"):
+        echo(f"{cfg.out} is already complete for this teacher, data and settings; nothing to do")
+        return {"out": cfg.out, "action": "up to date", "seconds": round(time.perf_counter() - started, 1)}
+
+    todo = [g for g in range(rank, len(groups), world) if g not in writer.finished_groups()]
+    if len(todo) < len(range(rank, len(groups), world)):
+        echo(f"resuming {cfg.out}: {len(range(rank, len(groups), world)) - len(todo)} group(s) already written")
+    written_tokens = _extract_groups(model, writer, examples, groups, offsets, todo, settings, cfg, progress and rank == 0)
+
+    scores, n_used = _attribution(config, tokenizer, model, attribution_path, rank, world, progress and rank == 0)
+    summary = {"out": cfg.out, "action": "extracted", "examples": counts["examples"], "tokens": counts["tokens"],
+               "tokens_written_now": written_tokens}
+    try:
+        if rank == 0:
+            writer.write_array("attribution/scores", scores, chunks=scores.shape, codec=None, attributes={
+                "aggregation": cfg.attribution_aggregation, "examples": n_used, "data": str(attribution_path)})
+            _write_teacher_head(writer, model, settings.storage_dtype, codec)
+        _barrier(world)
+        if rank == 0:
+            manifest = writer.finalize({"attribution": {"aggregation": cfg.attribution_aggregation, "examples": n_used}})
+            summary["stored_bytes"] = manifest["stored_bytes"]
+    except OSError as exc:
+        raise _write_failed(writer, exc) from exc
+    summary["seconds"] = round(time.perf_counter() - started, 1)
+    return summary
+
+
+def resolve_attribution_data(cfg: ExtractConfig, data_path: Path) -> Path:
+    if cfg.attribution_data:
+        return resolve_data(cfg.attribution_data)
+    sibling = data_path.with_name("extract.jsonl")
+    return sibling if sibling.is_file() else data_path
+
+
+def _array_specs(settings: CaptureSettings, width: int) -> list[ArraySpec]:
+    float_type = numpy_dtype(settings.storage_dtype)
+    attrs = {"pkt_dtype": settings.storage_dtype}
+    specs = [ArraySpec("tokens", (), "int32"), ArraySpec("supervised", (), "bool")]
+    for layer in settings.layers:
+        if "hidden" in settings.kinds:
+            specs.append(ArraySpec(hidden_key(layer), (width,), float_type, attrs))
+        if "delta" in settings.kinds and layer >= 1:
+            specs.append(ArraySpec(delta_key(layer), (width,), float_type, attrs))
+    specs += [ArraySpec("topk/logprobs", (settings.top_k,), "float32"), ArraySpec("topk/indices", (settings.top_k,), "int32")]
+    return specs
+
+
+def _extract_groups(model, writer, examples, groups, offsets, todo, settings, cfg, progress) -> int:
+    """Capture and write `todo` groups; the next group's forward overlaps the last one's write."""
+    interrupted = {"flag": False}
+
+    def on_sigint(signum, frame):
+        if interrupted["flag"]:
+            raise KeyboardInterrupt
+        interrupted["flag"] = True
+        tqdm.write("interrupt: finishing the group in flight, then stopping (Ctrl-C again to abort at once)")
+
+    previous = signal.signal(signal.SIGINT, on_sigint) if _main_thread() else None
+    tokens_total = sum(len(examples[i].input_ids) for g in todo for i in groups[g])
+    bar = tqdm(total=tokens_total, desc="extract", unit="tok", unit_scale=True, disable=not progress)
+    pending: Future | None = None
+    written = 0
+    try:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pkt-writer") as pool:
+            for g in todo:
+                members = [examples[i] for i in groups[g]]
+                captured = []
+                for start in range(0, len(members), cfg.batch_size):
+                    captured += capture_batch(model, members[start:start + cfg.batch_size], settings)
+                blocks = group_blocks(members, captured, [offsets[i] for i in groups[g]], g * cfg.shard_tokens,
+                                      cfg.shard_tokens, settings)
+                if pending is not None:
+                    _finish(pending, writer)
+                group_tokens = sum(len(e.input_ids) for e in members)
+                pending = pool.submit(writer.write_group, g, blocks, {"examples": len(members), "tokens": group_tokens})
+                written += group_tokens
+                bar.update(group_tokens)
+                if interrupted["flag"]:
+                    break
+            if pending is not None:
+                _finish(pending, writer)
+    finally:
+        bar.close()
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    if interrupted["flag"]:
+        raise Interrupted(
+            f"interrupted: {len(writer.finished_groups())}/{writer.run['layout']['groups']} groups are safely in "
+            f"{writer.files.url}; rerun the same command to resume"
+        )
+    return written
+
+
+def _finish(pending: Future, writer: CacheWriter) -> None:
+    try:
+        pending.result()
+    except OSError as exc:
+        raise _write_failed(writer, exc) from exc
+
+
+def _write_failed(writer: CacheWriter, exc: OSError) -> CacheError:
+    return CacheError(
+        f"writing to {writer.files.url} failed ({exc}). The {len(writer.finished_groups())} groups in the ledger "
+        "are intact; free space (or fix the error) and rerun the same command to resume."
+    )
+
+
+def _attribution(config, tokenizer, model, path: Path, rank: int, world: int, progress: bool) -> tuple[np.ndarray, int]:
+    cfg = config.extract
+    examples, _ = load_examples(path, tokenizer, cfg.prompt_format, cfg.max_length, cfg.train_on_inputs,
+                                limit=cfg.attribution_examples or None)
+    scores, used = accumulate_attribution(model, examples[rank::world], cfg.attribution_aggregation, progress=progress)
+    if world > 1:
+        totals = torch.tensor(np.append(scores, used), dtype=torch.float64)
+        torch.distributed.all_reduce(totals)
+        scores, used = totals[:-1].numpy(), int(totals[-1].item())
+    return scores, used
+
+
+def _write_teacher_head(writer: CacheWriter, model, storage_dtype: str, codec) -> None:
+    from pkt_pipeline.cache.layout import encode
+
+    norm, head, eps = final_norm_and_head(model)
+    encoded_head = encode(head, storage_dtype)
+    writer.write_array("teacher/lm_head", encoded_head, chunks=(min(4096, head.shape[0]), head.shape[1]), codec=codec,
+                       attributes={"pkt_dtype": storage_dtype, "norm_eps": eps})
+    writer.write_array("teacher/final_norm", encode(norm, storage_dtype), chunks=tuple(norm.shape), codec=codec,
+                       attributes={"pkt_dtype": storage_dtype})
+
+
+def _run_record(config, model, tokenizer, examples, counts, settings, prompt, data_path, attribution_path, n_groups) -> dict:
+    cfg = config.extract
+    capture = {"layers": list(settings.layers), "kinds": list(settings.kinds), "top_k": settings.top_k,
+               "storage_dtype": settings.storage_dtype, "compressor": cfg.compressor,
+               "compression_level": cfg.compression_level}
+    layout = {"chunk_tokens": cfg.chunk_tokens, "shard_tokens": cfg.shard_tokens, "groups": n_groups}
+    fingerprint = dataset_fingerprint(examples, prompt)
+    probe = torch.tensor([[int(examples[0].input_ids[0])]], device=next(model.parameters()).device)
+    with torch.no_grad():
+        out = model.model(probe, output_hidden_states=True) if hasattr(model, "model") else None
+    last_is_normed = bool(out is not None and torch.equal(out.hidden_states[-1], out.last_hidden_state))
+    teacher = {
+        "id": str(config.teacher), "weights_sha256": weights_sha256(model), "dtype": str(model.dtype).replace("torch.", ""),
+        "num_layers": model.config.num_hidden_layers, "hidden_size": model.config.hidden_size,
+        "vocab_size": model.config.vocab_size, "architecture": type(model).__name__,
+        "last_hidden_state_is_normed": last_is_normed,
+    }
+    tok = {"sha256": tokenizer_sha256(tokenizer), "vocab_size": len(tokenizer)}
+    attribution = {"data": str(attribution_path), "aggregation": cfg.attribution_aggregation,
+                   "limit": cfg.attribution_examples}
+    return {
+        "identity": {"teacher": teacher["id"], "teacher_weights_sha256": teacher["weights_sha256"],
+                     "tokenizer_sha256": tok["sha256"], "dataset_fingerprint": fingerprint,
+                     "capture": capture, "prompt": prompt, "layout": layout, "attribution": attribution},
+        "pkt_version": __version__,
+        "teacher": teacher, "tokenizer": tok, "capture": capture, "prompt": prompt, "layout": layout,
+        "dataset": {"path": str(data_path), "fingerprint": fingerprint},
+        "counts": counts,
+    }
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        torch.distributed.barrier()
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()

@@ -1,0 +1,328 @@
+"""Stage one on the tiny teacher: numerical checks against plain transformers, resume, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pytest
+import torch
+
+from pkt_pipeline.cache import CacheError, open_cache, verify_cache
+from pkt_pipeline.config import load_config
+from pkt_pipeline.examples import load_examples
+from pkt_pipeline.models import load_model, load_tokenizer
+
+WORDS = ("the teacher knows how many clips Natalia sold in April and May def add return print range "
+         "answer question function number even prime").split()
+SMALL_LAYOUT = ["extract.chunk_tokens=32", "extract.shard_tokens=128", "extract.max_length=96", "extract.batch_size=4"]
+
+
+def write_dataset(path: Path, n: int, seed: int = 0, with_ids: bool = True) -> Path:
+    rng = random.Random(seed)
+    with open(path, "w") as handle:
+        for i in range(n):
+            row = {"messages": [
+                {"role": "user", "content": " ".join(rng.choices(WORDS, k=rng.randint(3, 25)))},
+                {"role": "assistant", "content": " ".join(rng.choices(WORDS, k=rng.randint(1, 15)))},
+            ]}
+            if with_ids:
+                row["id"] = f"ex{i:03d}"
+            handle.write(json.dumps(row) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("data")
+    write_dataset(folder / "extract.jsonl", 3, seed=1)
+    return write_dataset(folder / "train.jsonl", 24)
+
+
+def extract_config(teacher, data, out, *extra):
+    return load_config(overrides=[f"teacher={teacher}", f"extract.data={data}", f"extract.out={out}",
+                                  "runtime.dtype=float32", *SMALL_LAYOUT, *extra])
+
+
+@pytest.fixture(scope="module")
+def extracted(tiny_pair, dataset, tmp_path_factory) -> Path:
+    from stages import extract
+
+    out = tmp_path_factory.mktemp("cache") / "tiny"
+    extract.run(extract_config(tiny_pair["teacher"], dataset, out, "extract.capture=[hidden, delta]"), progress=False)
+    return out
+
+
+def cli(*args, cwd=None, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "pkt_pipeline.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=cwd, **kwargs)
+
+
+def checksums(path: Path) -> dict[str, str]:
+    return json.loads((path / "manifest.json").read_text())["checksums"]
+
+
+def test_cached_activations_equal_plain_transformers(tiny_pair, dataset, extracted):
+    cache = open_cache(extracted)
+    model = load_model(tiny_pair["teacher"], dtype="float32")
+    tokenizer = load_tokenizer(tiny_pair["teacher"])
+    examples, _ = load_examples(dataset, tokenizer, max_length=96)
+    assert cache.index.column("example_id").to_pylist() == [e.example_id for e in examples]
+    assert cache.layers == list(range(5))
+    for example in examples:
+        ids = torch.from_numpy(example.input_ids.astype(np.int64))[None]
+        with torch.no_grad():
+            out = model(ids, output_hidden_states=True)
+        assert np.array_equal(cache.tokens(example.example_id), example.input_ids)
+        assert np.array_equal(cache.supervised(example.example_id), example.supervised)
+        for layer in range(5):
+            reference = out.hidden_states[layer][0]
+            cached = cache.hidden(layer, example.example_id)
+            assert cached.dtype == torch.bfloat16
+            torch.testing.assert_close(cached.float(), reference, rtol=1.6e-2, atol=1e-2)
+            if layer:
+                torch.testing.assert_close(cache.delta(layer, example.example_id).float(),
+                                           reference - out.hidden_states[layer - 1][0], rtol=1.6e-2, atol=1e-2)
+        values, indices = cache.topk(example.example_id)
+        ref_values, ref_indices = torch.log_softmax(out.logits[0].float(), -1).topk(64, dim=-1)
+        torch.testing.assert_close(values, ref_values, rtol=1e-5, atol=1e-5)
+        assert torch.equal(indices, ref_indices)
+
+
+def test_attribution_equals_independent_autograd(tiny_pair, dataset, extracted):
+    """Gradient x activation of the teacher's answer loss, by hand with retain_grad, summed over the extract split."""
+    model = load_model(tiny_pair["teacher"], dtype="float32")
+    tokenizer = load_tokenizer(tiny_pair["teacher"])
+    examples, _ = load_examples(dataset.with_name("extract.jsonl"), tokenizer, max_length=96)
+    expected = np.zeros(5)
+    for example in examples:
+        ids = torch.from_numpy(example.input_ids.astype(np.int64))[None]
+        labels = torch.where(torch.from_numpy(example.supervised)[None], ids, torch.full_like(ids, -100))
+        out = model(ids, output_hidden_states=True)
+        for state in out.hidden_states:
+            state.retain_grad()
+        loss = torch.nn.functional.cross_entropy(out.logits[0, :-1], labels[0, 1:], ignore_index=-100)
+        loss.backward()
+        expected += np.array([(s.grad * s).abs().sum().item() for s in out.hidden_states])
+        model.zero_grad()
+    cache = open_cache(extracted)
+    np.testing.assert_allclose(cache.attribution(), expected, rtol=1e-5)
+    assert cache.manifest["attribution"]["examples"] == 3
+
+
+def test_teacher_head_and_manifest(tiny_pair, extracted):
+    model = load_model(tiny_pair["teacher"], dtype="float32")
+    cache = open_cache(extracted)
+    head = cache.teacher_head()
+    torch.testing.assert_close(head["lm_head"].float(), model.lm_head.weight.to(torch.bfloat16).float())
+    torch.testing.assert_close(head["final_norm"].float(), model.model.norm.weight.to(torch.bfloat16).float())
+    assert head["norm_eps"] == pytest.approx(model.config.rms_norm_eps)
+    manifest = cache.manifest
+    assert manifest["format_version"] == 1 and manifest["pkt_version"]
+    assert manifest["teacher"]["num_layers"] == 4 and manifest["teacher"]["hidden_size"] == 64
+    assert manifest["teacher"]["last_hidden_state_is_normed"] is True
+    assert manifest["tokenizer"]["vocab_size"] == len(load_tokenizer(tiny_pair["teacher"]))
+    assert manifest["counts"]["examples"] == 24 and manifest["counts"]["tokens"] == sum(cache.index.column("length").to_pylist())
+    assert manifest["capture"]["top_k"] == 64 and manifest["prompt"]["format"] == "chat"
+    assert len(manifest["dataset"]["fingerprint"]) == 64
+    assert verify_cache(extracted) == []
+
+
+def test_reads_through_fsspec_urls(extracted):
+    local = open_cache(extracted)
+    first = local.index.column("example_id")[0].as_py()
+    via_file_url = open_cache(f"file://{extracted}")
+    torch.testing.assert_close(via_file_url.hidden(2, first), local.hidden(2, first))
+    memory = fsspec.filesystem("memory")
+    memory.put(str(extracted), "/pkt-test-cache", recursive=True)
+    via_memory = open_cache("memory://pkt-test-cache")
+    torch.testing.assert_close(via_memory.hidden(3, first), local.hidden(3, first))
+    assert np.array_equal(via_memory.topk(first)[1].numpy(), local.topk(first)[1].numpy())
+    assert verify_cache("memory://pkt-test-cache") == []
+
+
+def test_second_run_is_a_no_op_and_other_teacher_is_refused(tiny_pair, dataset, extracted):
+    from stages import extract
+
+    before = checksums(extracted)
+    config = extract_config(tiny_pair["teacher"], dataset, extracted, "extract.capture=[hidden, delta]")
+    assert extract.run(config, progress=False)["action"] == "up to date"
+    assert checksums(extracted) == before
+    other = extract_config(tiny_pair["student"], dataset, extracted, "extract.capture=[hidden, delta]")
+    with pytest.raises(CacheError, match="already holds a different cache .*teacher .*teacher.*--overwrite"):
+        extract.run(other, progress=False)
+
+
+def test_overwrite_replaces_another_cache(tiny_pair, dataset, tmp_path):
+    from stages import extract
+
+    out = tmp_path / "c"
+    extract.run(extract_config(tiny_pair["teacher"], dataset, out, "extract.limit=4"), progress=False)
+    extract.run(extract_config(tiny_pair["student"], dataset, out, "extract.limit=4", "extract.overwrite=true"), progress=False)
+    assert open_cache(out).manifest["teacher"]["hidden_size"] == 32
+
+
+def test_truncation_is_counted(tiny_pair, dataset, tmp_path):
+    from stages import extract
+
+    extract.run(extract_config(tiny_pair["teacher"], dataset, tmp_path / "c", "extract.max_length=40"), progress=False)
+    cache = open_cache(tmp_path / "c")
+    assert cache.manifest["counts"]["truncated"] == sum(cache.index.column("truncated").to_pylist()) > 0
+    assert max(cache.index.column("length").to_pylist()) == 40
+
+
+def test_bad_inputs_give_clear_errors(tiny_pair, dataset, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    cases = [
+        (["--teacher", str(tmp_path / "no-model"), "--data", str(dataset)], "model not found"),
+        (["--teacher", str(tiny_pair["teacher"]), "--data", str(tmp_path / "nope.jsonl")], "nope.jsonl"),
+        (["--teacher", str(tiny_pair["teacher"]), "--data", str(empty)], "has no examples"),
+    ]
+    for args, message in cases:
+        process = cli("extract", *args, "--out", str(tmp_path / "out"), "--no-progress")
+        _, stderr = process.communicate(timeout=120)
+        assert process.returncode == 1, stderr
+        assert message in stderr and "Traceback" not in stderr
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def run_cli_extract(teacher, data, out, *extra, **popen):
+    overrides = [x for pair in (("--set", o) for o in [*SMALL_LAYOUT, "runtime.dtype=float32", *extra]) for x in pair]
+    return cli("extract", "--teacher", str(teacher), "--data", str(data), "--out", str(out), "--no-progress",
+               *overrides, **popen)
+
+
+def wait_for_ledger(out: Path, entries: int, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if len(list((out / "ledger").glob("*.json"))) >= entries:
+            return
+        if process.poll() is not None:
+            pytest.fail(f"extract ended before the ledger had {entries} entries: {process.stderr.read()}")
+        time.sleep(0.02)
+    pytest.fail("ledger did not fill in time")
+
+
+@pytest.fixture(scope="module")
+def long_dataset(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("long")
+    write_dataset(folder / "extract.jsonl", 2, seed=3)
+    return write_dataset(folder / "train.jsonl", 160, seed=2)
+
+
+@pytest.fixture(scope="module")
+def reference_run(tiny_pair, long_dataset, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ref") / "cache"
+    process = run_cli_extract(tiny_pair["teacher"], long_dataset, out)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr
+    return out
+
+
+def test_resume_after_kill_9_is_byte_identical(tiny_pair, long_dataset, reference_run, tmp_path):
+    out = tmp_path / "cache"
+    process = run_cli_extract(tiny_pair["teacher"], long_dataset, out)
+    wait_for_ledger(out, 3, process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    groups = json.loads((out / "run.json").read_text())["layout"]["groups"]
+    assert len(list((out / "ledger").glob("*.json"))) < groups, "the kill came after the run had finished"
+    assert not (out / "manifest.json").exists()
+    resumed = run_cli_extract(tiny_pair["teacher"], long_dataset, out)
+    stdout, stderr = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, stderr
+    assert "resuming" in stdout
+    assert checksums(out) == checksums(reference_run)
+    assert verify_cache(out) == []
+
+
+def test_ctrl_c_finishes_the_group_in_flight(tiny_pair, long_dataset, reference_run, tmp_path):
+    out = tmp_path / "cache"
+    process = run_cli_extract(tiny_pair["teacher"], long_dataset, out)
+    wait_for_ledger(out, 2, process)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "interrupted" in stderr and "rerun the same command to resume" in stderr
+    problems = verify_cache(out)
+    assert problems == ["manifest.json missing: the extraction did not finish; rerun it to resume"]
+    resumed = run_cli_extract(tiny_pair["teacher"], long_dataset, out)
+    assert resumed.wait(timeout=300) == 0
+    assert checksums(out) == checksums(reference_run)
+
+
+def test_write_failure_stops_cleanly_and_resumes(tiny_pair, long_dataset, reference_run, tmp_path):
+    """A file-size limit makes shard writes fail as a full disk would (Python ignores SIGXFSZ)."""
+    out = tmp_path / "cache"
+    shard_sizes = [p.stat().st_size for p in reference_run.rglob("*") if p.is_file() and "/c/" in str(p)]
+    limit = max(shard_sizes) // 2
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    process = run_cli_extract(tiny_pair["teacher"], long_dataset, out, preexec_fn=small_files)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 1
+    assert "failed" in stderr and "rerun the same command to resume" in stderr and "Traceback" not in stderr
+    resumed = run_cli_extract(tiny_pair["teacher"], long_dataset, out)
+    assert resumed.wait(timeout=300) == 0
+    assert checksums(out) == checksums(reference_run)
+
+
+def test_verify_names_a_corrupt_or_missing_shard(reference_run, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(reference_run, broken)
+    shard = sorted((broken / "hidden" / "02" / "c").rglob("*"))[-1]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    missing = sorted((broken / "topk" / "indices" / "c").rglob("*"))
+    missing = [p for p in missing if p.is_file()][0]
+    missing.unlink()
+    process = cli("cache", "verify", str(broken))
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 1
+    assert f"checksum mismatch: {shard.relative_to(broken)}" in stderr
+    assert f"missing file: {missing.relative_to(broken)}" in stderr
+    ok = cli("cache", "verify", str(reference_run))
+    assert ok.wait(timeout=120) == 0
+
+
+def test_cache_info_summarises(reference_run):
+    process = cli("cache", "info", str(reference_run))
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr
+    for word in ("examples", "160", "tokens", "layers", "0..4 (5)", "KiB/token", "compression"):
+        assert word in stdout
+
+
+def test_torchrun_matches_single_process(tiny_pair, long_dataset, reference_run, tmp_path):
+    out = tmp_path / "cache"
+    overrides = [x for o in [*SMALL_LAYOUT, "runtime.dtype=float32"] for x in ("--set", o)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+         "-m", "pkt_pipeline.cli", "extract", "--teacher", str(tiny_pair["teacher"]), "--data", str(long_dataset),
+         "--out", str(out), "--no-progress", *overrides],
+        capture_output=True, text=True, timeout=600, env=env,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    single, multi = open_cache(reference_run), open_cache(out)
+    assert sorted(multi.index.column("example_id").to_pylist()) == sorted(single.index.column("example_id").to_pylist())
+    for example_id in single.index.column("example_id").to_pylist():
+        assert np.array_equal(multi.tokens(example_id), single.tokens(example_id))
+        for layer in multi.layers:
+            torch.testing.assert_close(multi.hidden(layer, example_id), single.hidden(layer, example_id), rtol=0, atol=0)
+        torch.testing.assert_close(multi.topk(example_id)[0], single.topk(example_id)[0])
+    np.testing.assert_allclose(multi.attribution(), single.attribution(), rtol=1e-6)
+    assert verify_cache(out) == []
