@@ -28,6 +28,7 @@ from pkt_pipeline.cache import ArraySpec, CacheError, CacheWriter
 from pkt_pipeline.cache.layout import (
     COMPRESSORS,
     STORAGE_DTYPES,
+    assign_offsets,
     compressor,
     delta_key,
     hidden_key,
@@ -117,12 +118,7 @@ def run(config: PktConfig, progress: bool = True, echo=print) -> dict:
 
     lengths = [len(e.input_ids) for e in examples]
     groups = plan_groups(lengths, cfg.shard_tokens)
-    offsets, group_of = [0] * len(examples), [0] * len(examples)
-    for g, members in enumerate(groups):
-        cursor = g * cfg.shard_tokens
-        for i in members:
-            offsets[i], group_of[i] = cursor, g
-            cursor += lengths[i]
+    offsets, group_of = assign_offsets(groups, lengths, cfg.shard_tokens)
 
     attribution_path = resolve_attribution_data(cfg, data_path)
     run_record = _run_record(config, model, tokenizer, examples, counts, settings, prompt, data_path,
@@ -150,7 +146,8 @@ def run(config: PktConfig, progress: bool = True, echo=print) -> dict:
     todo = [g for g in range(rank, len(groups), world) if g not in writer.finished_groups()]
     if len(todo) < len(range(rank, len(groups), world)):
         echo(f"resuming {cfg.out}: {len(range(rank, len(groups), world)) - len(todo)} group(s) already written")
-    written_tokens = _extract_groups(model, writer, examples, groups, offsets, todo, settings, cfg, progress and rank == 0)
+    written_tokens = extract_groups(model, writer, examples, groups, offsets, todo, settings, cfg.batch_size,
+                                    progress and rank == 0)
 
     scores, n_used = _attribution(config, tokenizer, model, attribution_path, rank, world, progress and rank == 0)
     summary = {"out": cfg.out, "action": "extracted", "examples": counts["examples"], "tokens": counts["tokens"],
@@ -190,8 +187,13 @@ def _array_specs(settings: CaptureSettings, width: int) -> list[ArraySpec]:
     return specs
 
 
-def _extract_groups(model, writer, examples, groups, offsets, todo, settings, cfg, progress) -> int:
-    """Capture and write `todo` groups; the next group's forward overlaps the last one's write."""
+def extract_groups(model, writer: CacheWriter, examples: list, groups: list[list[int]], offsets: list[int],
+                   todo: list[int], settings: CaptureSettings, batch_size: int, progress: bool = True) -> int:
+    """Capture and write the groups in `todo`; each group's write overlaps the next group's forward.
+
+    Returns the number of tokens written. Ctrl-C stops after the group in flight (Interrupted).
+    """
+    shard_tokens = writer.shard_tokens
     interrupted = {"flag": False}
 
     def on_sigint(signum, frame):
@@ -210,10 +212,10 @@ def _extract_groups(model, writer, examples, groups, offsets, todo, settings, cf
             for g in todo:
                 members = [examples[i] for i in groups[g]]
                 captured = []
-                for start in range(0, len(members), cfg.batch_size):
-                    captured += capture_batch(model, members[start:start + cfg.batch_size], settings)
-                blocks = group_blocks(members, captured, [offsets[i] for i in groups[g]], g * cfg.shard_tokens,
-                                      cfg.shard_tokens, settings)
+                for start in range(0, len(members), batch_size):
+                    captured += capture_batch(model, members[start:start + batch_size], settings)
+                blocks = group_blocks(members, captured, [offsets[i] for i in groups[g]], g * shard_tokens,
+                                      writer.run["layout"]["chunk_tokens"], settings)
                 if pending is not None:
                     _finish(pending, writer)
                 group_tokens = sum(len(e.input_ids) for e in members)

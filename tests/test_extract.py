@@ -94,9 +94,12 @@ def test_cached_activations_equal_plain_transformers(tiny_pair, dataset, extract
                 torch.testing.assert_close(cache.delta(layer, example.example_id).float(),
                                            reference - out.hidden_states[layer - 1][0], rtol=1.6e-2, atol=1e-2)
         values, indices = cache.topk(example.example_id)
-        ref_values, ref_indices = torch.log_softmax(out.logits[0].float(), -1).topk(64, dim=-1)
+        reference_logprobs = torch.log_softmax(out.logits[0].float(), -1)
+        ref_values, ref_indices = reference_logprobs.topk(64, dim=-1)
         torch.testing.assert_close(values, ref_values, rtol=1e-5, atol=1e-5)
-        assert torch.equal(indices, ref_indices)
+        # The same tokens, up to the order of values equal within float32 rounding.
+        torch.testing.assert_close(reference_logprobs.gather(-1, indices), values, rtol=1e-5, atol=1e-5)
+        assert (indices == ref_indices).float().mean() > 0.99
 
 
 def test_attribution_equals_independent_autograd(tiny_pair, dataset, extracted):

@@ -70,6 +70,17 @@ def plan_groups(lengths: list[int], shard_tokens: int) -> list[list[int]]:
     return groups
 
 
+def assign_offsets(groups: list[list[int]], lengths: list[int], shard_tokens: int) -> tuple[list[int], list[int]]:
+    """(first row, group) of every example: group g starts at row g * shard_tokens."""
+    offsets, group_of = [0] * len(lengths), [0] * len(lengths)
+    for g, members in enumerate(groups):
+        cursor = g * shard_tokens
+        for i in members:
+            offsets[i], group_of[i] = cursor, g
+            cursor += lengths[i]
+    return offsets, group_of
+
+
 def compressor(name: str, level: int):
     """The zarr codec for `name`; bf16 bits compress best with a byte shuffle (exponent bytes align)."""
     if name == "zstd":

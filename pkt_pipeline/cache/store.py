@@ -174,14 +174,21 @@ class CacheWriter:
         return {int(name[len("group-"):-len(".json")]) for name in self.files.listdir(LEDGER_DIR) if name.endswith(".json")}
 
     def write_group(self, group: int, blocks: dict[str, np.ndarray], stats: dict) -> None:
-        """Write one group's shard of every token-major array, then record it in the ledger."""
+        """Write one group's shard of every token-major array, then record it in the ledger.
+
+        Blocks may stop short of the shard's end (at a chunk boundary); the rest stays fill
+        value. A shard file left by an interrupted attempt is removed first, so zarr never
+        merges new rows into a torn file.
+        """
         start = group * self.shard_tokens
         checksums = {}
         for key, block in blocks.items():
-            if block.shape[0] != self.shard_tokens:
-                raise CacheError(f"group block for {key} has {block.shape[0]} rows, expected {self.shard_tokens}")
-            self.group[key][start:start + self.shard_tokens] = block
+            if block.shape[0] > self.shard_tokens:
+                raise CacheError(f"group block for {key} has {block.shape[0]} rows, more than a shard ({self.shard_tokens})")
             shard = shard_file(key, block.ndim, group)
+            if self.files.exists(shard):
+                self.files.fs.rm(self.files.full(shard))
+            self.group[key][start:start + block.shape[0]] = block
             checksums[shard] = self.files.sha256(shard)
         self.files.write_json(ledger_key(group), {"group": group, "files": checksums, **stats})
 
