@@ -104,6 +104,37 @@ def cache_speed(folder: Path, total: int, codec_name: str, level: int) -> dict:
             "read_gbps": logical / read_s / 1e9, "page_cache_dropped": dropped}
 
 
+def real_codec_ratios(path: str, codecs: list[str], max_tokens: int = 4096) -> dict:
+    """Compression ratio and single-thread encode speed of each codec on a real cache's activations.
+
+    Chunks of the first `max_tokens` rows of every cached hidden layer are re-encoded with
+    the numcodecs implementation of each codec (the same libraries zarr's codecs use).
+    """
+    import numcodecs
+
+    cache = open_cache(path)
+    rows = min(max_tokens, int(cache.index.column("length").to_numpy()[: 64].sum()))
+    chunks = []
+    for layer in cache.layers:
+        data = cache.root[f"hidden/{layer:02d}"][:rows]
+        chunks += [np.ascontiguousarray(data[s:s + CHUNK]) for s in range(0, rows, CHUNK)]
+    raw = sum(c.nbytes for c in chunks)
+    results = {}
+    for spec in codecs:
+        if spec == "none":
+            continue
+        name, _, level = spec.rpartition("-")
+        codec = {"zstd": lambda: numcodecs.Zstd(level=int(level)),
+                 "blosc-lz4": lambda: numcodecs.Blosc("lz4", int(level), numcodecs.Blosc.SHUFFLE),
+                 "blosc-zstd": lambda: numcodecs.Blosc("zstd", int(level), numcodecs.Blosc.SHUFFLE)}[name]()
+        started = time.perf_counter()
+        stored = sum(len(codec.encode(c)) for c in chunks)
+        seconds = time.perf_counter() - started
+        results[spec] = {"ratio": raw / stored, "encode_mb_per_s": raw / seconds / 1e6}
+    return {"path": path, "teacher": cache.manifest["teacher"]["id"], "tokens_sampled": rows,
+            "layers": len(cache.layers), "raw_bytes": raw, "codecs": results}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", default="/tmp/pkt-bench-io")
@@ -119,9 +150,11 @@ def main() -> None:
         name, _, level = spec.rpartition("-") if spec != "none" else ("none", "", "0")
         rows.append(cache_speed(folder / "cache", total, name, int(level)))
     real = [cache_info(path) for path in args.real_cache]
+    real_codecs = [real_codec_ratios(path, args.codecs.split(",")) for path in args.real_cache]
     result = {"raw_write_gbps": raw_write, "raw_read_gbps": raw_read, "cache": rows,
               "real_caches": [{k: r[k] for k in ("path", "compressor", "tokens", "bytes_per_token", "compression_ratio",
                                                  "stored_bytes")} for r in real],
+              "real_codec_ratios": real_codecs,
               "shape": {"width": WIDTH, "layers": LAYERS, "shard_tokens": SHARD, "chunk_tokens": CHUNK}, "gib": args.gib}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
@@ -132,6 +165,10 @@ def main() -> None:
               f"{row['read_gbps']:10.2f} {100 * row['read_gbps'] / raw_read:5.0f}%")
     for row in result["real_caches"]:
         print(f"real {row['path']}: {row['compressor']}, {row['bytes_per_token'] / 1024:.1f} KiB/token, ratio {row['compression_ratio']:.2f}")
+    for row in real_codecs:
+        print(f"real activations of {row['teacher']} ({row['tokens_sampled']} tokens x {row['layers']} layers):")
+        for codec, value in row["codecs"].items():
+            print(f"  {codec:14s} ratio {value['ratio']:5.2f}   encode {value['encode_mb_per_s']:6.0f} MB/s (1 thread)")
     print(f"wrote {args.out}")
 
 

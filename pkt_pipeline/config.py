@@ -56,8 +56,8 @@ class ExtractConfig:
     """Examples to cache: a .jsonl of chat `messages`, or TASK/SPLIT of the transfer splits (e.g. gsm/train)."""
     attribution_data: str = ""
     """Examples for layer attribution; empty means the `extract` split of the same task (or `data` for a file)."""
-    attribution_examples: int = 0
-    """How many attribution examples to use (one backward pass each); 0 means all of them."""
+    attribution_examples: int = 32
+    """At most this many attribution examples (one backward pass each; a few dozen suffice); 0 means all."""
     attribution_aggregation: str = "abs"
     """`abs`: sum of |grad x activation| (default); `signed`: sum of grad x activation."""
     out: str = "cache/teacher"
