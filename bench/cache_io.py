@@ -1,8 +1,9 @@
 """Sustained write and read speed of the cache layer alone, next to the disk's raw speed.
 
 Synthetic bf16 activations (normal values, which compress about as badly as real ones) are
-written group by group through `CacheWriter` and read back whole examples at a time through
-`open_cache`, for each compressor. The raw baseline writes and reads plain files of the same
+written group by group through `CacheWriter` and read back through `open_cache` a whole group
+per call, as the streaming loader reads (random access, one example and layer per call, is
+reported too), for each compressor. The raw baseline writes and reads plain files of the same
 size with fsync, in the same run and folder. Both reads are measured after dropping the page
 cache when the kernel allows it (the JSON says whether it did).
 
@@ -70,6 +71,7 @@ def cache_speed(folder: Path, total: int, codec_name: str, level: int) -> dict:
     groups = max(1, total // bytes_per_group)
     examples = SHARD // 512
     index = pa.table({"example_id": [f"g{g}e{e}" for g in range(groups) for e in range(examples)],
+                      "group": pa.array([g for g in range(groups) for _ in range(examples)], pa.int32()),
                       "content_hash": ["0" * 64] * (groups * examples),
                       "offset": pa.array([g * SHARD + e * 512 for g in range(groups) for e in range(examples)], pa.int64()),
                       "length": pa.array([512] * (groups * examples), pa.int32())})
@@ -93,15 +95,24 @@ def cache_speed(folder: Path, total: int, codec_name: str, level: int) -> dict:
     dropped = drop_page_cache()
     cache = open_cache(folder)
     started = time.perf_counter()
-    for example_id in cache.index.column("example_id").to_pylist():
+    for group in range(groups):  # as the streaming loader reads: whole groups, then examples as views
+        spans = [cache.span(example_id) for example_id in cache.group_examples(group)]
+        for layer in range(LAYERS):
+            rows, first = cache.group_rows(f"hidden/{layer:02d}", group)
+            _ = [rows[a - first:b - first] for a, b in spans]
+    read_s = time.perf_counter() - started
+    sample = cache.index.column("example_id").to_pylist()[: examples]
+    started = time.perf_counter()
+    for example_id in sample:  # random access, one example and layer per call (page cache warm)
         for layer in range(LAYERS):
             cache.hidden(layer, example_id)
-    read_s = time.perf_counter() - started
+    random_access_gbps = len(sample) * 512 * WIDTH * 2 * LAYERS / (time.perf_counter() - started) / 1e9
     logical = groups * bytes_per_group
     shutil.rmtree(folder)
     return {"compressor": f"{codec_name}-{level}" if codec_name != "none" else "none", "logical_bytes": logical,
             "stored_bytes": stored, "ratio": logical / stored, "write_gbps": logical / write_s / 1e9,
-            "read_gbps": logical / read_s / 1e9, "page_cache_dropped": dropped}
+            "read_gbps": logical / read_s / 1e9, "random_access_read_gbps": random_access_gbps,
+            "page_cache_dropped": dropped}
 
 
 def real_codec_ratios(path: str, codecs: list[str], max_tokens: int = 4096) -> dict:

@@ -31,7 +31,7 @@ from pkt_pipeline.cache.layout import assign_offsets, compressor, plan_groups
 from pkt_pipeline.examples import load_examples
 from pkt_pipeline.extraction import CaptureSettings, capture_batch
 from pkt_pipeline.models import load_model, load_tokenizer, resolve_device, resolve_dtype
-from stages.extract import _array_specs, extract_groups, resolve_data
+from stages.extract import array_specs, extract_groups, resolve_data
 
 
 def random_model(shape: str, device, dtype):
@@ -87,7 +87,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--top-k", type=int, default=64)
     parser.add_argument("--shard-tokens", type=int, default=8192)
-    parser.add_argument("--compressor", default="zstd-1")
+    parser.add_argument("--compressor", default="zstd-3")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats; medians are reported")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
@@ -126,7 +126,7 @@ def main() -> None:
 
     def time_extract(repeat: int) -> tuple[float, int]:
         folder = root / f"cache{repeat}"
-        writer = CacheWriter.open(folder, run, index, _array_specs(settings, model.config.hidden_size),
+        writer = CacheWriter.open(folder, run, index, array_specs(settings, model.config.hidden_size),
                                   compressor(codec_name, int(level)))
         synchronize(device)
         started = time.perf_counter()

@@ -183,8 +183,10 @@ def cache_info_command(path) -> None:
         ("tokens", f"{info['tokens']:,} ({info['supervised_tokens']:,} supervised)"),
         ("layers", f"{layer_text}, kinds {', '.join(info['kinds'])}, top-k {info['top_k']}"),
         ("storage", f"{info['storage_dtype']}, {info['compressor']}, {info['groups']} shard group(s)"),
-        ("size", f"{info['stored_bytes'] / 2**20:,.1f} MiB, {info['bytes_per_token'] / 1024:,.1f} KiB/token"),
-        ("compression", f"{info['compression_ratio']:.2f}x"),
+        ("size", f"{info['stored_bytes'] / 2**20:,.1f} MiB: activations {info['activation_bytes'] / 2**20:,.1f} MiB, "
+                 f"teacher head {info['teacher_weight_bytes'] / 2**20:,.1f} MiB"),
+        ("per token", f"{info['bytes_per_token'] / 1024:,.1f} KiB stored "
+                      f"(compression {info['compression_ratio']:.2f}x of raw bf16 + top-k)"),
     ]
     for name, value in rows:
         click.echo(f"{name:12s} {value}")

@@ -81,7 +81,7 @@ class ExtractConfig:
     """`bfloat16` (stored as its raw uint16 bits) or `float16` (refused on overflow)."""
     compressor: str = "zstd"
     """`zstd`, `blosc-lz4`, `blosc-zstd` or `none`; see bench/cache_io.py for what each costs."""
-    compression_level: int = 1
+    compression_level: int = 3
     chunk_tokens: int = 512
     """Rows per zarr chunk, the unit of reading (~1.5 MB of bf16 at width 1536)."""
     shard_tokens: int = 8192

@@ -133,7 +133,7 @@ def run(config: PktConfig, progress: bool = True, echo=print) -> dict:
         "truncated": [e.truncated for e in examples],
     })
     codec = compressor(cfg.compressor, cfg.compression_level)
-    writer_args = (cfg.out, run_record, index, _array_specs(settings, model.config.hidden_size), codec)
+    writer_args = (cfg.out, run_record, index, array_specs(settings, model.config.hidden_size), codec)
     if rank == 0:
         writer = CacheWriter.open(*writer_args, overwrite=cfg.overwrite, create=True)
     _barrier(world)
@@ -174,7 +174,8 @@ def resolve_attribution_data(cfg: ExtractConfig, data_path: Path) -> Path:
     return sibling if sibling.is_file() else data_path
 
 
-def _array_specs(settings: CaptureSettings, width: int) -> list[ArraySpec]:
+def array_specs(settings: CaptureSettings, width: int) -> list[ArraySpec]:
+    """The token-major arrays a cache of these capture settings holds."""
     float_type = numpy_dtype(settings.storage_dtype)
     attrs = {"pkt_dtype": settings.storage_dtype}
     specs = [ArraySpec("tokens", (), "int32"), ArraySpec("supervised", (), "bool")]
@@ -213,7 +214,9 @@ def extract_groups(model, writer: CacheWriter, examples: list, groups: list[list
                 members = [examples[i] for i in groups[g]]
                 captured = []
                 for start in range(0, len(members), batch_size):
-                    captured += capture_batch(model, members[start:start + batch_size], settings)
+                    batch = members[start:start + batch_size]
+                    captured += capture_batch(model, batch, settings)
+                    bar.update(sum(len(e.input_ids) for e in batch))
                 blocks = group_blocks(members, captured, [offsets[i] for i in groups[g]], g * shard_tokens,
                                       writer.run["layout"]["chunk_tokens"], settings)
                 if pending is not None:
@@ -221,7 +224,6 @@ def extract_groups(model, writer: CacheWriter, examples: list, groups: list[list
                 group_tokens = sum(len(e.input_ids) for e in members)
                 pending = pool.submit(writer.write_group, g, blocks, {"examples": len(members), "tokens": group_tokens})
                 written += group_tokens
-                bar.update(group_tokens)
                 if interrupted["flag"]:
                     break
             if pending is not None:

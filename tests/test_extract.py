@@ -83,6 +83,7 @@ def test_cached_activations_equal_plain_transformers(tiny_pair, dataset, extract
         ids = torch.from_numpy(example.input_ids.astype(np.int64))[None]
         with torch.no_grad():
             out = model(ids, output_hidden_states=True)
+        assert cache.content_hash(example.example_id) == example.content_hash
         assert np.array_equal(cache.tokens(example.example_id), example.input_ids)
         assert np.array_equal(cache.supervised(example.example_id), example.supervised)
         for layer in range(5):
@@ -100,6 +101,21 @@ def test_cached_activations_equal_plain_transformers(tiny_pair, dataset, extract
         # The same tokens, up to the order of values equal within float32 rounding.
         torch.testing.assert_close(reference_logprobs.gather(-1, indices), values, rtol=1e-5, atol=1e-5)
         assert (indices == ref_indices).float().mean() > 0.99
+
+
+def test_unknown_example_and_layer_are_named(extracted):
+    cache = open_cache(extracted)
+    with pytest.raises(KeyError, match="example 'nope' is not in the cache"):
+        cache.tokens("nope")
+    with pytest.raises(CacheError, match=r"layer 9 was not captured \(hidden\); cached layers: \[0, 1, 2, 3, 4\]"):
+        cache.hidden(9, "ex000")
+
+
+def test_incomplete_cache_is_refused(tmp_path):
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "run.json").write_text("{}")
+    with pytest.raises(CacheError, match="not a complete pkt cache .*rerun `pkt extract`"):
+        open_cache(tmp_path / "half")
 
 
 def test_attribution_equals_independent_autograd(tiny_pair, dataset, extracted):
@@ -305,7 +321,7 @@ def test_cache_info_summarises(reference_run):
     process = cli("cache", "info", str(reference_run))
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 0, stderr
-    for word in ("examples", "160", "tokens", "layers", "0..4 (5)", "KiB/token", "compression"):
+    for word in ("examples", "160", "tokens", "layers", "0..4 (5)", "KiB stored", "compression", "teacher head"):
         assert word in stdout
 
 

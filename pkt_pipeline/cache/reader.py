@@ -47,25 +47,43 @@ class Cache:
         return pq.read_table(io.BytesIO(self.files.read_bytes(INDEX_FILE)))
 
     @cached_property
-    def _rows(self) -> dict[str, tuple[int, int]]:
-        ids = self.index.column("example_id").to_pylist()
-        offsets = self.index.column("offset").to_pylist()
-        lengths = self.index.column("length").to_pylist()
-        return {i: (o, o + n) for i, o, n in zip(ids, offsets, lengths)}
+    def _rows(self) -> dict[str, tuple[int, int, str]]:
+        columns = self.index.select(["example_id", "offset", "length", "content_hash"]).to_pydict()
+        return {i: (o, o + n, h) for i, o, n, h in zip(*columns.values())}
 
     @property
     def layers(self) -> list[int]:
         return list(self.manifest["capture"]["layers"])
 
     def span(self, example_id: str) -> tuple[int, int]:
+        """Rows [start, stop) of one example in every token-major array."""
+        return self._row(example_id)[:2]
+
+    def content_hash(self, example_id: str) -> str:
+        """sha256 of the example's messages: stage two matches its data to the cache by id and this."""
+        return self._row(example_id)[2]
+
+    def _row(self, example_id: str) -> tuple[int, int, str]:
         try:
             return self._rows[example_id]
         except KeyError:
             raise KeyError(f"example {example_id!r} is not in the cache at {self.files.url}") from None
 
-    def content_hash(self, example_id: str) -> str:
-        position = self.index.column("example_id").to_pylist().index(example_id)
-        return self.index.column("content_hash")[position].as_py()
+    def group_examples(self, group: int) -> list[str]:
+        """Ids of the examples stored in one group (one zarr shard), in row order."""
+        return [i for i, g in zip(self.index.column("example_id").to_pylist(), self.index.column("group").to_pylist())
+                if g == group]
+
+    def group_rows(self, key: str, group: int) -> tuple[np.ndarray, int]:
+        """All used rows of one group of array `key` in one read, and the group's first row.
+
+        Streaming whole groups is how to read fast: one call decodes a shard's chunks
+        together, where a call per example pays zarr's per-call cost each time.
+        """
+        shard_tokens = self.manifest["layout"]["shard_tokens"]
+        start = group * shard_tokens
+        stop = max(self.span(example_id)[1] for example_id in self.group_examples(group))
+        return self.root[key][start:stop], start
 
     def tokens(self, example_id: str) -> np.ndarray:
         start, stop = self.span(example_id)
@@ -89,9 +107,8 @@ class Cache:
             start, stop = self.span(example_id)
             return decode(self.root[delta_key(layer)][start:stop], self.storage_dtype)
         if layer in self.layers and layer - 1 in self.layers:
-            return (self.hidden(layer, example_id).float() - self.hidden(layer - 1, example_id).float()).to(
-                self.hidden(layer, example_id).dtype
-            )
+            current = self.hidden(layer, example_id)
+            return (current.float() - self.hidden(layer - 1, example_id).float()).to(current.dtype)
         raise CacheError(f"delta of layer {layer} needs layers {layer - 1} and {layer}; cached layers: {self.layers}")
 
     def topk(self, example_id: str) -> tuple[torch.Tensor, torch.Tensor]:

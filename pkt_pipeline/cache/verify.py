@@ -46,11 +46,14 @@ def cache_info(path: str | os.PathLike, storage_options: dict | None = None) -> 
     manifest = files.read_json(MANIFEST_FILE)
     counts, capture = manifest["counts"], manifest["capture"]
     width = manifest["teacher"]["hidden_size"]
-    arrays_per_token = len(capture["layers"]) * (1 + ("delta" in capture["kinds"])) - (
-        1 if "delta" in capture["kinds"] and 0 in capture["layers"] else 0
-    )
-    raw_per_token = arrays_per_token * width * 2 + capture["top_k"] * 8 + 4 + 1
-    stored = manifest["stored_bytes"]
+    layers = capture["layers"]
+    float_rows = len(layers) * ("hidden" in capture["kinds"]) + sum(l >= 1 for l in layers) * ("delta" in capture["kinds"])
+    raw_per_token = float_rows * width * 2 + capture["top_k"] * 8 + 4 + 1  # + top-k values/ids, token id, mask
+    sizes = {key: files.size(key) for key, checksum in manifest["checksums"].items() if checksum is not None}
+    stored = sum(sizes.values())
+    teacher_bytes = sum(size for key, size in sizes.items() if key.startswith("teacher/"))
+    token_major = ("hidden/", "delta/", "topk/", "tokens/", "supervised/")
+    activation_bytes = sum(size for key, size in sizes.items() if key.startswith(token_major))
     return {
         "path": files.url,
         "teacher": manifest["teacher"]["id"],
@@ -64,8 +67,10 @@ def cache_info(path: str | os.PathLike, storage_options: dict | None = None) -> 
         "storage_dtype": capture["storage_dtype"],
         "compressor": f"{capture['compressor']}-{capture['compression_level']}",
         "stored_bytes": stored,
-        "bytes_per_token": stored / max(counts["tokens"], 1),
-        "compression_ratio": raw_per_token * counts["tokens"] / max(stored, 1),
+        "activation_bytes": activation_bytes,
+        "teacher_weight_bytes": teacher_bytes,
+        "bytes_per_token": activation_bytes / max(counts["tokens"], 1),
+        "compression_ratio": raw_per_token * counts["tokens"] / max(activation_bytes, 1),
         "groups": manifest["layout"]["groups"],
         "ledger_entries": len(files.listdir(LEDGER_DIR)),
     }
