@@ -2,9 +2,10 @@
 
 Synthetic bf16 activations (normal values, which compress about as badly as real ones) are
 written group by group through `CacheWriter` and read back through `open_cache` a whole group
-per call, as the streaming loader reads (random access, one example and layer per call, is
-reported too), for each compressor. The raw baseline writes and reads plain files of the same
-size with fsync, in the same run and folder. Both reads are measured after dropping the page
+at a time, its layers on parallel threads (`Cache.read_group`), as the streaming loader reads.
+Random access, one example and layer per call, is reported too. Each compressor is measured.
+The raw baseline writes and reads plain files of the same size with fsync, in the same run and
+folder. Both reads are measured after dropping the page
 cache when the kernel allows it (the JSON says whether it did).
 
 With `--real-cache PATH ...` it also reports bytes/token and the compression ratio of real
@@ -65,7 +66,7 @@ def raw_speed(folder: Path, total: int) -> tuple[float, float]:
     return write, read
 
 
-def cache_speed(folder: Path, total: int, codec_name: str, level: int) -> dict:
+def cache_speed(folder: Path, total: int, codec_name: str, level: int, workers: int) -> dict:
     shutil.rmtree(folder, ignore_errors=True)
     bytes_per_group = SHARD * WIDTH * 2 * LAYERS
     groups = max(1, total // bytes_per_group)
@@ -97,9 +98,8 @@ def cache_speed(folder: Path, total: int, codec_name: str, level: int) -> dict:
     started = time.perf_counter()
     for group in range(groups):  # as the streaming loader reads: whole groups, then examples as views
         spans = [cache.span(example_id) for example_id in cache.group_examples(group)]
-        for layer in range(LAYERS):
-            rows, first = cache.group_rows(f"hidden/{layer:02d}", group)
-            _ = [rows[a - first:b - first] for a, b in spans]
+        arrays, first = cache.read_group([f"hidden/{layer:02d}" for layer in range(LAYERS)], group, workers)
+        _ = [rows[a - first:b - first] for rows in arrays.values() for a, b in spans]
     read_s = time.perf_counter() - started
     sample = cache.index.column("example_id").to_pylist()[: examples]
     started = time.perf_counter()
@@ -152,6 +152,7 @@ def main() -> None:
     parser.add_argument("--gib", type=float, default=2.0)
     parser.add_argument("--codecs", default="none,zstd-1,zstd-3,blosc-lz4-5,blosc-zstd-1")
     parser.add_argument("--real-cache", nargs="*", default=[])
+    parser.add_argument("--read-workers", type=int, default=4, help="threads reading a group's layers (Cache.read_group)")
     parser.add_argument("--out", default="bench/results/cache_io.json")
     args = parser.parse_args()
     folder, total = Path(args.dir), int(args.gib * (1 << 30))
@@ -159,14 +160,14 @@ def main() -> None:
     rows = []
     for spec in args.codecs.split(","):
         name, _, level = spec.rpartition("-") if spec != "none" else ("none", "", "0")
-        rows.append(cache_speed(folder / "cache", total, name, int(level)))
+        rows.append(cache_speed(folder / "cache", total, name, int(level), args.read_workers))
     real = [cache_info(path) for path in args.real_cache]
     real_codecs = [real_codec_ratios(path, args.codecs.split(",")) for path in args.real_cache]
     result = {"raw_write_gbps": raw_write, "raw_read_gbps": raw_read, "cache": rows,
               "real_caches": [{k: r[k] for k in ("path", "compressor", "tokens", "bytes_per_token", "compression_ratio",
                                                  "stored_bytes")} for r in real],
               "real_codec_ratios": real_codecs,
-              "shape": {"width": WIDTH, "layers": LAYERS, "shard_tokens": SHARD, "chunk_tokens": CHUNK}, "gib": args.gib}
+              "shape": {"width": WIDTH, "layers": LAYERS, "shard_tokens": SHARD, "chunk_tokens": CHUNK}, "gib": args.gib, "read_workers": args.read_workers}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"raw disk: write {raw_write:.2f} GB/s, read {raw_read:.2f} GB/s")

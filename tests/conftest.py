@@ -29,6 +29,28 @@ def tiny_teacher_gguf(tiny_pair, tmp_path_factory) -> Path:
     return export_qwen2_gguf(tiny_pair["teacher"], tmp_path_factory.mktemp("gguf") / "tiny-teacher.Q8_0.gguf")
 
 
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> Path:
+    """`train.jsonl` of 24 synthetic chat examples, with a 3-example `extract.jsonl` beside it."""
+    from tiny_data import write_dataset
+
+    folder = tmp_path_factory.mktemp("data")
+    write_dataset(folder / "extract.jsonl", 3, seed=1)
+    return write_dataset(folder / "train.jsonl", 24)
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tiny_pair, tiny_dataset, tmp_path_factory) -> Path:
+    """A finished cache of the tiny teacher over `tiny_dataset`: every layer's hidden states and
+    deltas, top-k, several groups (shards of 128 tokens); float32 forward, bf16 storage."""
+    from stages import extract
+    from tiny_data import extract_config
+
+    out = tmp_path_factory.mktemp("cache") / "tiny"
+    extract.run(extract_config(tiny_pair["teacher"], tiny_dataset, out, "extract.capture=[hidden, delta]"), progress=False)
+    return out
+
+
 def real_model_dir(name: str) -> Path:
     """A converted pinned model, or a skip saying how to get it."""
     path = PROJECT_ROOT / "models" / name

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import resource
 import shutil
 import signal
@@ -19,48 +18,19 @@ import pytest
 import torch
 
 from pkt_pipeline.cache import CacheError, open_cache, verify_cache
-from pkt_pipeline.config import load_config
+from pkt_pipeline.cache.layout import decode
 from pkt_pipeline.examples import load_examples
 from pkt_pipeline.models import load_model, load_tokenizer
+from tiny_data import SMALL_LAYOUT, extract_config, write_dataset
 
-WORDS = ("the teacher knows how many clips Natalia sold in April and May def add return print range "
-         "answer question function number even prime").split()
-SMALL_LAYOUT = ["extract.chunk_tokens=32", "extract.shard_tokens=128", "extract.max_length=96", "extract.batch_size=4"]
-
-
-def write_dataset(path: Path, n: int, seed: int = 0, with_ids: bool = True) -> Path:
-    rng = random.Random(seed)
-    with open(path, "w") as handle:
-        for i in range(n):
-            row = {"messages": [
-                {"role": "user", "content": " ".join(rng.choices(WORDS, k=rng.randint(3, 25)))},
-                {"role": "assistant", "content": " ".join(rng.choices(WORDS, k=rng.randint(1, 15)))},
-            ]}
-            if with_ids:
-                row["id"] = f"ex{i:03d}"
-            handle.write(json.dumps(row) + "\n")
-    return path
+@pytest.fixture(scope="module")
+def dataset(tiny_dataset) -> Path:
+    return tiny_dataset
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("data")
-    write_dataset(folder / "extract.jsonl", 3, seed=1)
-    return write_dataset(folder / "train.jsonl", 24)
-
-
-def extract_config(teacher, data, out, *extra):
-    return load_config(overrides=[f"teacher={teacher}", f"extract.data={data}", f"extract.out={out}",
-                                  "runtime.dtype=float32", *SMALL_LAYOUT, *extra])
-
-
-@pytest.fixture(scope="module")
-def extracted(tiny_pair, dataset, tmp_path_factory) -> Path:
-    from stages import extract
-
-    out = tmp_path_factory.mktemp("cache") / "tiny"
-    extract.run(extract_config(tiny_pair["teacher"], dataset, out, "extract.capture=[hidden, delta]"), progress=False)
-    return out
+def extracted(tiny_cache) -> Path:
+    return tiny_cache
 
 
 def cli(*args, cwd=None, **kwargs) -> subprocess.Popen:
@@ -168,6 +138,25 @@ def test_reads_through_fsspec_urls(extracted):
     torch.testing.assert_close(via_memory.hidden(3, first), local.hidden(3, first))
     assert np.array_equal(via_memory.topk(first)[1].numpy(), local.topk(first)[1].numpy())
     assert verify_cache("memory://pkt-test-cache") == []
+
+
+def test_group_reads_equal_per_example_reads(extracted):
+    cache = open_cache(extracted)
+    groups = sorted(set(cache.index.column("group").to_pylist()))
+    assert len(groups) > 1
+    seen = []
+    for group in groups:
+        arrays, first = cache.read_group(["hidden/01", "delta/02", "tokens"], group, workers=3)
+        for example_id in cache.group_examples(group):
+            start, stop = cache.span(example_id)
+            rows = slice(start - first, stop - first)
+            assert np.array_equal(arrays["tokens"][rows], cache.tokens(example_id))
+            torch.testing.assert_close(decode(arrays["hidden/01"][rows], "bfloat16"), cache.hidden(1, example_id))
+            torch.testing.assert_close(decode(arrays["delta/02"][rows], "bfloat16"), cache.delta(2, example_id))
+            seen.append(example_id)
+    assert sorted(seen) == sorted(cache.index.column("example_id").to_pylist())
+    with pytest.raises(CacheError, match="group 999 holds no examples"):
+        cache.read_group(["tokens"], 999)
 
 
 def test_second_run_is_a_no_op_and_other_teacher_is_refused(tiny_pair, dataset, extracted):
