@@ -28,8 +28,10 @@ def _known_errors():
     from .config import ConfigError
     from .datasets import DatasetNotFound
     from .models import ModelLoadError
+    from .training import NonFiniteLoss
 
-    return AssetError, CacheError, ConfigError, DatasetNotFound, ModelLoadError, FileNotFoundError, ValueError
+    return (AssetError, CacheError, ConfigError, DatasetNotFound, ModelLoadError, NonFiniteLoss, FileNotFoundError,
+            ValueError)
 
 
 def friendly_errors(command):
@@ -43,6 +45,13 @@ def friendly_errors(command):
             raise click.ClickException(str(exc)) from exc
 
     return wrapper
+
+
+def hide_library_progress() -> None:
+    """--no-progress also silences transformers' own bars (weight loading), for clean logs."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 def config_options(command):
@@ -152,6 +161,8 @@ def extract(config_path, overrides, teacher, data, out, overwrite, no_progress) 
     if overwrite:
         extra.append("extract.overwrite=true")
     config = load_config(config_path, [*overrides, *extra])
+    if no_progress:
+        hide_library_progress()
     try:
         summary = stage.run(config, progress=not no_progress, echo=click.echo)
     except stage.Interrupted as exc:
@@ -160,6 +171,71 @@ def extract(config_path, overrides, teacher, data, out, overwrite, no_progress) 
     if summary["action"] == "extracted":
         click.echo(f"cached {summary['examples']} examples ({summary['tokens']} tokens) in {summary['out']} "
                    f"in {summary['seconds']} s; see `pkt cache info {summary['out']}`")
+
+
+@main.command("align")
+@config_options
+@click.option("--cache", "cache_path", default=None, help="Cache folder or fsspec URL written by `pkt extract`.")
+@click.option("--student", default=None, help="Student model: hub id, local HF directory or .gguf file.")
+@click.option("--method", default=None, help="semalign (default), lora-sft, kd, ...; see --list-methods.")
+@click.option("--out", default=None, help="Output folder (default: runs/align).")
+@click.option("--report-map", is_flag=True, help="Also write map diagnostics (pairing, fidelity, CKA before/after).")
+@click.option("--overwrite", is_flag=True, help="Discard what --out holds and train afresh.")
+@click.option("--list-methods", is_flag=True, help="Print the registered methods and exit.")
+@click.option("--no-progress", is_flag=True, help="Hide progress bars (for logs).")
+@friendly_errors
+def align(config_path, overrides, cache_path, student, method, out, report_map, overwrite, list_methods,
+          no_progress) -> None:
+    """Stage two: train the student from the cache alone (the teacher is never loaded).
+
+    \b
+    Example:
+      pkt align --cache cache/mmlu --student models/qwen2.5-coder-0.5b-instruct \\
+                --method semalign --out runs/mmlu-semalign
+    Writes OUT/model (merged HF model), OUT/adapter (LoRA), OUT/metrics.json and
+    OUT/train_log.jsonl. Every method gets the same LoRA and step budget (align.epochs or
+    align.steps). Rerunning a killed run resumes from its last checkpoint.
+    Settings: the `align` section of `pkt config`.
+    """
+    from .methods import METHODS, available_methods
+
+    if list_methods:
+        for name in available_methods():
+            doc = (sys.modules[METHODS[name].__module__].__doc__ or "").strip().splitlines()
+            click.echo(f"{name:12s} {doc[0] if doc else ''}")
+        return
+    from stages import align as stage
+
+    from .config import load_config
+
+    extra = [f"{key}={value}" for key, value in (("align.cache", cache_path), ("student", student),
+                                                  ("align.method", method), ("align.out", out)) if value]
+    extra += [f"align.{flag}=true" for flag, on in (("report_map", report_map), ("overwrite", overwrite)) if on]
+    config = load_config(config_path, [*overrides, *extra])
+    if no_progress:
+        hide_library_progress()
+    try:
+        summary = stage.run(config, progress=not no_progress, echo=click.echo)
+    except stage.TrainingInterrupted as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(130)
+    if summary["action"] == "trained":
+        metrics = summary["metrics"]
+        for phase, values in metrics["phases"].items():
+            parts = ", ".join(f"{k} {values['first'][k]:.4f} -> {values['last'][k]:.4f}"
+                              for k in values["last"] if k != "grad_norm")
+            click.echo(f"  {phase:10s} {parts}")
+        if summary["map_report"]:
+            _print_map_report(summary["map_report"])
+        click.echo(f"trained {metrics['method']} in {metrics['seconds']} s (peak RSS {metrics['peak_rss_gib']} GiB); "
+                   f"model in {metrics['model']}")
+
+
+def _print_map_report(report: dict) -> None:
+    click.echo(f"{'student':>8s} {'teacher':>8s} {'fidelity':>9s} {'CKA before':>11s} {'CKA after':>10s}")
+    for k, p in report["pairs"].items():
+        click.echo(f"{k:>8s} {p:>8d} {report['fidelity'][str(p)]:9.3f} {report['cka_before'][k]:11.3f} "
+                   f"{report['cka_after'][k]:10.3f}")
 
 
 @main.group()

@@ -91,6 +91,103 @@ class ExtractConfig:
 
 
 @dataclass
+class LoraSettings:
+    """The LoRA adapters every method trains (the papers: r=16 on up/down/v/o)."""
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["up_proj", "down_proj", "v_proj", "o_proj"])
+
+
+@dataclass
+class SemAlignConfig:
+    """SemAlign (METHOD.md section 1). Every open point of the paper is a key here."""
+
+    objective: str = "v2"
+    """`v2`: frontier schedule, one layer trainable at a time (default); `v1`: single phase, cosine losses."""
+    layer_loss: str = "relation"
+    """v2 layer term: `relation` (centred token-token geometry) or `fisher` (Fisher-weighted logit surrogate)."""
+    supervise: str = "delta"
+    """Align residual contributions `delta` (v2) or layer outputs `hidden` (v1)."""
+    recompose: str = "transpose"
+    """Teacher->student map: `transpose` (M = B_S^T B_T, the paper) or `lstsq` (M = pinv(B_S) B_T)."""
+    map_space: str = "residual"
+    """Map the raw residual stream (`residual`) or after the teacher's final-norm gain (`post_norm`)."""
+    pairing: str = "attributed"
+    """`attributed` (highest attribution in a window around the proportional layer) or `proportional`."""
+    pairing_window: int = 2
+    critical_layers: int = 0
+    """v1 extra: make sure this many top-attributed teacher layers are each paired with some student layer."""
+    layers: list[int] = field(default_factory=list)
+    """Student layers (1..L_S) to align; empty means all."""
+    steps_per_layer: int = 0
+    """Steps per frontier stage; 0 splits `align.steps` (or the epochs) evenly over the stages."""
+    lambda_layer: float = 1.0
+    lambda_out: float = 1.0
+    normalise_student: bool = True
+    """Normalise student rows per token in the relation loss, as the teacher's are (scale-free on both sides)."""
+    trainable: str = "lora"
+    """What of the frontier layer trains: its `lora` adapters or its `full` weights (trained in float32)."""
+
+
+@dataclass
+class KDConfig:
+    """Offline logit distillation from the cached teacher top-k (also SemAlign's output term)."""
+
+    mode: str = "rest"
+    """`rest`: the k cached tokens plus one bucket of the remaining mass; `renormalise`: both renormalised over the k."""
+    temperature: float = 1.0
+    ce_weight: float = 0.0
+    """`kd` only: add this times the cross-entropy on the answers."""
+
+
+@dataclass
+class LoaderConfig:
+    """How stage two streams the cache."""
+
+    shuffle_buffer: int = 64
+    """Examples held to shuffle and to batch by similar length."""
+    prefetch: int = 2
+    """Batches read ahead on a background thread."""
+    read_workers: int = 4
+    """Threads decompressing a group's arrays."""
+
+
+@dataclass
+class AlignConfig:
+    """Stage two: `pkt align` trains the student from the cache alone."""
+
+    cache: str = "cache/teacher"
+    """Cache folder or fsspec URL written by `pkt extract`."""
+    method: str = "semalign"
+    """A registered method: `pkt align --list-methods`."""
+    out: str = "runs/align"
+    epochs: float = 1.0
+    """Passes over the cached examples; every method gets the same budget."""
+    steps: int = 0
+    """Optimizer steps in all (overrides `epochs` when > 0)."""
+    batch_size: int = 8
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    checkpoint_every: int = 50
+    """Steps between checkpoints; a killed run resumes from the last one."""
+    report_map: bool = False
+    """Write map diagnostics (pairing, recomposition fidelity, CKA before/after) to map_report.json."""
+    diagnostic_examples: int = 16
+    """Cached examples the map diagnostics use."""
+    overwrite: bool = False
+    """Start afresh even when `out` holds a checkpoint or a finished run."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    semalign: SemAlignConfig = field(default_factory=SemAlignConfig)
+    kd: KDConfig = field(default_factory=KDConfig)
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
+
+
+@dataclass
 class PktConfig:
     teacher: str = "models/qwen2.5-coder-1.5b-instruct"
     """Teacher model: a hub id, a local HF directory or a .gguf file."""
@@ -99,6 +196,7 @@ class PktConfig:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     assets: AssetsConfig = field(default_factory=AssetsConfig)
     extract: ExtractConfig = field(default_factory=ExtractConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
 
 
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> PktConfig:
@@ -175,6 +273,11 @@ def _coerce(hint: Any, value: Any, dotted: str, source: str) -> Any:
         return [_coerce(item_type, v, dotted, source) for v in value]
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):
+        try:  # YAML 1.1 reads `5e-3` (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
     if hint in (str, int, float, bool):
         if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
             raise ConfigError(f"{source}: {dotted} must be {hint.__name__}, got {value!r}")

@@ -115,12 +115,21 @@ def weights_sha256(model) -> str:
 
 
 def tokenizer_sha256(tokenizer) -> str:
-    """A hash of what decides token ids: the tokenizer definition and the chat template."""
-    digest = hashlib.sha256()
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    digest.update(backend.to_str().encode() if backend is not None else repr(sorted(tokenizer.get_vocab().items())).encode())
+    """A hash of what decides token ids of a chat: the tokenizer definition and the chat template."""
+    digest = hashlib.sha256(vocabulary_sha256(tokenizer).encode())
     digest.update((tokenizer.chat_template or "").encode())
     return digest.hexdigest()
+
+
+def vocabulary_sha256(tokenizer) -> str:
+    """A hash of the token <-> id mapping alone (vocabulary, merges, special tokens, normalisation).
+
+    Stage two trains on cached token ids, so a student needs this to match the teacher's, not the
+    chat template: models of one family often ship templates that differ in unused tool-call text.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def final_norm_and_head(model) -> tuple[torch.Tensor, torch.Tensor, float]:

@@ -45,6 +45,7 @@ from pkt_pipeline.extraction import (
     final_norm_and_head,
     group_blocks,
     tokenizer_sha256,
+    vocabulary_sha256,
     weights_sha256,
 )
 from pkt_pipeline.models import load_model, load_tokenizer
@@ -294,7 +295,8 @@ def _run_record(config, model, tokenizer, examples, counts, settings, prompt, da
         "vocab_size": model.config.vocab_size, "architecture": type(model).__name__,
         "last_hidden_state_is_normed": last_is_normed,
     }
-    tok = {"sha256": tokenizer_sha256(tokenizer), "vocab_size": len(tokenizer)}
+    tok = {"sha256": tokenizer_sha256(tokenizer), "vocabulary_sha256": vocabulary_sha256(tokenizer),
+           "vocab_size": len(tokenizer)}
     attribution = {"data": str(attribution_path), "aggregation": cfg.attribution_aggregation,
                    "limit": cfg.attribution_examples}
     return {

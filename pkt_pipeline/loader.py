@@ -1,0 +1,385 @@
+"""Stage two's streaming loader: whole cached sequences in length-bucketed, shuffled, resumable batches.
+
+    with CacheLoader("cache/qwen1.5b-mmlu", batch_size=8, layers=[12, 20]) as loader:
+        for batch in loader.batches(1000):     # crosses epochs as needed
+            ...                                # batch.input_ids, batch.teacher[12], batch.topk_logprobs
+        state = loader.state_dict()            # resume later, even with other teacher layers
+
+The order is a plan computed from the index alone, so a position is two numbers (epoch, batches
+done): resuming recomputes the plan and skips by count without reading what it skips. Arrays are
+read a whole group (one zarr shard) at a time on a background thread, because one read per group
+decodes a shard's chunks together where a read per example pays zarr's per-call cost each time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import queue
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .cache import Cache, CacheError, open_cache
+from .cache.layout import decode, delta_key, hidden_key
+
+KINDS = ("hidden", "delta")
+TOPK_KEYS = ("topk/logprobs", "topk/indices")
+
+
+@dataclass
+class Batch:
+    """Right-padded sequences and their cached teacher signals; every padded position is zero."""
+
+    example_ids: list[str]
+    input_ids: torch.Tensor                 # [B, T] int64
+    attention_mask: torch.Tensor            # [B, T] int64, 1 = real token
+    supervised: torch.Tensor                # [B, T] bool
+    teacher: dict[int, torch.Tensor]        # layer -> [B, T, D_T] in the storage dtype
+    topk_logprobs: torch.Tensor | None      # [B, T, k] float32
+    topk_indices: torch.Tensor | None       # [B, T, k] int64
+
+    def to(self, device: torch.device | str) -> Batch:
+        def move(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            return None if tensor is None else tensor.to(device)
+
+        return Batch(self.example_ids, move(self.input_ids), move(self.attention_mask), move(self.supervised),
+                     {layer: move(t) for layer, t in self.teacher.items()}, move(self.topk_logprobs),
+                     move(self.topk_indices))
+
+    @property
+    def tokens(self) -> int:
+        """Real (unpadded) tokens in the batch."""
+        return int(self.attention_mask.sum())
+
+
+class CacheLoader:
+    """Batches of whole cached sequences in a seeded, exactly resumable order.
+
+    Per epoch: shuffle the group order, walk the examples group by group through a buffer of
+    `shuffle_buffer` examples, sort each full buffer by length and cut it into batches (similar
+    lengths pad little), then shuffle those batches. A buffer that does not divide into full
+    batches holds a random remainder back for the next one, so only an epoch's last batch can be
+    short (and `drop_last` drops it).
+    """
+
+    def __init__(self, cache: Cache | str | os.PathLike, *, batch_size: int, layers: Sequence[int] = (),
+                 kind: str = "hidden", topk: bool = True, seed: int = 0, shuffle_buffer: int = 64,
+                 prefetch: int = 2, read_workers: int = 4, examples: Mapping[str, str] | None = None,
+                 drop_last: bool = False):
+        self.cache = cache if isinstance(cache, Cache) else open_cache(cache)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if shuffle_buffer < batch_size:
+            raise ValueError(f"shuffle_buffer ({shuffle_buffer}) must hold at least one batch "
+                             f"(batch_size {batch_size})")
+        if prefetch < 1 or read_workers < 1:
+            raise ValueError(f"prefetch and read_workers must be >= 1, got {prefetch} and {read_workers}")
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        self.batch_size, self.shuffle_buffer, self.seed, self.drop_last = batch_size, shuffle_buffer, seed, drop_last
+        self.prefetch, self.read_workers = prefetch, read_workers
+        self.layers, self.kind, self.topk = tuple(dict.fromkeys(int(layer) for layer in layers)), kind, topk
+        self._sources = self._teacher_sources()
+        if topk and not self.cache.manifest["capture"].get("top_k"):
+            raise CacheError(f"the cache at {self.cache.files.url} holds no top-k log-probs; pass topk=False")
+        teacher_keys = [key for keys in self._sources.values() for key in keys]
+        self._keys = list(dict.fromkeys(["tokens", "supervised", *teacher_keys, *(TOPK_KEYS if topk else ())]))
+        self._select(examples)
+        self._fingerprint = self._plan_fingerprint()
+        self._epoch, self._done = 0, 0
+        self._plan_cache: tuple[int, list[np.ndarray]] | None = None
+        self._reader: _Prefetch | None = None
+        if len(self) == 0:
+            raise ValueError(f"{len(self._ids)} examples make no batch of {batch_size} with drop_last=True")
+
+    def _teacher_sources(self) -> dict[int, tuple[str, ...]]:
+        """The arrays each requested layer is read from: one stored array, or (h_l, h_l-1) to derive a delta."""
+        capture, cached = self.cache.manifest["capture"], self.cache.layers
+        sources: dict[int, tuple[str, ...]] = {}
+        for layer in self.layers:
+            if self.kind == "hidden":
+                if layer not in cached or "hidden" not in capture["kinds"]:
+                    raise CacheError(f"layer {layer} was not captured (hidden); cached layers: {cached}, "
+                                     f"kinds: {capture['kinds']}")
+                sources[layer] = (hidden_key(layer),)
+            elif layer < 1:
+                raise ValueError("delta is defined for layers >= 1 (layer 0 is the embedding output)")
+            elif "delta" in capture["kinds"] and layer in cached:
+                sources[layer] = (delta_key(layer),)
+            elif "hidden" in capture["kinds"] and layer in cached and layer - 1 in cached:
+                sources[layer] = (hidden_key(layer), hidden_key(layer - 1))
+            else:
+                raise CacheError(f"delta of layer {layer} needs it stored or layers {layer - 1} and {layer}; "
+                                 f"cached layers: {cached}, kinds: {capture['kinds']}")
+        return sources
+
+    def _select(self, examples: Mapping[str, str] | None) -> None:
+        """The examples to train on, in row order; a restriction is matched by id and content hash."""
+        columns = self.cache.index.select(["example_id", "content_hash", "offset", "length", "group"]).to_pydict()
+        order = np.argsort(np.asarray(columns["offset"], dtype=np.int64), kind="stable")
+        if examples is not None:
+            cached = dict(zip(columns["example_id"], columns["content_hash"]))
+            bad = [f"{example_id!r} (expected hash {wanted}, the cache has {cached.get(example_id, 'no such example')})"
+                   for example_id, wanted in examples.items() if cached.get(example_id) != wanted]
+            if bad:
+                more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+                raise CacheError(f"{len(bad)} of {len(examples)} requested examples do not match the cache at "
+                                 f"{self.cache.files.url}: {'; '.join(bad[:5])}{more}. Examples are matched by id and "
+                                 "content hash: extract a cache from this data, or leave those examples out.")
+            order = np.array([i for i in order if columns["example_id"][i] in examples], dtype=np.int64)
+        if len(order) == 0:
+            raise ValueError(f"no examples to load from the cache at {self.cache.files.url}")
+        self._ids = [columns["example_id"][i] for i in order]
+        self._hashes = [columns["content_hash"][i] for i in order]
+        self._offset = np.asarray(columns["offset"], dtype=np.int64)[order]
+        self._length = np.asarray(columns["length"], dtype=np.int64)[order]
+        self._group = np.asarray(columns["group"], dtype=np.int64)[order]
+        # Row order is group order (group g starts at row g * shard_tokens), so groups are runs.
+        starts = np.flatnonzero(np.diff(self._group, prepend=-1))
+        self._members = np.split(np.arange(len(order)), starts[1:])
+
+    def _plan_fingerprint(self) -> str:
+        settings = {"seed": self.seed, "batch_size": self.batch_size, "shuffle_buffer": self.shuffle_buffer,
+                    "drop_last": self.drop_last}
+        digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+        for row in zip(self._ids, self._hashes, self._group.tolist(), self._length.tolist()):
+            digest.update(("\t".join(map(str, row)) + "\n").encode())
+        return digest.hexdigest()
+
+    def __len__(self) -> int:
+        """Batches per epoch: every batch is full but an epoch's last."""
+        full, rest = divmod(len(self._ids), self.batch_size)
+        return full + (rest > 0 and not self.drop_last)
+
+    def _plan(self, epoch: int) -> list[np.ndarray]:
+        """The epoch's batches as arrays of example positions, from the index alone."""
+        if self._plan_cache is not None and self._plan_cache[0] == epoch:
+            return self._plan_cache[1]
+        rng = np.random.default_rng([self.seed, epoch])
+        walk = np.concatenate([self._members[g] for g in rng.permutation(len(self._members))])
+        batches: list[np.ndarray] = []
+        carry, cursor = walk[:0], 0
+        while cursor < len(walk):
+            take = self.shuffle_buffer - len(carry)
+            buffer, cursor = np.concatenate([carry, walk[cursor:cursor + take]]), cursor + take
+            carry = buffer[:0]
+            if cursor < len(walk) and len(buffer) % self.batch_size:
+                held = np.zeros(len(buffer), dtype=bool)
+                held[rng.choice(len(buffer), len(buffer) % self.batch_size, replace=False)] = True
+                buffer, carry = buffer[~held], buffer[held]
+            buffer = buffer[np.argsort(self._length[buffer], kind="stable")]
+            cut = [buffer[i:i + self.batch_size] for i in range(0, len(buffer), self.batch_size)]
+            if self.drop_last and len(cut[-1]) < self.batch_size:
+                cut.pop()
+            batches.extend(cut[i] for i in rng.permutation(len(cut)))
+        self._plan_cache = (epoch, batches)
+        return batches
+
+    def __iter__(self) -> Iterator[Batch]:
+        """The rest of the current epoch; the position then points at the next epoch's start."""
+        return self._pass(len(self) - self._done)
+
+    def batches(self, steps: int) -> Iterator[Batch]:
+        """Exactly `steps` batches from the current position, crossing epochs as needed."""
+        if steps < 0:
+            raise ValueError(f"steps must be >= 0, got {steps}")
+        return self._steps(steps)
+
+    def _steps(self, steps: int) -> Iterator[Batch]:
+        while steps > 0:
+            count = min(steps, len(self) - self._done)
+            yield from self._pass(count)
+            steps -= count
+
+    def _pass(self, count: int) -> Iterator[Batch]:
+        if self._reader is not None:
+            raise RuntimeError("this loader is already being iterated; finish or close() that pass first")
+        plan = self._plan(self._epoch)
+        reader = _Prefetch(self._read(plan[self._done:self._done + count]), self.prefetch)
+        self._reader = reader
+        try:
+            for batch in reader:
+                # Advanced before handing the batch over: a state saved while the consumer holds batch n says n done.
+                self._done += 1
+                if self._done == len(plan):
+                    self._epoch, self._done = self._epoch + 1, 0
+                yield batch
+        finally:
+            reader.close()
+            if self._reader is reader:
+                self._reader = None
+
+    def _read(self, batches: list[np.ndarray]) -> Iterator[Batch]:
+        """The batches in order, reading each group they touch once (on the reader thread).
+
+        A group's examples are copied out as soon as it is read and the group dropped, so memory
+        holds the examples of the current buffer window, never whole groups kept for one straggler.
+        """
+        wanted: dict[int, list[int]] = {}
+        for batch in batches:
+            for position in batch.tolist():
+                wanted.setdefault(int(self._group[position]), []).append(position)
+        pending: dict[int, dict[str, np.ndarray]] = {}
+        for batch in batches:
+            positions = batch.tolist()
+            for position in positions:
+                if position not in pending:
+                    group = int(self._group[position])
+                    self._read_group(group, wanted.pop(group), pending)
+            yield self._assemble(positions, [pending.pop(position) for position in positions])
+
+    def _read_group(self, group: int, members: list[int], into: dict[int, dict[str, np.ndarray]]) -> None:
+        try:
+            arrays, first = self.cache.read_group(self._keys, group, self.read_workers)
+        except Exception as error:
+            raise CacheError(f"cannot read group {group} of the cache at {self.cache.files.url} "
+                             f"({type(error).__name__}: {error}); its shard files: "
+                             f"{', '.join(self._shard_files(group))}. "
+                             f"`pkt cache verify {self.cache.files.url}` names damaged files; rerun `pkt extract` "
+                             "to rewrite them.") from error
+        for position in members:
+            start = int(self._offset[position]) - first
+            stop = start + int(self._length[position])
+            into[position] = {key: array[start:stop].copy() for key, array in arrays.items()}
+
+    def _shard_files(self, group: int) -> list[str]:
+        files = []
+        for key in self._keys:
+            try:
+                array = self.cache.root[key]
+                files.append(f"{key}/{array.metadata.encode_chunk_key((group,) + (0,) * (array.ndim - 1))}")
+            except Exception:  # the metadata may be what is damaged: still name the array
+                files.append(f"{key} (shard {group})")
+        return files
+
+    def _assemble(self, positions: list[int], rows: list[dict[str, np.ndarray]]) -> Batch:
+        lengths = torch.from_numpy(self._length[positions])
+        mask = torch.arange(int(lengths.max())) < lengths[:, None]
+        flat = {key: np.concatenate([row[key] for row in rows]) for key in self._keys}
+
+        def pad(values: torch.Tensor) -> torch.Tensor:
+            out = values.new_zeros((len(positions), mask.shape[1], *values.shape[1:]))
+            out[mask] = values
+            return out
+
+        dtype = self.cache.storage_dtype
+        teacher = {}
+        for layer, keys in self._sources.items():
+            values = decode(flat[keys[0]], dtype)
+            if len(keys) == 2:  # derived delta, like Cache.delta: subtract in float32, store back in the cached dtype
+                values = (values.float() - decode(flat[keys[1]], dtype).float()).to(values.dtype)
+            teacher[layer] = pad(values)
+        return Batch(
+            example_ids=[self._ids[p] for p in positions],
+            input_ids=pad(torch.from_numpy(flat["tokens"].astype(np.int64))),
+            attention_mask=mask.long(),
+            supervised=pad(torch.from_numpy(flat["supervised"].astype(bool))),
+            teacher=teacher,
+            topk_logprobs=pad(torch.from_numpy(flat["topk/logprobs"].astype(np.float32))) if self.topk else None,
+            topk_indices=pad(torch.from_numpy(flat["topk/indices"].astype(np.int64))) if self.topk else None,
+        )
+
+    def state_dict(self) -> dict:
+        """The exact position, plus what identifies the plan it is a position in."""
+        return {"epoch": self._epoch, "batches_done": self._done, "seed": self.seed, "batch_size": self.batch_size,
+                "shuffle_buffer": self.shuffle_buffer, "drop_last": self.drop_last, "examples": len(self._ids),
+                "fingerprint": self._fingerprint}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a saved position; teacher layers, kind and top-k may differ from the saver's."""
+        missing = {"epoch", "batches_done", "fingerprint"} - set(state)
+        if missing:
+            raise ValueError(f"not a CacheLoader state: missing {sorted(missing)}")
+        if state["fingerprint"] != self._fingerprint:
+            mine = {"seed": self.seed, "batch_size": self.batch_size, "shuffle_buffer": self.shuffle_buffer,
+                    "drop_last": self.drop_last, "examples": len(self._ids)}
+            changed = [f"{key} {state[key]!r} -> {value!r}" for key, value in mine.items()
+                       if key in state and state[key] != value]
+            reason = ", ".join(changed) or "the cached examples differ (ids, content hashes, groups or lengths)"
+            raise ValueError(f"the saved loader position belongs to another plan ({reason}); resume with the "
+                             "seed, batch_size, shuffle_buffer, examples and cache it was saved with")
+        epoch, done = int(state["epoch"]), int(state["batches_done"])
+        if epoch < 0 or not 0 <= done <= len(self):
+            raise ValueError(f"invalid loader position: epoch {epoch}, batches_done {done} of {len(self)}")
+        if self._reader is not None:
+            raise RuntimeError("cannot move a loader while it is being iterated; close() it first")
+        self._epoch, self._done = (epoch + 1, 0) if done == len(self) else (epoch, done)
+
+    def close(self) -> None:
+        """Stop the reader thread; the position is kept, so iterating again continues from it."""
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+
+    def __enter__(self) -> CacheLoader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class _End:
+    pass
+
+
+@dataclass
+class _Failure:
+    error: BaseException
+
+
+class _Prefetch:
+    """Runs a producer on a daemon thread at most `depth` items ahead; its exception reaches the consumer."""
+
+    def __init__(self, produce: Iterator, depth: int):
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(produce,), daemon=True, name="pkt-cache-reader")
+        self._thread.start()
+
+    def _run(self, produce: Iterator) -> None:
+        try:
+            for item in produce:
+                if not self._put(item):
+                    return
+            self._put(_End())
+        except BaseException as error:  # everything, or the consumer would wait forever
+            self._put(_Failure(error))
+        finally:
+            produce.close()
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def __iter__(self) -> Iterator:
+        while True:
+            if self._stop.is_set():
+                raise RuntimeError("the loader was closed while iterating; iterate again to continue from its position")
+            try:
+                item = self._queue.get(timeout=0.1)
+            except queue.Empty:
+                if not self._thread.is_alive() and self._queue.empty():
+                    raise RuntimeError("the cache reader thread ended without a result") from None
+                continue
+            if isinstance(item, _End):
+                return
+            if isinstance(item, _Failure):
+                raise item.error
+            yield item
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)

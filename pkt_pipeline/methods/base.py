@@ -1,0 +1,109 @@
+"""What a stage-two method is: phases of training, what trains in each, and a loss per batch.
+
+The trainer (`pkt_pipeline.training`) owns everything else: the loop, the optimizer, the loader,
+checkpoints and logs. A method only says *what* to optimise, so SemAlign's frontier schedule and a
+one-phase baseline run on the same loop, data and budget, and comparisons stay fair.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ..cache import Cache
+from ..config import AlignConfig
+from ..loader import Batch
+
+
+@dataclass(frozen=True)
+class Phase:
+    """A stretch of training with one trainable set and one loss (a frontier stage, or a whole run)."""
+
+    name: str
+    steps: int
+    teacher_layers: tuple[int, ...] = ()
+    """Cached teacher layers the loader reads for this phase."""
+    student_layer: int | None = None
+    """The frontier layer (1..L_S) for layer-wise methods."""
+
+
+@dataclass
+class StudentOutputs:
+    """A student forward, with logits only where a loss needs them (the LM head is 25% of a small
+    model's compute at a 150k vocabulary; answers are a fraction of the tokens)."""
+
+    hidden_states: tuple[torch.Tensor, ...] | None
+    logits: torch.Tensor
+    """[N, V] at the positions of `positions`, in row-major order."""
+    positions: torch.Tensor
+    """[B, T] bool: the positions whose next token is supervised."""
+    targets: torch.Tensor
+    """[N] the next-token ids at those positions."""
+
+
+@dataclass
+class AlignContext:
+    """What a method may use: the cache (never the teacher), the student's tokenizer, the config."""
+
+    cache: Cache
+    config: AlignConfig
+    tokenizer: object
+    extras: dict = field(default_factory=dict)
+
+
+class Method:
+    """Base of the registered stage-two methods. Subclasses set `name` and override `loss`."""
+
+    name: ClassVar[str] = ""
+    uses_lora: ClassVar[bool] = True
+    needs_topk: ClassVar[bool] = False
+    teacher_kind: ClassVar[str] = "hidden"
+    """Which cached teacher arrays the phases read: `hidden` or `delta`."""
+
+    def __init__(self, context: AlignContext):
+        self.context = context
+        self.config = context.config
+
+    def setup(self, model: nn.Module) -> None:
+        """Called once with the (LoRA-wrapped) student before training, e.g. to build fixed maps."""
+
+    def phases(self, total_steps: int, student_layers: int) -> list[Phase]:
+        """The schedule; one phase over the whole budget unless a method needs more."""
+        return [Phase(self.name, total_steps)]
+
+    def trainable(self, model: nn.Module, phase: Phase) -> list[str]:
+        """Names of the parameters that train in `phase`; every LoRA parameter by default."""
+        return [name for name, _ in model.named_parameters() if "lora_" in name]
+
+    def saved_parameters(self, model: nn.Module, phases: list[Phase]) -> list[str]:
+        """Parameters a checkpoint must hold: everything any phase trains."""
+        names: dict[str, None] = {}
+        for phase in phases:
+            names.update(dict.fromkeys(self.trainable(model, phase)))
+        return list(names)
+
+    def loss(self, model: nn.Module, batch: Batch, phase: Phase) -> tuple[torch.Tensor, dict[str, float]]:
+        """The scalar to minimise and its named parts (logged per step)."""
+        raise NotImplementedError
+
+
+def next_token_positions(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """([B, T] positions whose next token is supervised, [N] those next-token ids)."""
+    supervised_next = torch.zeros_like(batch.supervised)
+    supervised_next[:, :-1] = batch.supervised[:, 1:] & batch.attention_mask[:, 1:].bool()
+    targets = batch.input_ids[:, 1:][supervised_next[:, :-1]]
+    return supervised_next, targets
+
+
+def forward_student(model: nn.Module, batch: Batch, hidden_states: bool = False) -> StudentOutputs:
+    """Run the student's decoder over the batch and its LM head at the supervised positions only."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    body, head = base.get_decoder(), base.get_output_embeddings()
+    out = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=hidden_states,
+               use_cache=False)
+    positions, targets = next_token_positions(batch)
+    return StudentOutputs(out.hidden_states if hidden_states else None, head(out.last_hidden_state[positions]),
+                          positions, targets)

@@ -1,0 +1,144 @@
+"""`semalign`: latent semantic alignment (METHOD.md section 1), from the cache alone.
+
+Setup builds the fixed pieces once: the teacher->student map M from the two LM heads (the teacher's
+comes from the cache) and the layer pairing p(k) from the cached attribution. Then:
+
+- v2 (default), the frontier schedule: one phase per aligned student layer k, shallow to deep; only
+  layer k trains (earlier layers keep what they learned) on
+  lambda_layer * L_layer(student delta_k, M teacher delta_p(k)) + lambda_out * KL(teacher top-k || student);
+- v1: one phase over every aligned layer with 1 - cos(h_k, M h_p(k)) + 1 - cos(logits, one-hot).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..losses import cosine_loss, fisher_surrogate, label_cosine_loss, relation_loss
+from ..semantic_map import SemanticMap, attributed_pairing, build_semantic_map, proportional_pairing
+from . import register
+from .base import Method, Phase, forward_student
+from .kd import cached_topk_kl
+
+OBJECTIVES = ("v2", "v1")
+LAYER_LOSSES = ("relation", "fisher")
+TRAINABLE = ("lora", "full")
+
+
+@register
+class SemAlign(Method):
+    name = "semalign"
+    needs_topk = True
+
+    def __init__(self, context):
+        super().__init__(context)
+        settings = self.config.semalign
+        for value, allowed, key in ((settings.objective, OBJECTIVES, "objective"),
+                                    (settings.layer_loss, LAYER_LOSSES, "layer_loss"),
+                                    (settings.supervise, ("delta", "hidden"), "supervise"),
+                                    (settings.pairing, ("attributed", "proportional"), "pairing"),
+                                    (settings.trainable, TRAINABLE, "trainable")):
+            if value not in allowed:
+                raise ValueError(f"align.semalign.{key} must be one of {allowed}, got {value!r}")
+        self.settings = settings
+        self.semantic_map: SemanticMap | None = None
+        self.pairs: dict[int, int] = {}
+
+    @property
+    def uses_lora(self) -> bool:
+        return self.settings.trainable == "lora"
+
+    @property
+    def teacher_kind(self) -> str:
+        return "hidden" if self.settings.objective == "v1" else self.settings.supervise
+
+    def setup(self, model: nn.Module) -> None:
+        cache, settings = self.context.cache, self.settings
+        student_layers = _decoder(model).config.num_hidden_layers
+        teacher_layers = int(cache.manifest["teacher"]["num_layers"])
+        if settings.pairing == "attributed":
+            pairing = attributed_pairing(cache.attribution(), student_layers, settings.pairing_window,
+                                         settings.critical_layers)
+        else:
+            pairing = proportional_pairing(teacher_layers, student_layers)
+        chosen = settings.layers or list(range(1, student_layers + 1))
+        bad = [k for k in chosen if not 1 <= k <= student_layers]
+        if bad:
+            raise ValueError(f"align.semalign.layers {bad} are outside this student's layers 1..{student_layers}")
+        self.pairs = {k: pairing[k - 1] for k in sorted(set(chosen))}
+        needed = {p for p in self.pairs.values()}
+        if self.teacher_kind == "delta" and "delta" not in cache.manifest["capture"]["kinds"]:
+            needed |= {p - 1 for p in needed}
+        missing = sorted(needed - set(cache.layers))
+        if missing:
+            raise ValueError(f"SemAlign pairs student layers with teacher layers {sorted(set(self.pairs.values()))}, "
+                             f"but the cache lacks layers {missing} (cached: {cache.layers}); extract them, or "
+                             "choose align.semalign.layers")
+        head = cache.teacher_head()
+        self.semantic_map = build_semantic_map(
+            head, model.get_output_embeddings().weight.detach(), int(cache.manifest["tokenizer"]["vocab_size"]),
+            recompose=settings.recompose, map_space=settings.map_space)
+
+    def phases(self, total_steps: int, student_layers: int) -> list[Phase]:
+        if self.settings.objective == "v1":
+            return [Phase("v1", total_steps, tuple(sorted(set(self.pairs.values()))))]
+        layers = list(self.pairs)
+        if self.settings.steps_per_layer:
+            steps = [self.settings.steps_per_layer] * len(layers)
+        else:
+            if total_steps < len(layers):
+                raise ValueError(f"{total_steps} steps cannot cover {len(layers)} frontier stages; raise align.steps "
+                                 "or align.epochs, or set align.semalign.steps_per_layer")
+            share, extra = divmod(total_steps, len(layers))
+            steps = [share + (i < extra) for i in range(len(layers))]
+        return [Phase(f"layer {k}", n, (self.pairs[k],), student_layer=k) for k, n in zip(layers, steps)]
+
+    def trainable(self, model: nn.Module, phase: Phase) -> list[str]:
+        layers = [phase.student_layer] if phase.student_layer is not None else list(self.pairs)
+        owned = {id(p) for k in layers for p in _decoder(model).layers[k - 1].parameters()}
+        return [name for name, p in model.named_parameters()
+                if id(p) in owned and (not self.uses_lora or "lora_" in name)]
+
+    def loss(self, model, batch, phase):
+        out = forward_student(model, batch, hidden_states=True)
+        mask = batch.supervised & batch.attention_mask.bool()
+        if self.settings.objective == "v1":
+            return self._v1_loss(out, batch, mask)
+        k, p = phase.student_layer, self.pairs[phase.student_layer]
+        student = _student_state(out.hidden_states, k, self.teacher_kind)
+        target = self.semantic_map.apply(batch.teacher[p])
+        if self.settings.layer_loss == "relation":
+            layer = relation_loss(student, target, mask, normalise_student=self.settings.normalise_student)
+        else:
+            layer = self._fisher(model, student, target, mask)
+        kl = cached_topk_kl(out, batch, self.config.kd.mode, self.config.kd.temperature)
+        total = self.settings.lambda_layer * layer + self.settings.lambda_out * kl
+        return total, {"layer": layer.item(), "kl": kl.item()}
+
+    def _fisher(self, model, student, target, mask):
+        """The Fisher-weighted surrogate on the student's LM-head logits of its own state and of the
+        aligned target; the final RMSNorm makes the target's arbitrary scale irrelevant."""
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        norm, head = base.get_decoder().norm, base.get_output_embeddings()
+        z = head(norm(student[mask]))
+        z_target = head(norm(target[mask].to(student.dtype)))
+        return fisher_surrogate(z[None], z_target[None], mask.new_ones(1, int(mask.sum())))
+
+    def _v1_loss(self, out, batch, mask):
+        layer = torch.stack([
+            cosine_loss(out.hidden_states[k], self.semantic_map.apply(batch.teacher[p]), mask)
+            for k, p in self.pairs.items()]).mean()
+        output = label_cosine_loss(out.logits, out.targets)
+        return layer + output, {"layer": layer.item(), "label_cos": output.item()}
+
+
+def _decoder(model: nn.Module) -> nn.Module:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_decoder()
+
+
+def _student_state(hidden_states: tuple[torch.Tensor, ...], layer: int, kind: str) -> torch.Tensor:
+    """The student's residual contribution of `layer` (or its output), as the paired teacher array."""
+    if kind == "hidden":
+        return hidden_states[layer]
+    return hidden_states[layer] - hidden_states[layer - 1]

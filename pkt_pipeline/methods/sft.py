@@ -1,0 +1,18 @@
+"""`lora-sft`: LoRA fine-tuning with cross-entropy on the answers — the control every transfer
+method must beat (METHOD.md section 2)."""
+
+from __future__ import annotations
+
+from ..losses import cross_entropy
+from . import register
+from .base import Method, forward_student
+
+
+@register
+class LoraSFT(Method):
+    name = "lora-sft"
+
+    def loss(self, model, batch, phase):
+        out = forward_student(model, batch)
+        ce = cross_entropy(out.logits, out.targets)
+        return ce, {"ce": ce.item()}

@@ -1,0 +1,217 @@
+"""The one training loop every stage-two method runs on: phases, optimizer, checkpoints, logs.
+
+A method supplies phases and a loss (`pkt_pipeline.methods`); this loop supplies the rest, so
+SemAlign and the baselines differ only in what they optimise. Per phase the trainable set is
+switched and a fresh AdamW with linear warm-up and decay starts (a frontier stage is a new problem).
+
+Nothing is lost on a crash: every `checkpoint_every` steps (and on Ctrl-C) the trained
+parameters, optimizer, scheduler, loader position and RNG state go to `checkpoint/`, written to a
+temporary folder and renamed into place. A restarted run continues from there, consuming exactly
+the batches the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from .config import AlignConfig
+from .loader import CacheLoader
+from .methods import Method, Phase
+
+CHECKPOINT = "checkpoint"
+LOG_FILE = "train_log.jsonl"
+
+
+class TrainingInterrupted(RuntimeError):
+    """Ctrl-C arrived; a checkpoint of the last finished step was written."""
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN/inf; training stopped before the optimizer step could spread it."""
+
+
+@dataclass
+class Position:
+    """Where training stands: the phase, the step within it, and steps done in all."""
+
+    phase: int = 0
+    phase_step: int = 0
+    global_step: int = 0
+
+
+def train(model: nn.Module, method: Method, phases: list[Phase], make_loader: Callable[[Phase], CacheLoader],
+          config: AlignConfig, out: Path, progress: bool = True, echo=print) -> dict:
+    """Run `phases` on `model` in place (resuming from a checkpoint in `out`); returns this run's throughput."""
+    saved = method.saved_parameters(model, phases)
+    device = next(model.parameters()).device
+    position, loader_state, resume = Position(), None, _load_checkpoint(out, model, saved)
+    if resume is not None:
+        position, loader_state = Position(**resume["position"]), resume["loader"]
+        echo(f"resuming {out} at step {position.global_step} ({phases[position.phase].name}, "
+             f"step {position.phase_step}/{phases[position.phase].steps})")
+    _truncate_log(out / LOG_FILE, position.global_step)
+    total = sum(phase.steps for phase in phases)
+    summary: dict = {"steps": total, "steps_run": total - position.global_step, "tokens": 0}
+    stop = _InterruptFlag()
+    bar = tqdm(total=total, initial=position.global_step, desc=f"align {method.name}", unit="step", disable=not progress)
+    started = time.perf_counter()
+    try:
+        with stop, open(out / LOG_FILE, "a") as log:
+            for index in range(position.phase, len(phases)):
+                phase = phases[index]
+                names = set(method.trainable(model, phase))
+                if not names:
+                    raise ValueError(f"{method.name}: phase {phase.name!r} trains no parameter")
+                for name, parameter in model.named_parameters():
+                    parameter.requires_grad_(name in names)
+                params = [p for n, p in model.named_parameters() if n in names]
+                optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+                scheduler = get_scheduler("linear", optimizer, num_warmup_steps=min(config.warmup_steps, phase.steps),
+                                          num_training_steps=max(phase.steps, 1))
+                if resume is not None and index == position.phase and resume.get("optimizer"):
+                    optimizer.load_state_dict(resume["optimizer"])
+                    scheduler.load_state_dict(resume["scheduler"])
+                    torch.set_rng_state(resume["rng"])
+                loader = make_loader(phase)
+                if loader_state is not None:
+                    loader.load_state_dict(loader_state)
+                with loader:
+                    batches = loader.batches(phase.steps - position.phase_step)
+                    for batch in batches:
+                        batch = batch.to(device)
+                        model.train()
+                        loss, parts = method.loss(model, batch, phase)
+                        if not torch.isfinite(loss):
+                            raise NonFiniteLoss(
+                                f"{method.name}: the loss is {loss.item()} at step {position.global_step + 1} "
+                                f"({phase.name}; parts {parts}; examples {batch.example_ids[:4]}). Lower align.lr "
+                                "or check the cache with `pkt cache verify`; the last checkpoint is intact.")
+                        loss.backward()
+                        grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+                        optimizer.step()
+                        scheduler.step()
+                        optimizer.zero_grad(set_to_none=True)
+                        position = Position(index, position.phase_step + 1, position.global_step + 1)
+                        summary["tokens"] += batch.tokens
+                        entry = {"step": position.global_step, "phase": phase.name, "phase_step": position.phase_step,
+                                 "loss": loss.item(), **parts, "grad_norm": float(grad_norm),
+                                 "lr": scheduler.get_last_lr()[0], "tokens": batch.tokens,
+                                 "seconds": round(time.perf_counter() - started, 3)}
+                        log.write(json.dumps(entry) + "\n")
+                        bar.update(1)
+                        bar.set_postfix_str(f"{phase.name} loss {entry['loss']:.4f}", refresh=False)
+                        if position.global_step % config.checkpoint_every == 0 or stop.requested:
+                            log.flush()
+                            _save_checkpoint(out, model, saved, position, optimizer, scheduler, loader)
+                        if stop.requested:
+                            raise TrainingInterrupted(
+                                f"interrupted at step {position.global_step}/{total}; checkpoint saved in {out}/"
+                                f"{CHECKPOINT}. Rerun the same command to resume.")
+                loader_state = loader.state_dict()
+                position = Position(index + 1, 0, position.global_step)
+                resume = None
+    finally:
+        bar.close()
+    summary["seconds"] = round(time.perf_counter() - started, 1)
+    summary["tokens_per_second"] = round(summary["tokens"] / max(summary["seconds"], 1e-9), 1)
+    return summary
+
+
+def read_log(out: Path) -> list[dict]:
+    path = out / LOG_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def phase_summaries(entries: list[dict]) -> dict[str, dict]:
+    """First and last logged values of each phase (works across a resumed run's log)."""
+    phases: dict[str, dict] = {}
+    for entry in entries:
+        values = {k: v for k, v in entry.items() if k not in ("step", "phase", "phase_step", "lr", "tokens", "seconds")}
+        record = phases.setdefault(entry["phase"], {"first": values})
+        record["last"], record["steps"] = values, entry["phase_step"]
+    return phases
+
+
+def clear_checkpoint(out: Path) -> None:
+    shutil.rmtree(out / CHECKPOINT, ignore_errors=True)
+
+
+def _save_checkpoint(out: Path, model: nn.Module, names: list[str], position: Position, optimizer, scheduler,
+                     loader: CacheLoader) -> None:
+    temporary, final = out / f"{CHECKPOINT}.tmp", out / CHECKPOINT
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir(parents=True)
+    parameters = dict(model.named_parameters())
+    save_file({name: parameters[name].detach().contiguous().cpu() for name in names}, temporary / "trained.safetensors")
+    torch.save({"position": position.__dict__, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "loader": loader.state_dict(), "rng": torch.get_rng_state()}, temporary / "state.pt")
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(temporary, final)
+
+
+def _load_checkpoint(out: Path, model: nn.Module, names: list[str]) -> dict | None:
+    folder = out / CHECKPOINT
+    if not (folder / "state.pt").is_file():
+        return None
+    trained = load_file(folder / "trained.safetensors")
+    missing = sorted(set(names) - set(trained))
+    if missing:
+        raise ValueError(f"the checkpoint in {folder} does not match this method and student (it lacks {missing[:3]}...); "
+                         "start afresh with --overwrite")
+    parameters = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in trained.items():
+            parameters[name].copy_(value)
+    return torch.load(folder / "state.pt", weights_only=False)
+
+
+def _truncate_log(path: Path, steps: int) -> None:
+    """Drop log lines past the checkpoint, which a resumed run will log again."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= steps]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+class _InterruptFlag:
+    """Turns the first Ctrl-C into a request honoured after the current step (checkpoint, then exit)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        tqdm.write("interrupt: finishing this step and saving a checkpoint (Ctrl-C again to abort at once)")
+
+
+def steps_for(config: AlignConfig, batches_per_epoch: int) -> int:
+    """The shared step budget: `align.steps`, or `align.epochs` passes over the cache."""
+    return config.steps if config.steps > 0 else max(1, math.ceil(config.epochs * batches_per_epoch))

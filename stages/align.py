@@ -1,0 +1,164 @@
+"""Stage two, `pkt align`: train the student from the cache alone, with a registered method.
+
+Reads only the cache and the student; the teacher is never loaded. Writes to `align.out`:
+`model/` (merged weights in safetensors + tokenizer, loadable by `from_pretrained`), `adapter/`
+(the peft adapter, when LoRA trains), `metrics.json`, `train_log.jsonl` (one line per step, for
+`dvc plots`), `map_report.json` (with `align.report_map`) and, while running, `checkpoint/`.
+Rerunning a killed run resumes from the checkpoint; rerunning a finished one does nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from pkt_pipeline import __version__
+from pkt_pipeline.cache import CacheError, open_cache
+from pkt_pipeline.config import PktConfig, to_dict
+from pkt_pipeline.extraction import vocabulary_sha256
+from pkt_pipeline.loader import CacheLoader
+from pkt_pipeline.methods import AlignContext, Phase, get_method
+from pkt_pipeline.models import load_model, load_tokenizer, resolve_device
+from pkt_pipeline.training import TrainingInterrupted, clear_checkpoint, phase_summaries, read_log, steps_for, train
+
+RUN_FILE = "run.json"
+__all__ = ["TrainingInterrupted", "run", "check_vocabulary"]
+
+
+def check_vocabulary(cache, tokenizer, student: str) -> None:
+    """Refuse a student whose token ids would mean something else than the cached ones."""
+    recorded = cache.manifest["tokenizer"]
+    ours = {"vocabulary_sha256": vocabulary_sha256(tokenizer), "vocab_size": len(tokenizer)}
+    theirs = {key: recorded.get(key) for key in ours}
+    if ours != theirs:
+        raise CacheError(
+            f"the student's tokenizer does not match the cache: student {student} has vocabulary "
+            f"{ours['vocabulary_sha256'][:12]} ({ours['vocab_size']} tokens), the cache's teacher "
+            f"{cache.manifest['teacher']['id']} has {str(theirs['vocabulary_sha256'])[:12]} "
+            f"({theirs['vocab_size']} tokens). Stage two trains on the cached token ids, so both must share one "
+            "vocabulary; extract a cache with a teacher of the student's family.")
+
+
+def run(config: PktConfig, progress: bool = True, echo=print) -> dict:
+    cfg = config.align
+    started = time.perf_counter()
+    method_class = get_method(cfg.method)
+    cache = open_cache(cfg.cache)
+    tokenizer = load_tokenizer(config.student, trust_remote_code=config.runtime.trust_remote_code)
+    check_vocabulary(cache, tokenizer, config.student)
+    out = Path(cfg.out)
+    record = {"pkt_version": __version__, "student": config.student, "cache": cfg.cache,
+              "cache_identity": cache.manifest["identity"], "align": to_dict(config)["align"]}
+    if _prepare_out(out, record, cfg.overwrite) == "done":
+        echo(f"{out} already holds this finished run; nothing to do (--overwrite to train again)")
+        return {"out": str(out), "action": "up to date"}
+
+    device = resolve_device(config.runtime.device)
+    model = load_model(config.student, dtype=config.runtime.dtype, device=device,
+                       trust_remote_code=config.runtime.trust_remote_code)
+    method = method_class(AlignContext(cache, cfg, tokenizer))
+    torch.manual_seed(cfg.seed)  # LoRA's A matrices start random: one seed, one run
+    if method.uses_lora:
+        model = _with_lora(model, cfg.lora)
+    else:
+        model = model.float()
+    method.setup(model)
+
+    def make_loader(phase: Phase, seed: int = cfg.seed) -> CacheLoader:
+        return CacheLoader(cache, batch_size=cfg.batch_size, layers=phase.teacher_layers, kind=method.teacher_kind,
+                           topk=method.needs_topk, seed=seed, shuffle_buffer=cfg.loader.shuffle_buffer,
+                           prefetch=cfg.loader.prefetch, read_workers=cfg.loader.read_workers)
+
+    student_layers = model.config.num_hidden_layers
+    total = steps_for(cfg, len(make_loader(Phase("probe", 0))))
+    phases = method.phases(total, student_layers)
+    echo(f"{method.name}: {sum(p.steps for p in phases)} steps in {len(phases)} phase(s) over "
+         f"{cache.manifest['counts']['examples']} cached examples, batch {cfg.batch_size}")
+    report = _map_report(method, model, cache, cfg, make_loader, "before") if cfg.report_map else None
+
+    summary = train(model, method, phases, make_loader, cfg, out, progress=progress, echo=echo)
+
+    if report is not None:
+        report = _map_report(method, model, cache, cfg, make_loader, "after", report)
+        (out / "map_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    saved = _save_outputs(model, tokenizer, out, method.uses_lora)
+    metrics = {"method": method.name, "student": config.student, "cache": cfg.cache,
+               "teacher": cache.manifest["teacher"]["id"], "steps": summary["steps"],
+               "phases": phase_summaries(read_log(out)), "seconds": round(time.perf_counter() - started, 1),
+               "train_seconds": summary["seconds"], "tokens_per_second": summary["tokens_per_second"],
+               "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2), **saved}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    clear_checkpoint(out)
+    return {"out": str(out), "action": "trained", "metrics": metrics, "map_report": report}
+
+
+def _prepare_out(out: Path, record: dict, overwrite: bool) -> str:
+    """'done', 'resume' or 'fresh'; refuses a folder holding a different run unless overwriting."""
+    run_file = out / RUN_FILE
+    if run_file.exists() and not overwrite:
+        previous = json.loads(run_file.read_text())
+        if previous != record:
+            changed = sorted(k for k in record if previous.get(k) != record[k])
+            raise ValueError(f"{out} holds another run (it differs in {', '.join(changed)}); choose another "
+                             "--out or pass --overwrite")
+        return "done" if (out / "metrics.json").exists() else "resume"
+    if out.exists() and overwrite:
+        shutil.rmtree(out)
+    elif out.exists() and any(out.iterdir()):
+        raise ValueError(f"{out} is not empty and holds no pkt align run; choose another --out or pass --overwrite")
+    out.mkdir(parents=True, exist_ok=True)
+    run_file.write_text(json.dumps(record, indent=2) + "\n")
+    return "fresh"
+
+
+def _with_lora(model, settings):
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                      target_modules=list(settings.target_modules), task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
+
+
+def _save_outputs(model, tokenizer, out: Path, lora: bool) -> dict:
+    """The adapter (LoRA) and a merged, standalone HF model directory."""
+    paths = {}
+    if lora:
+        model.save_pretrained(out / "adapter")
+        tokenizer.save_pretrained(out / "adapter")
+        paths["adapter"] = str(out / "adapter")
+        model = model.merge_and_unload()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    model.save_pretrained(out / "model")
+    tokenizer.save_pretrained(out / "model")
+    paths["model"] = str(out / "model")
+    return paths
+
+
+def _map_report(method, model, cache, cfg, make_loader, when: str, report: dict | None = None) -> dict:
+    """Pairing, fidelity and CKA on the first `diagnostic_examples` cached examples (SemAlign only)."""
+    from pkt_pipeline.diagnostics import layer_similarity, teacher_fidelity
+
+    pairs = getattr(method, "pairs", None)
+    if not pairs:
+        raise ValueError(f"align.report_map needs a method with a layer pairing; {method.name} has none")
+    layers = tuple(sorted(set(pairs.values())))
+    examples = cache.index.column("example_id").to_pylist()[: cfg.diagnostic_examples]
+    loader = CacheLoader(cache, batch_size=cfg.batch_size, layers=layers, kind=method.teacher_kind, topk=False,
+                         examples={e: cache.content_hash(e) for e in examples}, shuffle_buffer=max(cfg.batch_size, 8))
+    report = report or {"pairs": {str(k): p for k, p in pairs.items()}, "examples": len(examples),
+                        "kind": method.teacher_kind, "recompose": cfg.semalign.recompose}
+    if when == "before":
+        hidden = CacheLoader(cache, batch_size=cfg.batch_size, layers=layers, kind="hidden", topk=False,
+                             examples={e: cache.content_hash(e) for e in examples}, shuffle_buffer=max(cfg.batch_size, 8))
+        fidelity = teacher_fidelity(hidden, cache.teacher_head()["lm_head"],
+                                    list(layers), int(cache.manifest["tokenizer"]["vocab_size"]))
+        report["fidelity"] = {str(layer): value for layer, value in fidelity.items()}
+    report[f"cka_{when}"] = {str(k): v for k, v in
+                             layer_similarity(model, loader, pairs, method.semantic_map, method.teacher_kind).items()}
+    return report
