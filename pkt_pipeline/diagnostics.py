@@ -16,7 +16,7 @@ from torch import nn
 from .loader import CacheLoader
 from .losses import linear_cka
 from .methods.base import forward_student
-from .semantic_map import SemanticMap, recomposition_fidelity, semantic_bases
+from .semantic_map import SemanticMap, bases_gram, recomposition_fidelity, semantic_bases
 
 
 @torch.no_grad()
@@ -43,11 +43,12 @@ def teacher_fidelity(loader: CacheLoader, teacher_head: torch.Tensor, layers: li
                      vocab_size: int) -> dict[int, float]:
     """Mean recomposition fidelity of the cached teacher states of each layer under its own bases."""
     bases = semantic_bases(teacher_head[:vocab_size])
+    gram = bases_gram(bases)
     sums = {layer: 0.0 for layer in layers}
     count = 0
     for batch in loader:
         mask = batch.supervised & batch.attention_mask.bool()
         count += int(mask.sum())
         for layer in layers:
-            sums[layer] += float(recomposition_fidelity(bases, batch.teacher[layer][mask].float()).sum())
+            sums[layer] += float(recomposition_fidelity(bases, batch.teacher[layer][mask].float(), gram=gram).sum())
     return {layer: total / max(count, 1) for layer, total in sums.items()}
