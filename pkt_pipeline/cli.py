@@ -54,6 +54,17 @@ def hide_library_progress() -> None:
     hf_logging.disable_progress_bar()
 
 
+def run_stage(stage, interrupted: type[Exception], config, no_progress: bool) -> dict:
+    """Run a stage module; an interruption it reports (state saved) exits 130, as after SIGINT."""
+    if no_progress:
+        hide_library_progress()
+    try:
+        return stage.run(config, progress=not no_progress, echo=click.echo)
+    except interrupted as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(130)
+
+
 def config_options(command):
     command = click.option(
         "--set", "overrides", multiple=True, metavar="KEY=VALUE",
@@ -160,14 +171,7 @@ def extract(config_path, overrides, teacher, data, out, overwrite, no_progress) 
              (("teacher", teacher), ("extract.data", data), ("extract.out", out)) if value]
     if overwrite:
         extra.append("extract.overwrite=true")
-    config = load_config(config_path, [*overrides, *extra])
-    if no_progress:
-        hide_library_progress()
-    try:
-        summary = stage.run(config, progress=not no_progress, echo=click.echo)
-    except stage.Interrupted as exc:
-        click.echo(str(exc), err=True)
-        sys.exit(130)
+    summary = run_stage(stage, stage.Interrupted, load_config(config_path, [*overrides, *extra]), no_progress)
     if summary["action"] == "extracted":
         click.echo(f"cached {summary['examples']} examples ({summary['tokens']} tokens) in {summary['out']} "
                    f"in {summary['seconds']} s; see `pkt cache info {summary['out']}`")
@@ -211,14 +215,7 @@ def align(config_path, overrides, cache_path, student, method, out, report_map, 
     extra = [f"{key}={value}" for key, value in (("align.cache", cache_path), ("student", student),
                                                   ("align.method", method), ("align.out", out)) if value]
     extra += [f"align.{flag}=true" for flag, on in (("report_map", report_map), ("overwrite", overwrite)) if on]
-    config = load_config(config_path, [*overrides, *extra])
-    if no_progress:
-        hide_library_progress()
-    try:
-        summary = stage.run(config, progress=not no_progress, echo=click.echo)
-    except stage.TrainingInterrupted as exc:
-        click.echo(str(exc), err=True)
-        sys.exit(130)
+    summary = run_stage(stage, stage.TrainingInterrupted, load_config(config_path, [*overrides, *extra]), no_progress)
     if summary["action"] == "trained":
         metrics = summary["metrics"]
         for phase, values in metrics["phases"].items():
