@@ -1,10 +1,13 @@
 """Stage two's step time: (a) fed by the streaming cache loader vs the same batches from memory,
 (b) offline (teacher signals read from the cache) vs online distillation (teacher forward in the loop).
 
-Every mode runs in its own process so its peak RSS is its own: `cache` streams batches through
-`CacheLoader`; `memory` reads the same batches into RAM first and then trains on them; `online`
-loads the teacher too and recomputes, per batch, what the cache holds (the paired layer's
-residual stream and the top-k log-probs) before the same student step. All modes use one method
+(a) runs in one process, paired: at each step index the student trains once on the batch read
+into RAM beforehand and once on the same batch pulled from `CacheLoader` (fetch included), so
+the noise of a shared machine hits both sides alike; the ratio is the median of the per-step
+ratios (the ratio of the totals is reported too). (b) runs `cache` (offline) and `online` in
+processes of their own, so each peak RSS is its own: `online` loads the teacher too and
+recomputes, per batch, what the cache holds (the paired layer's residual stream and the top-k
+log-probs) before the same student step. All modes use one method
 (`--method`, SemAlign's first frontier stage by default), one student, one seed, the same batches.
 
     python bench/align_throughput.py --cache cache/qwen1.5b-mmlu64 \
@@ -73,7 +76,51 @@ def online_teacher_signals(teacher, batch, phase, kind: str, top_k: int):
     return batch
 
 
+def student_step(method, student, params, optimizer, batch, phase) -> None:
+    loss, _ = method.loss(student, batch, phase)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def run_paired(args) -> dict:
+    """(a): each step index runs twice, once on the batch from memory, once on the same batch pulled
+    from the streaming loader (its fetch timed too), so machine noise hits both sides alike."""
+    torch.manual_seed(0)
+    method, phase, student, params, optimizer, loader, cache = build(args)
+    total = args.steps + args.warmup
+    from pkt_pipeline.loader import CacheLoader
+
+    twin = CacheLoader(cache, batch_size=args.batch_size, layers=phase.teacher_layers, kind=method.teacher_kind,
+                       topk=method.needs_topk, seed=0, shuffle_buffer=loader.shuffle_buffer)
+    in_memory = list(twin.batches(total))
+    twin.close()
+    streamed = iter(loader.batches(total))
+    memory_times, cache_times, tokens = [], [], 0
+    for step in range(total):
+        started = time.perf_counter()
+        student_step(method, student, params, optimizer, in_memory[step], phase)
+        memory_seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        batch = next(streamed)
+        assert batch.example_ids == in_memory[step].example_ids
+        student_step(method, student, params, optimizer, batch, phase)
+        cache_seconds = time.perf_counter() - started
+        if step >= args.warmup:
+            memory_times.append(memory_seconds)
+            cache_times.append(cache_seconds)
+            tokens += batch.tokens
+    return {"mode": "paired", "memory_step_seconds": memory_times, "cache_step_seconds": cache_times,
+            "cache_over_memory": statistics.median(c / m for c, m in zip(cache_times, memory_times)),
+            "cache_over_memory_total": sum(cache_times) / sum(memory_times), "tokens_per_step": tokens / len(cache_times),
+            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "phase": phase.name}
+
+
 def run_mode(args) -> dict:
+    """(b): offline (`cache`) or online (`online`: the teacher runs in the loop) in this process."""
+    if args.mode == "paired":
+        return run_paired(args)
     torch.manual_seed(0)
     method, phase, student, params, optimizer, loader, cache = build(args)
     total = args.steps + args.warmup
@@ -82,23 +129,14 @@ def run_mode(args) -> dict:
         from pkt_pipeline.models import load_model
 
         teacher = load_model(args.teacher, dtype=args.dtype).eval()
-    if args.mode == "memory":
-        batches = list(loader.batches(total))
-        loader.close()
-        source = iter(batches)
-    else:
-        source = iter(loader.batches(total))
+    source = iter(loader.batches(total))
     times, tokens = [], 0
     for step in range(total):
         started = time.perf_counter()
         batch = next(source)
         if teacher is not None:
             batch = online_teacher_signals(teacher, batch, phase, method.teacher_kind, cache.manifest["capture"]["top_k"])
-        loss, _ = method.loss(student, batch, phase)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        student_step(method, student, params, optimizer, batch, phase)
         if step >= args.warmup:
             times.append(time.perf_counter() - started)
             tokens += batch.tokens
@@ -117,7 +155,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6, help="timed steps per mode")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--modes", default="memory,cache,online")
+    parser.add_argument("--modes", default="paired,cache,online")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     parser.add_argument("--mode", help=argparse.SUPPRESS)
     parser.add_argument("--out", default="bench/results/align_throughput.json")
@@ -135,15 +173,21 @@ def main() -> None:
             sys.exit(f"mode {mode} failed:\n{finished.stderr[-3000:]}")
         results[mode] = json.loads(finished.stdout.strip().splitlines()[-1])
     summary = {"settings": {k: v for k, v in vars(args).items() if k != "mode"}, "modes": results}
-    if "cache" in results and "memory" in results:
-        summary["cache_over_memory"] = results["cache"]["median_step_seconds"] / results["memory"]["median_step_seconds"]
+    if "paired" in results:
+        summary["cache_over_memory"] = results["paired"]["cache_over_memory"]
     if "online" in results and "cache" in results:
         summary["online_over_offline"] = results["online"]["median_step_seconds"] / results["cache"]["median_step_seconds"]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")
     print(f"{'mode':8s} {'step s':>8s} {'tok/s':>8s} {'peak RSS GiB':>13s}")
     for mode, row in results.items():
-        print(f"{mode:8s} {row['median_step_seconds']:8.2f} {row['tokens_per_second']:8.1f} {row['peak_rss_gib']:13.2f}")
+        if mode == "paired":
+            for side in ("memory", "cache"):
+                times = row[f"{side}_step_seconds"]
+                print(f"{side:8s} {statistics.median(times):8.2f} {row['tokens_per_step'] / statistics.mean(times):8.1f} "
+                      f"{row['peak_rss_gib']:13.2f}  (paired, one process)")
+        else:
+            print(f"{mode:8s} {row['median_step_seconds']:8.2f} {row['tokens_per_second']:8.1f} {row['peak_rss_gib']:13.2f}")
     for key in ("cache_over_memory", "online_over_offline"):
         if key in summary:
             print(f"{key}: {summary[key]:.3f}")

@@ -3,7 +3,7 @@
 Reads only the cache and the student; the teacher is never loaded. Writes to `align.out`:
 `model/` (merged weights in safetensors + tokenizer, loadable by `from_pretrained`), `adapter/`
 (the peft adapter, when LoRA trains), `metrics.json`, `train_log.jsonl` (one line per step, for
-`dvc plots`), `map_report.json` (with `align.report_map`) and, while running, `checkpoint/`.
+`dvc plots`) and `loss_curves.png`, `map_report.json` (with `align.report_map`) and, while running, `checkpoint/`.
 Rerunning a killed run resumes from the checkpoint; rerunning a finished one does nothing.
 """
 
@@ -24,6 +24,7 @@ from pkt_pipeline.extraction import vocabulary_sha256
 from pkt_pipeline.loader import CacheLoader
 from pkt_pipeline.methods import AlignContext, Phase, get_method
 from pkt_pipeline.models import load_model, load_tokenizer, resolve_device
+from pkt_pipeline.plots import plot_training_log
 from pkt_pipeline.training import TrainingInterrupted, clear_checkpoint, phase_summaries, read_log, steps_for, train
 
 RUN_FILE = "run.json"
@@ -87,9 +88,12 @@ def run(config: PktConfig, progress: bool = True, echo=print) -> dict:
         report = _map_report(method, model, cache, cfg, make_loader, "after", report)
         (out / "map_report.json").write_text(json.dumps(report, indent=2) + "\n")
     saved = _save_outputs(model, tokenizer, out, method.uses_lora)
+    log = read_log(out)
+    saved["loss_curves"] = str(plot_training_log(log, out / "loss_curves.png",
+                                                 f"{method.name}: {config.student} from {cfg.cache}"))
     metrics = {"method": method.name, "student": config.student, "cache": cfg.cache,
                "teacher": cache.manifest["teacher"]["id"], "steps": summary["steps"],
-               "phases": phase_summaries(read_log(out)), "seconds": round(time.perf_counter() - started, 1),
+               "phases": phase_summaries(log), "seconds": round(time.perf_counter() - started, 1),
                "train_seconds": summary["seconds"], "tokens_per_second": summary["tokens_per_second"],
                "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2), **saved}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")

@@ -54,6 +54,7 @@ def test_each_method_reduces_its_training_loss(tiny_pair, tiny_cache, tmp_path, 
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["method"] == method and metrics["steps"] == 24
     assert summary["action"] == "trained" and not (out / "checkpoint").exists()
+    assert (out / "loss_curves.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_semalign_logs_layer_and_kl_per_frontier_stage(tiny_pair, tiny_cache, tmp_path):
@@ -81,6 +82,36 @@ def test_only_the_frontier_layer_trains(tiny_pair, tiny_cache, tmp_path):
     adapter = load_file(out_one / "adapter" / "adapter_model.safetensors")
     assert {name.split("layers.")[1].split(".")[0] for name, value in adapter.items()
             if "lora_B" in name and value.abs().sum() > 0} == {"1"}
+
+
+@pytest.mark.parametrize("options", [
+    ["align.semalign.objective=v1"],
+    ["align.semalign.layer_loss=fisher"],
+    ["align.semalign.recompose=lstsq", "align.semalign.map_space=post_norm", "align.semalign.pairing=proportional",
+     "align.semalign.supervise=hidden", "align.kd.mode=renormalise", "align.kd.temperature=2.0"],
+], ids=["v1", "fisher", "lstsq-postnorm-proportional-hidden"])
+def test_semalign_options_train(tiny_pair, tiny_cache, tmp_path, options):
+    out = tmp_path / "options"
+    align.run(align_config(tiny_pair, tiny_cache, out, "semalign", "align.steps=12", *options), progress=False)
+    phases = losses_by_phase(out)
+    for name, losses in phases.items():
+        assert all(torch.isfinite(torch.tensor(losses))), losses
+    adapter = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert any(value.abs().sum() > 0 for name, value in adapter.items() if "lora_B" in name)
+    if "align.semalign.objective=v1" in options:
+        assert list(phases) == ["v1"]
+        assert set(json.loads((out / "train_log.jsonl").read_text().splitlines()[0])) >= {"layer", "label_cos"}
+
+
+def test_full_layer_training_leaves_other_layers_untouched(tiny_pair, tiny_cache, tmp_path):
+    out = tmp_path / "full"
+    align.run(align_config(tiny_pair, tiny_cache, out, "semalign", "align.steps=4", "align.semalign.trainable=full",
+                           "align.semalign.layers=[2]"), progress=False)
+    assert not (out / "adapter").exists()
+    before = load_file(Path(tiny_pair["student"]) / "model.safetensors")
+    after = load_file(out / "model" / "model.safetensors")
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed and all(name.startswith("model.layers.1.") for name in changed), changed
 
 
 def test_output_reloads_merged_and_as_adapter_and_generates(tiny_pair, tiny_cache, tmp_path):
