@@ -235,6 +235,39 @@ def _print_map_report(report: dict) -> None:
                    f"{report['cka_after'][k]:10.3f}")
 
 
+@main.command("eval")
+@config_options
+@click.argument("model")
+@click.option("--tasks", default=None, help="Comma-separated: mmlu,gsm8k,humaneval,mbpp (default: eval.tasks).")
+@click.option("--out", default=None, help="Output folder for metrics.json and per-item records.")
+@click.option("--limit", type=int, default=None, help="Score a seeded random subset of N items per task.")
+@click.option("--seed", type=int, default=None, help="Seed of that subset (default 0).")
+@click.option("--no-progress", is_flag=True, help="Hide progress bars (for logs).")
+@friendly_errors
+def evaluate(config_path, overrides, model, tasks, out, limit, seed, no_progress) -> None:
+    """Score MODEL (hub id, local dir, .gguf, or an `pkt align` output's model/ folder).
+
+    \b
+    Example:
+      pkt eval runs/gsm-semalign/model --tasks mmlu,gsm8k --limit 200 --out eval/semalign
+    MMLU by letter log-likelihood (0-shot), GSM8K by the final number (greedy), HumanEval and
+    MBPP pass@1 with the code run in a sandbox (no network, time and memory limits). Items
+    found in the transfer splits are dropped and counted. Writes OUT/metrics.json and
+    OUT/<task>.jsonl (prompt, output, verdict per item).
+    """
+    from stages import evaluate as stage
+
+    from .config import load_config
+
+    extra = [f"eval.{key}={value}" for key, value in (("tasks", tasks), ("out", out), ("limit", limit),
+                                                        ("seed", seed)) if value is not None]
+    config = load_config(config_path, [*overrides, *extra])
+    if no_progress:
+        hide_library_progress()
+    metrics = stage.run(config, model, progress=not no_progress, echo=click.echo)
+    click.echo(f"wrote {config.eval.out}/metrics.json in {metrics['seconds']} s")
+
+
 @main.group()
 def cache() -> None:
     """Inspect and check activation caches (local paths or fsspec URLs)."""

@@ -188,6 +188,29 @@ class AlignConfig:
 
 
 @dataclass
+class EvalConfig:
+    """`pkt eval`: benchmark scores of one model."""
+
+    tasks: list[str] = field(default_factory=lambda: ["mmlu"])
+    """Any of `mmlu`, `gsm8k`, `humaneval`, `mbpp`."""
+    out: str = "eval/model"
+    limit: int = 0
+    """Score a seeded random subset of this many items per task (after decontamination); 0 means all."""
+    seed: int = 0
+    batch_size: int = 8
+    chat: bool = True
+    """Render prompts with the tokenizer's chat template (instruct models), when it has one."""
+    max_new_tokens_gsm8k: int = 384
+    max_new_tokens_code: int = 512
+    decontaminate: bool = True
+    """Drop test items found in the transfer splits (13-word overlap or verbatim)."""
+    timeout_s: float = 10.0
+    """Per program, HumanEval/MBPP."""
+    memory_mb: int = 1024
+    workers: int = 2
+
+
+@dataclass
 class PktConfig:
     teacher: str = "models/qwen2.5-coder-1.5b-instruct"
     """Teacher model: a hub id, a local HF directory or a .gguf file."""
@@ -197,6 +220,7 @@ class PktConfig:
     assets: AssetsConfig = field(default_factory=AssetsConfig)
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     align: AlignConfig = field(default_factory=AlignConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> PktConfig:

@@ -1,0 +1,74 @@
+"""`pkt eval` end to end on the tiny student: every task scored, records written, contamination dropped."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pkt_pipeline.config import load_config
+from pkt_pipeline.datasets import DatasetNotFound, find_dataset
+from pkt_pipeline.evaluation.mmlu import load_mmlu, mmlu_prompt
+from stages import evaluate
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    """Three real MMLU items, the first planted in a transfer split; the other tasks' data as found."""
+    try:
+        for name in ("mmlu", "gsm8k", "humaneval", "mbpp"):
+            find_dataset(name, allow_hub=False)
+    except DatasetNotFound as exc:
+        pytest.skip(f"evaluation data absent: {exc}")
+    root = tmp_path_factory.mktemp("evaldata")
+    (root / "mmlu").mkdir()
+    lines, subjects = [], set()
+    for line in find_dataset("mmlu", allow_hub=False).read_text().splitlines():
+        subject = json.loads(line).get("topic")
+        if '"correct_answer": "answer"' not in line and subject not in subjects and len(lines) < 3:
+            lines.append(line)
+            subjects.add(subject)  # one per subject: items of one subject can share a long stem
+    (root / "mmlu" / "test.jsonl").write_text("\n".join(lines) + "\n")
+    planted = load_mmlu(root / "mmlu" / "test.jsonl")[0]
+    (root / "transfer-splits" / "mmlu").mkdir(parents=True)
+    row = {"id": "planted", "messages": [{"role": "user", "content": mmlu_prompt(planted)},
+                                         {"role": "assistant", "content": "The answer is: A"}]}
+    (root / "transfer-splits" / "mmlu" / "train.jsonl").write_text(json.dumps(row) + "\n")
+    for name in ("gsm8k", "humaneval", "mbpp"):
+        source = find_dataset(name, allow_hub=False)
+        target = root / source.relative_to(source.parents[0 if source.is_dir() else 1])
+        target.parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if source.is_dir() else shutil.copy)(source, target)
+    return root
+
+
+def test_eval_scores_every_task_and_drops_contaminated_items(tiny_pair, data_dir, tmp_path):
+    out = tmp_path / "eval"
+    config = load_config(overrides=[f"assets.data_dir={data_dir}", f"eval.out={out}", "eval.limit=2",
+                                    "eval.tasks=[mmlu, gsm8k, humaneval, mbpp]", "eval.max_new_tokens_gsm8k=8",
+                                    "eval.max_new_tokens_code=8", "eval.timeout_s=5", "runtime.dtype=float32"])
+    metrics = evaluate.run(config, str(tiny_pair["student"]), progress=False)
+    assert json.loads((out / "metrics.json").read_text()) == metrics
+    assert metrics["mmlu"]["dropped"] == 1 and metrics["mmlu"]["n"] == 2
+    for task in ("mmlu", "gsm8k", "humaneval", "mbpp"):
+        records = [json.loads(line) for line in (out / f"{task}.jsonl").read_text().splitlines()]
+        assert len(records) == metrics[task]["n"] == 2
+        assert metrics[task]["score"] == sum(r["correct"] for r in records) / 2
+        assert all(r["prompt"] for r in records)
+        if task != "mmlu":
+            assert all("output" in r for r in records)
+        if task in ("humaneval", "mbpp"):
+            assert all(r["verdict"] in ("passed", "failed", "timeout", "memory", "error") for r in records)
+    mmlu_ids = {json.loads(line)["id"] for line in (out / "mmlu.jsonl").read_text().splitlines()}
+    assert load_mmlu(data_dir / "mmlu" / "test.jsonl")[0].id not in mmlu_ids
+
+
+def test_eval_cli_refuses_an_unknown_task(tiny_pair):
+    result = subprocess.run([sys.executable, "-m", "pkt_pipeline.cli", "eval", str(tiny_pair["student"]),
+                             "--tasks", "mmlu,triviaqa"], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert "eval.tasks must be a non-empty subset" in result.stderr and "triviaqa" in result.stderr
