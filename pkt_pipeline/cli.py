@@ -268,6 +268,20 @@ def evaluate(config_path, overrides, model, tasks, out, limit, seed, no_progress
     click.echo(f"wrote {config.eval.out}/metrics.json in {metrics['seconds']} s")
 
 
+@main.command("report")
+@click.option("--eval-dir", default="eval", show_default=True, help="Folders of `pkt eval` results: teacher/, student/, <method>/.")
+@click.option("--runs-dir", default="runs", show_default=True, help="`pkt align` outputs, for their wall time and memory.")
+@click.option("--metrics-dir", default="metrics", show_default=True, help="Other stages' metrics JSON (wall time, memory).")
+@click.option("--out", default="report", show_default=True, help="Where report.md, scores.png and report.json go.")
+@friendly_errors
+def report(eval_dir, runs_dir, metrics_dir, out) -> None:
+    """Compare every method with the teacher and the student: a table (score, change, % of the
+    teacher-student gap closed) in OUT/report.md, a bar chart in OUT/scores.png."""
+    from stages import report as stage
+
+    stage.run(eval_dir, out, runs_dir, metrics_dir, echo=click.echo)
+
+
 @main.group()
 def cache() -> None:
     """Inspect and check activation caches (local paths or fsspec URLs)."""

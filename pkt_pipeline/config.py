@@ -221,6 +221,9 @@ class PktConfig:
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     align: AlignConfig = field(default_factory=AlignConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    methods: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per-method overrides of the `align` section, e.g. `methods: {kd: {lr: 1.0e-4}}`: applied when
+    that method runs, so a DVC stage per method depends on its own section only."""
 
 
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> PktConfig:
@@ -241,7 +244,29 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         if not sep or not key.strip():
             raise ConfigError(f"override {item!r} is not of the form section.key=value")
         _set_dotted(raw, key.strip().split("."), yaml.safe_load(value))
-    return _build(PktConfig, raw, prefix="", source=source)
+    config = _build(PktConfig, raw, prefix="", source=source)
+    for method in config.methods:
+        for_method(config, method)  # a typo in any method's section fails now, not hours later
+    return config
+
+
+def for_method(config: PktConfig, method: str) -> PktConfig:
+    """The config with `align.method = method` and that method's `methods` overrides applied."""
+    raw = to_dict(config)
+    overrides = config.methods.get(method) or {}
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"methods.{method} must be a mapping of align keys, got {overrides!r}")
+    _deep_update(raw["align"], overrides)
+    raw["align"]["method"] = method
+    return _build(PktConfig, raw, prefix="", source=f"methods.{method}")
+
+
+def _deep_update(tree: dict, updates: dict) -> None:
+    for key, value in updates.items():
+        if isinstance(value, dict) and isinstance(tree.get(key), dict):
+            _deep_update(tree[key], value)
+        else:
+            tree[key] = value
 
 
 def to_dict(config: PktConfig) -> dict[str, Any]:
@@ -288,6 +313,13 @@ def _coerce(hint: Any, value: Any, dotted: str, source: str) -> Any:
             except ConfigError as exc:
                 errors.append(str(exc))
         raise ConfigError(errors[0])
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {dotted} must be a mapping, got {value!r}")
+        _, value_type = typing.get_args(hint)
+        return {str(k): _coerce(value_type, v, f"{dotted}.{k}", source) for k, v in value.items()}
+    if hint is Any:
+        return value
     if origin is list:
         (item_type,) = typing.get_args(hint)
         if isinstance(value, str):

@@ -19,7 +19,7 @@ import torch
 
 from pkt_pipeline import __version__
 from pkt_pipeline.cache import CacheError, open_cache
-from pkt_pipeline.config import PktConfig, to_dict
+from pkt_pipeline.config import PktConfig, for_method, to_dict
 from pkt_pipeline.extraction import vocabulary_sha256
 from pkt_pipeline.loader import CacheLoader
 from pkt_pipeline.methods import AlignContext, Phase, get_method
@@ -46,6 +46,7 @@ def check_vocabulary(cache, tokenizer, student: str) -> None:
 
 
 def run(config: PktConfig, progress: bool = True, echo=print) -> dict:
+    config = for_method(config, config.align.method)
     cfg = config.align
     started = time.perf_counter()
     method_class = get_method(cfg.method)

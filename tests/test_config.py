@@ -53,3 +53,15 @@ def test_bad_values_are_named(override, message):
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(ConfigError, match="config file not found: .*nope.yaml"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_method_sections_override_align_for_that_method_only():
+    from pkt_pipeline.config import for_method
+
+    config = load_config(overrides=["align.lr=0.001", "methods={kd: {lr: 1.0e-4, kd: {ce_weight: 0.5}}}"])
+    kd = for_method(config, "kd")
+    assert (kd.align.method, kd.align.lr, kd.align.kd.ce_weight) == ("kd", 1e-4, 0.5)
+    semalign = for_method(config, "semalign")
+    assert (semalign.align.lr, semalign.align.kd.ce_weight) == (0.001, 0.0)
+    with pytest.raises(ConfigError, match=r"methods\.kd: unknown key 'align\.lrr'; did you mean 'align\.lr'"):
+        load_config(overrides=["methods={kd: {lrr: 1}}"])
