@@ -253,7 +253,7 @@ def evaluate(config_path, overrides, model, tasks, out, limit, seed, no_progress
     MMLU by letter log-likelihood (0-shot), GSM8K by the final number (greedy), HumanEval and
     MBPP pass@1 with the code run in a sandbox (no network, time and memory limits). Items
     found in the transfer splits are dropped and counted. Writes OUT/metrics.json and
-    OUT/<task>.jsonl (prompt, output, verdict per item).
+    OUT/items/<task>.jsonl (prompt, output, verdict per item).
     """
     from stages import evaluate as stage
 

@@ -46,6 +46,8 @@ class AssetsConfig:
     """Pin file to use instead of the one shipped with pkt."""
     dtype: str = "bfloat16"
     """Precision of the converted safetensors weights."""
+    tiny: bool = False
+    """Build the tiny random teacher/student pair into `models_dir/tiny/` instead (the tiny pipeline)."""
 
 
 @dataclass
@@ -88,6 +90,8 @@ class ExtractConfig:
     """Rows per zarr shard, the unit of writing; every example must fit in one."""
     overwrite: bool = False
     """Replace a cache of another teacher, data set or settings at `out`."""
+    metrics: str = ""
+    """Also write the run's summary (examples, tokens, seconds, peak RSS) as JSON to this file."""
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """`pkt eval`: score one model on MMLU, GSM8K, HumanEval and MBPP.
 
-Writes `OUT/metrics.json` ({task: {score, n, dropped, ...}}) and, per task, `OUT/<task>.jsonl`
+Writes `OUT/metrics.json` ({task: {score, n, dropped, ...}}) and, per task, `OUT/items/<task>.jsonl`
 with one record a person can read per item (prompt, output, verdict). The prompts live in
 `pkt_pipeline/evaluation/` next to their scorers:
 
@@ -39,14 +39,15 @@ def run(config: PktConfig, model_name: str, progress: bool = True, echo=print) -
     model = load_model(model_name, dtype=config.runtime.dtype, device=resolve_device(config.runtime.device),
                        trust_remote_code=config.runtime.trust_remote_code)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    items_dir = out / "items"
+    items_dir.mkdir(parents=True, exist_ok=True)
     metrics: dict = {"model": model_name}
     for task in cfg.tasks:
         task_items, dropped = _decontaminate(task, items[task], config.assets.data_dir) if cfg.decontaminate else (items[task], 0)
         task_items = _subset(task_items, cfg.limit, cfg.seed)
         task_started = time.perf_counter()
         records = SCORERS[task](model, tokenizer, task_items, cfg, progress)
-        with open(out / f"{task}.jsonl", "w") as handle:
+        with open(items_dir / f"{task}.jsonl", "w") as handle:
             for record in records:
                 handle.write(json.dumps(record) + "\n")
         correct = sum(bool(r["correct"]) for r in records)

@@ -11,7 +11,9 @@ with the ledger consistent. The manifest, written last, marks the cache complete
 
 from __future__ import annotations
 
+import json
 import os
+import resource
 import signal
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -165,6 +167,10 @@ def run(config: PktConfig, progress: bool = True, echo=print) -> dict:
     except OSError as exc:
         raise _write_failed(writer, exc) from exc
     summary["seconds"] = round(time.perf_counter() - started, 1)
+    summary["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+    if cfg.metrics and rank == 0:
+        Path(cfg.metrics).parent.mkdir(parents=True, exist_ok=True)
+        Path(cfg.metrics).write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 

@@ -55,7 +55,7 @@ def test_eval_scores_every_task_and_drops_contaminated_items(tiny_pair, data_dir
     assert json.loads((out / "metrics.json").read_text()) == metrics
     assert metrics["mmlu"]["dropped"] == 1 and metrics["mmlu"]["n"] == 2
     for task in ("mmlu", "gsm8k", "humaneval", "mbpp"):
-        records = [json.loads(line) for line in (out / f"{task}.jsonl").read_text().splitlines()]
+        records = [json.loads(line) for line in (out / "items" / f"{task}.jsonl").read_text().splitlines()]
         assert len(records) == metrics[task]["n"] == 2
         assert metrics[task]["score"] == sum(r["correct"] for r in records) / 2
         assert all(r["prompt"] for r in records)
@@ -63,7 +63,7 @@ def test_eval_scores_every_task_and_drops_contaminated_items(tiny_pair, data_dir
             assert all("output" in r for r in records)
         if task in ("humaneval", "mbpp"):
             assert all(r["verdict"] in ("passed", "failed", "timeout", "memory", "error") for r in records)
-    mmlu_ids = {json.loads(line)["id"] for line in (out / "mmlu.jsonl").read_text().splitlines()}
+    mmlu_ids = {json.loads(line)["id"] for line in (out / "items" / "mmlu.jsonl").read_text().splitlines()}
     assert load_mmlu(data_dir / "mmlu" / "test.jsonl")[0].id not in mmlu_ids
 
 
