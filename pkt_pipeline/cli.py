@@ -148,9 +148,12 @@ def assets_list(pins) -> None:
 @click.option("--data", default=None, help="Examples: a .jsonl of chat `messages`, or TASK/SPLIT of the transfer splits (gsm/train).")
 @click.option("--out", default=None, help="Cache folder or fsspec URL to write (default: cache/teacher).")
 @click.option("--overwrite", is_flag=True, help="Replace a cache of another teacher, data set or settings at --out.")
+@click.option("--with", "extras", multiple=True, metavar="NAME",
+              help="Also run a method's teacher-side computation (seeking, laten); repeatable. "
+                   "Adds to a complete cache without re-extracting it.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars (for logs).")
 @friendly_errors
-def extract(config_path, overrides, teacher, data, out, overwrite, no_progress) -> None:
+def extract(config_path, overrides, teacher, data, out, overwrite, extras, no_progress) -> None:
     """Stage one: run the teacher once over task data and write the activation cache.
 
     \b
@@ -171,7 +174,11 @@ def extract(config_path, overrides, teacher, data, out, overwrite, no_progress) 
              (("teacher", teacher), ("extract.data", data), ("extract.out", out)) if value]
     if overwrite:
         extra.append("extract.overwrite=true")
-    summary = run_stage(stage, stage.Interrupted, load_config(config_path, [*overrides, *extra]), no_progress)
+    config = load_config(config_path, [*overrides, *extra])
+    config.extract.extras = sorted({*config.extract.extras, *extras})
+    summary = run_stage(stage, stage.Interrupted, config, no_progress)
+    if summary["action"] == "extras added":
+        click.echo(f"added {', '.join(summary['extras'])} to {summary['out']} in {summary['seconds']} s")
     if summary["action"] == "extracted":
         click.echo(f"cached {summary['examples']} examples ({summary['tokens']} tokens) in {summary['out']} "
                    f"in {summary['seconds']} s; see `pkt cache info {summary['out']}`")
@@ -308,6 +315,8 @@ def cache_info_command(path) -> None:
         ("per token", f"{info['bytes_per_token'] / 1024:,.1f} KiB stored "
                       f"(compression {info['compression_ratio']:.2f}x of raw bf16 + top-k)"),
     ]
+    if info["extras"]:
+        rows.append(("extras", ", ".join(f"{name} {size / 2**20:,.1f} MiB" for name, size in info["extras"].items())))
     for name, value in rows:
         click.echo(f"{name:12s} {value}")
 

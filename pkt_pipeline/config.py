@@ -92,6 +92,9 @@ class ExtractConfig:
     """Replace a cache of another teacher, data set or settings at `out`."""
     metrics: str = ""
     """Also write the run's summary (examples, tokens, seconds, peak RSS) as JSON to this file."""
+    extras: list[str] = field(default_factory=list)
+    """Method-specific teacher computations to add (`--with`): `seeking`, `laten`. Added to a complete
+    cache without re-extracting it."""
 
 
 @dataclass

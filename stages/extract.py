@@ -51,6 +51,7 @@ from pkt_pipeline.extraction import (
     weights_sha256,
 )
 from pkt_pipeline.models import load_model, load_tokenizer
+from pkt_pipeline.teacher_extras import get_extra
 
 
 class Interrupted(RuntimeError):
@@ -74,6 +75,8 @@ def resolve_data(reference: str, data_dir: str = "data") -> Path:
 
 
 def validate(cfg: ExtractConfig) -> None:
+    for name in cfg.extras:
+        get_extra(name)  # an unknown name fails before the teacher loads
     checks = [
         (cfg.prompt_format in PROMPT_FORMATS, f"extract.prompt_format must be one of {PROMPT_FORMATS}"),
         (set(cfg.capture) <= set(CAPTURE_KINDS) and cfg.capture, f"extract.capture must be a non-empty subset of {CAPTURE_KINDS}"),
@@ -143,8 +146,18 @@ def run(config: PktConfig, progress: bool = True, echo=print) -> dict:
     if rank != 0:
         writer = CacheWriter.open(*writer_args, create=False)
     if writer.files.exists("manifest.json"):
-        echo(f"{cfg.out} is already complete for this teacher, data and settings; nothing to do")
-        return {"out": cfg.out, "action": "up to date", "seconds": round(time.perf_counter() - started, 1)}
+        manifest = writer.files.read_json("manifest.json")
+        missing = [name for name in cfg.extras if name not in manifest.get("extras", {})]
+        if not missing:
+            echo(f"{cfg.out} is already complete for this teacher, data and settings; nothing to do")
+            return {"out": cfg.out, "action": "up to date", "seconds": round(time.perf_counter() - started, 1)}
+        if rank == 0:
+            echo(f"{cfg.out} is complete; adding the teacher extras {', '.join(missing)}")
+            extras = {**manifest.get("extras", {}),
+                      **_run_extras(missing, writer, model, tokenizer, config, data_path, codec, progress)}
+            manifest = writer.finalize({"attribution": manifest.get("attribution", {}), "extras": extras})
+        return {"out": cfg.out, "action": "extras added", "extras": missing, "stored_bytes": manifest["stored_bytes"],
+                "seconds": round(time.perf_counter() - started, 1)}
 
     todo = [g for g in range(rank, len(groups), world) if g not in writer.finished_groups()]
     if len(todo) < len(range(rank, len(groups), world)):
@@ -160,9 +173,11 @@ def run(config: PktConfig, progress: bool = True, echo=print) -> dict:
             writer.write_array("attribution/scores", scores, chunks=scores.shape, codec=None, attributes={
                 "aggregation": cfg.attribution_aggregation, "examples": n_used, "data": str(attribution_path)})
             _write_teacher_head(writer, model, settings.storage_dtype, codec)
+            extras = _run_extras(cfg.extras, writer, model, tokenizer, config, data_path, codec, progress)
         _barrier(world)
         if rank == 0:
-            manifest = writer.finalize({"attribution": {"aggregation": cfg.attribution_aggregation, "examples": n_used}})
+            manifest = writer.finalize({"attribution": {"aggregation": cfg.attribution_aggregation, "examples": n_used},
+                                        "extras": extras})
             summary["stored_bytes"] = manifest["stored_bytes"]
     except OSError as exc:
         raise _write_failed(writer, exc) from exc
@@ -282,6 +297,21 @@ def _write_teacher_head(writer: CacheWriter, model, storage_dtype: str, codec) -
                        attributes={"pkt_dtype": storage_dtype, "norm_eps": eps})
     writer.write_array("teacher/final_norm", encode(norm, storage_dtype), chunks=tuple(norm.shape), codec=codec,
                        attributes={"pkt_dtype": storage_dtype})
+
+
+def _run_extras(names: list[str], writer: CacheWriter, model, tokenizer, config: PktConfig, data_path: Path, codec,
+                progress: bool) -> dict[str, dict]:
+    """Run each requested teacher extra and store its arrays; returns {name: provenance} for the manifest."""
+    provenance = {}
+    for name in names:
+        started = time.perf_counter()
+        output = get_extra(name)().compute(model, tokenizer, config, data_path, progress)
+        for key, data in output.arrays.items():
+            rows = max(1, (16 << 20) // max(1, data[:1].nbytes)) if data.ndim else 1
+            chunks = (min(rows, data.shape[0]), *data.shape[1:]) if data.ndim else ()
+            writer.write_array(f"extras/{name}/{key}", data, chunks=chunks, codec=codec, attributes={})
+        provenance[name] = {**output.provenance, "seconds": round(time.perf_counter() - started, 1)}
+    return provenance
 
 
 def _run_record(config, model, tokenizer, examples, counts, settings, prompt, data_path, attribution_path, n_groups) -> dict:

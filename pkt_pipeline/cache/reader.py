@@ -157,6 +157,16 @@ class Cache:
             "norm_eps": float(head.attrs["norm_eps"]),
         }
 
+    def extra(self, name: str) -> dict[str, np.ndarray]:
+        """The arrays a method's teacher-side extra stored (`pkt extract --with NAME`); provenance
+        is in `manifest["extras"][name]`."""
+        if name not in self.manifest.get("extras", {}):
+            present = ", ".join(sorted(self.manifest.get("extras", {}))) or "none"
+            raise CacheError(f"{self.files.url} has no {name!r} teacher extra (it has: {present}); "
+                             f"add it with `pkt extract --with {name}` and the same settings")
+        group = self.root[f"extras/{name}"]
+        return {key: node[...] for key, node in sorted(group.members(max_depth=None)) if isinstance(node, zarr.Array)}
+
     def _check_layer(self, layer: int, kind: str) -> None:
         if layer not in self.layers:
             raise CacheError(f"layer {layer} was not captured ({kind}); cached layers: {self.layers}")

@@ -151,9 +151,12 @@ class CacheWriter:
         if create:
             existing = files.read_json(RUN_FILE) if files.exists(RUN_FILE) else None
             if existing is not None and existing["identity"] != run["identity"] and not overwrite:
+                differ = sorted(k for k in {*existing["identity"], *run["identity"]}
+                                if existing["identity"].get(k) != run["identity"].get(k))
                 raise CacheError(
                     f"{files.url} already holds a different cache ({_describe(existing)}); this run is "
-                    f"{_describe(run)}. Choose another --out, or pass --overwrite to replace it."
+                    f"{_describe(run)}; they differ in {', '.join(differ)}. Choose another --out, or pass "
+                    f"--overwrite to replace it."
                 )
             if existing is None and files.exists() and files.listdir("") and not overwrite:
                 raise CacheError(f"{files.url} exists and is not a pkt cache; choose another --out or pass --overwrite")

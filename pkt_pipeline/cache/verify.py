@@ -69,6 +69,8 @@ def cache_info(path: str | os.PathLike, storage_options: dict | None = None) -> 
         "stored_bytes": stored,
         "activation_bytes": activation_bytes,
         "teacher_weight_bytes": teacher_bytes,
+        "extras": {name: sum(size for key, size in sizes.items() if key.startswith(f"extras/{name}/"))
+                   for name in manifest.get("extras", {})},
         "bytes_per_token": activation_bytes / max(counts["tokens"], 1),
         "compression_ratio": raw_per_token * counts["tokens"] / max(activation_bytes, 1),
         "groups": manifest["layout"]["groups"],

@@ -1,0 +1,81 @@
+"""`pkt extract --with NAME`: a registered teacher extra runs with the teacher loaded, its arrays
+land in the cache with provenance in the manifest, and it can be added to a complete cache later."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pkt_pipeline.cache import CacheError, open_cache, verify_cache
+from pkt_pipeline.models import load_model
+from pkt_pipeline.teacher_extras import EXTRAS, ExtraOutput, TeacherExtra, register_extra
+from stages import extract as extract_stage
+from tiny_data import extract_config
+
+
+class WeightNorms(TeacherExtra):
+    """A small real extra: the norm of every decoder layer's down projection, and a 2-D array."""
+
+    name = "test-weight-norms"
+
+    def compute(self, teacher, tokenizer, config, data_path, progress):
+        norms = np.array([layer.mlp.down_proj.weight.norm().item() for layer in teacher.model.layers], np.float32)
+        return ExtraOutput({"down_norms": norms, "nested/embedding_rows": teacher.model.embed_tokens.weight[:5].detach().numpy()},
+                           {"data": str(data_path), "layers": len(norms)})
+
+
+@pytest.fixture(autouse=True)
+def registered():
+    register_extra(WeightNorms)
+    yield
+    EXTRAS.pop(WeightNorms.name, None)
+
+
+def expected(teacher_path) -> tuple[np.ndarray, np.ndarray]:
+    model = load_model(teacher_path, dtype="float32")
+    norms = np.array([layer.mlp.down_proj.weight.norm().item() for layer in model.model.layers], np.float32)
+    return norms, model.model.embed_tokens.weight[:5].detach().numpy()
+
+
+def test_extra_is_written_with_provenance(tiny_pair, tiny_dataset, tmp_path):
+    out = tmp_path / "cache"
+    config = extract_config(tiny_pair["teacher"], tiny_dataset, out, f"extract.extras=[{WeightNorms.name}]")
+    extract_stage.run(config, progress=False, echo=lambda *_: None)
+    cache = open_cache(out)
+    arrays = cache.extra(WeightNorms.name)
+    norms, rows = expected(tiny_pair["teacher"])
+    np.testing.assert_allclose(arrays["down_norms"], norms, rtol=1e-6)
+    np.testing.assert_array_equal(arrays["nested/embedding_rows"], rows)
+    assert cache.manifest["extras"][WeightNorms.name]["layers"] == len(norms)
+    assert verify_cache(out) == []
+
+
+def test_extra_is_added_to_a_complete_cache_without_reextracting(tiny_pair, tiny_cache, tmp_path):
+    out = tmp_path / "cache"
+    shutil.copytree(tiny_cache, out)
+    before = open_cache(out).manifest["checksums"]
+    with pytest.raises(CacheError, match=f"pkt extract --with {WeightNorms.name}"):
+        open_cache(out).extra(WeightNorms.name)
+
+    config = extract_config(tiny_pair["teacher"], Path(open_cache(out).manifest["dataset"]["path"]), out,
+                            "extract.capture=[hidden, delta]", f"extract.extras=[{WeightNorms.name}]")
+    summary = extract_stage.run(config, progress=False, echo=lambda *_: None)
+    assert summary["action"] == "extras added"
+    after = open_cache(out).manifest
+    assert {k: v for k, v in after["checksums"].items() if not k.startswith("extras/")} == before
+    assert after["attribution"] == open_cache(tiny_cache).manifest["attribution"]
+    np.testing.assert_allclose(open_cache(out).extra(WeightNorms.name)["down_norms"], expected(tiny_pair["teacher"])[0],
+                               rtol=1e-6)
+    assert verify_cache(out) == []
+    assert extract_stage.run(config, progress=False, echo=lambda *_: None)["action"] == "up to date"
+
+
+def test_unknown_extra_is_refused_before_the_teacher_loads(tiny_pair, tiny_dataset, tmp_path):
+    config = extract_config(tiny_pair["teacher"], tiny_dataset, tmp_path / "cache", "extract.extras=[no-such-extra]")
+    with pytest.raises(ValueError, match="unknown teacher extra 'no-such-extra' for `pkt extract --with`"):
+        extract_stage.run(config, progress=False, echo=lambda *_: None)
+    assert not (tmp_path / "cache").exists()
