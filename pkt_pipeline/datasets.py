@@ -86,6 +86,30 @@ def find_dataset(name: str, data_dir: str | Path = "data", allow_hub: bool = Tru
     raise DatasetNotFound(f"data set {name!r} is not reachable. Tried: " + "; ".join(tried) + "." + hint)
 
 
+def find_transfer_split(task: str, split: str, data_dir: str | Path = "data") -> Path:
+    """`transfer-splits/<task>/<split>.jsonl` from the first data root that has it.
+
+    Looked up per file, not per folder: `data/` may hold only splits carved here (MMLU) while
+    the team's shared folder holds the others."""
+    tried = []
+    for root in [Path(data_dir), *shared_data_roots()]:
+        candidate = root / "transfer-splits" / task / f"{split}.jsonl"
+        if candidate.is_file():
+            return candidate
+        tried.append(str(candidate))
+    raise DatasetNotFound(f"transfer split {task}/{split} is not reachable. Tried: {'; '.join(tried)}. "
+                          "Set PKT_SHARED_DATA to a folder that holds transfer-splits/.")
+
+
+def transfer_split_files(data_dir: str | Path = "data") -> list[Path]:
+    """Every reachable transfer split file, one per task/split (the first root wins, as above)."""
+    found: dict[str, Path] = {}
+    for root in [Path(data_dir), *shared_data_roots()]:
+        for path in sorted((root / "transfer-splits").glob("*/*.jsonl")):
+            found.setdefault(f"{path.parent.name}/{path.name}", path)
+    return [found[key] for key in sorted(found)]
+
+
 @functools.cache
 def hub_unreachable_reason() -> str | None:
     """Why the hub cannot be reached, or None when it may be; asked once per process.

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from pkt_pipeline.assets import fetch_dataset, fetch_model, load_pins
 from pkt_pipeline.config import PktConfig
-from pkt_pipeline.datasets import DATASETS, DatasetNotFound, find_dataset
+from pkt_pipeline.datasets import DATASETS, DatasetNotFound, find_dataset, find_transfer_split
+from pkt_pipeline.mmlu_transfer import SPLIT_SIZES, carve_mmlu_transfer
 
 
 def run(config: PktConfig, progress: bool = True, echo=print) -> dict:
@@ -47,8 +48,26 @@ def run(config: PktConfig, progress: bool = True, echo=print) -> dict:
         else:
             echo(f"data set {name}: {location}")
         summary["datasets"].append({"dataset": name, "action": "located" if location else "missing", "path": location})
+    if not cfg.tiny:
+        summary["datasets"].append(_mmlu_transfer_splits(data_dir, echo))
     summary["seconds"] = round(time.perf_counter() - started, 1)
     models_dir.mkdir(parents=True, exist_ok=True)
     data_dir.mkdir(parents=True, exist_ok=True)  # a DVC output even when every data set lives elsewhere
     (models_dir / "assets.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _mmlu_transfer_splits(data_dir: Path, echo) -> dict:
+    """Locate the published MMLU transfer splits, or carve them from the MMLU test set (see
+    `pkt_pipeline.mmlu_transfer`) so the default experiment runs on a machine without them."""
+    try:
+        located = {split: find_transfer_split("mmlu", split, data_dir) for split in SPLIT_SIZES}
+    except DatasetNotFound:
+        pass
+    else:
+        return {"dataset": "transfer-splits/mmlu", "action": "located", "path": str(located["train"].parent)}
+    test = find_dataset("mmlu", data_dir, allow_hub=False)
+    written = carve_mmlu_transfer(test, data_dir / "transfer-splits" / "mmlu")
+    echo(f"data set transfer-splits/mmlu: not found; carved {sum(SPLIT_SIZES.values())} rows from {test} into "
+         f"{written['train'].parent} (those questions are dropped from MMLU evaluation)")
+    return {"dataset": "transfer-splits/mmlu", "action": "carved", "path": str(written["train"].parent)}

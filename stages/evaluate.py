@@ -83,16 +83,18 @@ def _item_text(task: str, item) -> str:
 
 
 def _decontaminate(task: str, items: list, data_dir: str) -> tuple[list, int]:
-    """Drop items found in any transfer split; without the splits there is nothing to drop."""
-    from pkt_pipeline.datasets import DatasetNotFound
-    from pkt_pipeline.evaluation.decontamination import contaminated_ids
+    """Drop items found in any transfer split; without the splits there is nothing to drop.
 
-    try:
-        root = find_dataset("transfer-splits", data_dir, allow_hub=False)
-    except DatasetNotFound:
+    Rows carved from a test set name their source item (`test_item_id`), which is dropped by
+    construction; the overlap check catches the rest."""
+    from pkt_pipeline.datasets import transfer_split_files
+    from pkt_pipeline.evaluation.decontamination import contaminated_ids, declared_test_ids
+
+    files = transfer_split_files(data_dir)
+    if not files:
         return items, 0
     ids = {_item_id(task, item): _item_text(task, item) for item in items}
-    dropped = contaminated_ids(ids, sorted(root.glob("*/*.jsonl")))
+    dropped = contaminated_ids(ids, files) | (declared_test_ids(files, task) & set(ids))
     return [item for item in items if _item_id(task, item) not in dropped], len(dropped)
 
 

@@ -38,7 +38,7 @@ from pkt_pipeline.cache.layout import (
     plan_groups,
 )
 from pkt_pipeline.config import ExtractConfig, PktConfig
-from pkt_pipeline.datasets import find_dataset
+from pkt_pipeline.datasets import find_transfer_split
 from pkt_pipeline.examples import PROMPT_FORMATS, dataset_fingerprint, load_examples
 from pkt_pipeline.extraction import (
     CAPTURE_KINDS,
@@ -68,10 +68,7 @@ def resolve_data(reference: str, data_dir: str = "data") -> Path:
     parts = reference.split("/")
     if len(parts) != 2:
         raise FileNotFoundError(f"dataset not found: {reference} (give a .jsonl file or TASK/SPLIT, e.g. gsm/train)")
-    candidate = find_dataset("transfer-splits", data_dir) / parts[0] / f"{parts[1]}.jsonl"
-    if not candidate.is_file():
-        raise FileNotFoundError(f"dataset not found: {candidate} (no split {parts[1]!r} of task {parts[0]!r})")
-    return candidate
+    return find_transfer_split(parts[0], parts[1], data_dir)
 
 
 def validate(cfg: ExtractConfig) -> None:

@@ -100,3 +100,16 @@ def contaminated_ids(test_items: dict[str, str], transfer_files: list[Path], ngr
                      max_item_frequency: int = 10) -> set[str]:
     """Ids of the test items that appear in any transfer file (`find_contamination` has which example)."""
     return set(find_contamination(test_items, transfer_files, ngram, max_item_frequency))
+
+
+def declared_test_ids(transfer_files: list[Path], task: str) -> set[str]:
+    """Test item ids that transfer rows declare as their source (`"test_item_id"`, with `"test_task"`)."""
+    declared = set()
+    for path in transfer_files:
+        with Path(path).open(encoding="utf-8") as handle:
+            for line in handle:
+                if '"test_item_id"' in line:
+                    row = json.loads(line)
+                    if row.get("test_task") == task:
+                        declared.add(str(row["test_item_id"]))
+    return declared
