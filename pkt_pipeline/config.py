@@ -51,6 +51,52 @@ class AssetsConfig:
 
 
 @dataclass
+class LatenExtractConfig:
+    """LaTen's teacher side (`pkt extract --with laten`, METHOD.md section 2): locate the teacher's layers
+    and neurons per example and cache the selected rows/columns. Defaults are the published ones
+    (Tan et al., ACL 2025, github.com/Trae1ounG/Neural_Incompatibility)."""
+
+    extract_data: str = ""
+    """Locating examples (.jsonl or TASK/SPLIT); empty means `extract.jsonl` beside the cached data."""
+    align_data: str = ""
+    """Alignment examples (.jsonl or TASK/SPLIT); empty means `align.jsonl` beside the cached data."""
+    inject_data: str = ""
+    """Where the example whose neurons receive the final injection is drawn from; empty means the
+    cached data itself (the published inference samples one train-split example)."""
+    locate_examples: int = 8
+    """At most this many extract examples are located, one per training step (published: checkpoints
+    after 1-9 steps, METHOD.md ~2-8); 0 means all."""
+    transfer_rate: float = 0.1
+    """Neurons per layer and module kind, as a fraction of the student's width (published 0.1)."""
+    modules: list[str] = field(default_factory=lambda: ["up_proj", "down_proj", "v_proj", "o_proj"])
+    """Which weights transfer: rows of up/v, columns of down/o (the published Llama run used all four)."""
+    readout_norm: str = "final"
+    """How a component's write is read through the final norm: `final` scales by the RMS of the
+    position's final residual state, as the published code does (the normaliser the real prediction
+    used); `own` applies the RMSNorm to each patched state itself."""
+    seed: int = 42
+    """Seeds the choice of the located and injection examples (published seed 42)."""
+    storage_dtype: str = "float16"
+    """Dtype of the cached teacher rows: `float16` (refused on overflow) or `float32`."""
+
+
+@dataclass
+class SeekingConfig:
+    """Seeking's teacher side (`pkt extract --with seeking`, METHOD.md section 2; Zhong et al., ICLR 2024,
+    github.com/maszhongming/ParaKnowTransfer): per-weight sensitivity on seed examples, the top L_S
+    teacher layers, the student-shaped block of highest sensitivity in each `align.lora.target_modules`
+    weight, and its rank-r SVD as LoRA factors. Stage two (`pkt align --method seeking`) starts the
+    student's LoRA from them and fine-tunes as lora-sft does; the published schedule (3 epochs, lr 3e-4,
+    batch 64) is `methods: {seeking: {epochs: 3, lr: 3.0e-4, batch_size: 64}}`."""
+
+    seed_examples: int = 32
+    """Sensitivity is summed over the first N examples of the cached data (published: 32); 0 means all."""
+    rank: int = 0
+    """Rank of the cached LoRA factors; 0 means `align.lora.r` (published 16). Stage two may train a
+    smaller `align.lora.r` (it keeps the leading singular directions), not a larger one."""
+
+
+@dataclass
 class ExtractConfig:
     """Stage one: what `pkt extract` runs the teacher over and what it caches."""
 
@@ -95,6 +141,8 @@ class ExtractConfig:
     extras: list[str] = field(default_factory=list)
     """Method-specific teacher computations to add (`--with`): `seeking`, `laten`. Added to a complete
     cache without re-extracting it."""
+    laten: LatenExtractConfig = field(default_factory=LatenExtractConfig)
+    seeking: SeekingConfig = field(default_factory=SeekingConfig)
 
 
 @dataclass
@@ -150,6 +198,24 @@ class KDConfig:
 
 
 @dataclass
+class LatenConfig:
+    """LaTen's student side (METHOD.md section 2): train only the translator hypernetwork, one step per
+    located example, then write the translated deltas into the student. The learning rate is
+    `align.lr` (published 3e-4); the step count is one epoch over the located examples
+    (`extract.laten.locate_examples`) unless `align.steps` says otherwise; `align.batch_size` is
+    not used (a step is the located example plus `align_examples` alignment examples)."""
+
+    align_examples: int = 15
+    """Alignment examples drawn (seeded) per step to go with the located one (published: 15 + 1)."""
+    mse_weight: float = 1000.0
+    """Weight of the mean square of the translated deltas, summed over module kinds (published 1000)."""
+    hidden_size: int = 0
+    """Width of each translator MLP's hidden layer; 0 means the teacher's width (published D_T)."""
+    init_std: float = 1e-5
+    """Std of the translator's normal init (published 1e-5: the edit starts as almost nothing)."""
+
+
+@dataclass
 class LoaderConfig:
     """How stage two streams the cache."""
 
@@ -191,6 +257,7 @@ class AlignConfig:
     lora: LoraSettings = field(default_factory=LoraSettings)
     semalign: SemAlignConfig = field(default_factory=SemAlignConfig)
     kd: KDConfig = field(default_factory=KDConfig)
+    laten: LatenConfig = field(default_factory=LatenConfig)
     loader: LoaderConfig = field(default_factory=LoaderConfig)
 
 

@@ -73,13 +73,7 @@ def _load_builtin_and_plugins() -> None:
     if _loaded:
         return
     _loaded = True
-    import importlib
+    from . import laten, seeking  # noqa: F401  (register the built-in extras)
 
-    for module in ("pkt_pipeline.seeking", "pkt_pipeline.laten"):
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
     for entry in entry_points(group="pkt.teacher_extras"):
         entry.load()

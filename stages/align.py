@@ -72,6 +72,9 @@ def run(config: PktConfig, progress: bool = True, echo=print) -> dict:
     method.setup(model)
 
     def make_loader(phase: Phase, seed: int = cfg.seed) -> CacheLoader:
+        own = method.loader(phase, seed)
+        if own is not None:
+            return own
         return CacheLoader(cache, batch_size=cfg.batch_size, layers=phase.teacher_layers, kind=method.teacher_kind,
                            topk=method.needs_topk, seed=seed, shuffle_buffer=cfg.loader.shuffle_buffer,
                            prefetch=cfg.loader.prefetch, read_workers=cfg.loader.read_workers)
@@ -88,6 +91,7 @@ def run(config: PktConfig, progress: bool = True, echo=print) -> dict:
     if report is not None:
         report = _map_report(method, model, cache, cfg, make_loader, "after", report)
         (out / "map_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    model = method.finalize(model)
     saved = _save_outputs(model, tokenizer, out, method.uses_lora)
     log = read_log(out)
     saved["loss_curves"] = str(plot_training_log(log, out / "loss_curves.png",

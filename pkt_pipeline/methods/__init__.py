@@ -48,7 +48,7 @@ def _load_plugins() -> None:
             entry.load()
 
 
-from . import kd, semalign, sft  # noqa: E402,F401  (registers the built-in methods)
+from . import kd, laten, seeking, semalign, sft  # noqa: E402,F401  (registers the built-in methods)
 
 __all__ = ["AlignContext", "METHODS", "Method", "Phase", "StudentOutputs", "available_methods", "forward_student",
            "get_method", "next_token_positions", "register"]

@@ -89,6 +89,17 @@ class Method:
         """The scalar to minimise and its named parts (logged per step)."""
         raise NotImplementedError
 
+    def loader(self, phase: Phase, seed: int):
+        """Batches for `phase` when the method makes its own (from a teacher extra, say), following the
+        `CacheLoader` protocol: len, batches(n), state_dict/load_state_dict, a context manager.
+        None, the default, means the cache loader."""
+        return None
+
+    def finalize(self, model: nn.Module) -> nn.Module:
+        """The model to save once training is done; a method whose training edits live outside the
+        weights (hooks, a hypernetwork) writes them into the weights here."""
+        return model
+
 
 def next_token_positions(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """([B, T] positions whose next token is supervised, [N] those next-token ids)."""

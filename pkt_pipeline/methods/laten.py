@@ -1,0 +1,286 @@
+"""`laten`: Locate-then-Align (Tan et al., ACL 2025; METHOD.md section 2), the PrePKT baseline.
+
+Stage one (`pkt extract --with laten`, `pkt_pipeline.laten`) cached, per located example, the
+teacher's top layers and neurons and their weight rows/columns. Here:
+
+1. setup: the student's own neurons, scored the same way on the same examples (all L_S of its
+   layers are "the top L_S"), and the translator: one MLP per module type, D_T -> H -> D_S with
+   ReLU, no bias, N(0, init_std) init (H = D_T as published);
+2. each step takes one located example: the translator maps its teacher vectors to student width,
+   and forward hooks on the student's own up/down/v/o modules add them at the student's top
+   neurons (rank r of the teacher to rank r of the student) — exactly W' = W + delta, without
+   materialising W'. The loss is the mean per-example LM loss on that example and `align_examples`
+   seeded alignment examples, plus `mse_weight` x the mean square of the translated vectors (per
+   module kind, summed, as published). Only the translator trains; the student stays frozen;
+3. finalize: the injection example's translated vectors are written into the student's weights,
+   which are what `model/` holds. (The published training script keeps only the translator; its
+   inference script does this injection, with one train-split example's neurons.)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..cache import CacheError
+from ..laten import MODULE_KIND, ROW_MODULES, ModelShape, Readout, locate, module_of
+from ..loader import Batch
+from . import register
+from .base import Method, Phase, forward_student
+
+SUBMODULE = "laten"
+
+
+class Translator(nn.Module):
+    """One MLP per module type mapping teacher vectors (D_T) to student vectors (D_S)."""
+
+    def __init__(self, modules: list[str], teacher_width: int, student_width: int, hidden: int = 0,
+                 init_std: float = 1e-5):
+        super().__init__()
+        hidden = hidden or teacher_width
+        self.nets = nn.ModuleDict({module: nn.Sequential(nn.Linear(teacher_width, hidden, bias=False), nn.ReLU(),
+                                                         nn.Linear(hidden, student_width, bias=False))
+                                   for module in modules})
+        for parameter in self.parameters():
+            nn.init.normal_(parameter, mean=0.0, std=init_std)
+
+    def forward(self, vectors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {module: self.nets[module](value) for module, value in vectors.items()}
+
+
+class NeuronInjection(nn.Module):
+    """Holds the translator and adds translated vectors at chosen neurons through forward hooks.
+
+    For a row module (up, v) the edit is W[idx, :] += delta, so the output gains x @ delta^T at
+    `idx`; for a column module (down, o) it is W[:, idx] += delta^T, so the output gains
+    x[..., idx] @ delta. `bake` writes the same edit into the weights.
+    """
+
+    def __init__(self, translator: Translator):
+        super().__init__()
+        self.translator = translator
+        self._handles: list = []
+        self._active: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = None
+
+    def attach(self, model: nn.Module, modules: list[str], layers: int) -> None:
+        for layer in range(layers):
+            for module in modules:
+                target = module_of(model, layer, module)
+                self._handles.append(target.register_forward_hook(self._hook(layer, module)))
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles, self._active = [], None
+
+    def activate(self, deltas: dict[str, torch.Tensor], neurons: dict[str, torch.Tensor]) -> None:
+        """deltas: module -> [L_S, k, D_S]; neurons: module -> [L_S, k] student neuron ids."""
+        self._active = (deltas, neurons)
+
+    def deactivate(self) -> None:
+        self._active = None
+
+    def _hook(self, layer: int, module: str):
+        def hook(_, inputs, output):
+            if self._active is None:
+                return None
+            delta, index = self._active[0][module][layer], self._active[1][module][layer]
+            x = inputs[0]
+            if module in ROW_MODULES:
+                return output.index_add(-1, index, (x @ delta.T).to(output.dtype))
+            return output + (x.index_select(-1, index) @ delta).to(output.dtype)
+        return hook
+
+    @staticmethod
+    @torch.no_grad()
+    def bake(model: nn.Module, deltas: dict[str, torch.Tensor], neurons: dict[str, torch.Tensor]) -> None:
+        for module, delta in deltas.items():
+            for layer in range(delta.shape[0]):
+                weight = module_of(model, layer, module).weight
+                value, index = delta[layer].to(weight.dtype), neurons[module][layer].to(weight.device)
+                if module in ROW_MODULES:
+                    weight.index_add_(0, index, value)
+                else:
+                    weight.index_add_(1, index, value.T)
+
+
+class LatenExamples:
+    """The examples stage one cached for LaTen: located (one per step), injection, alignment."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], provenance: dict):
+        offsets = arrays["examples/offsets"]
+        tokens, supervised = arrays["examples/tokens"], arrays["examples/supervised"].astype(bool)
+        self.ids = [*provenance["locate"], provenance["inject"], *provenance["align"]]
+        if len(self.ids) != len(offsets) - 1:
+            raise CacheError(f"the laten extra is inconsistent: {len(self.ids)} example ids, {len(offsets) - 1} "
+                             "token spans; re-extract it")
+        self.tokens = [tokens[a:b].astype(np.int64) for a, b in zip(offsets[:-1], offsets[1:])]
+        self.supervised = [supervised[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+        self.targets = arrays["examples/targets"].astype(np.int64)
+        self.steps = len(provenance["locate"])
+        self.inject = self.steps
+        self.align = list(range(self.steps + 1, len(self.ids)))
+
+    def batch_id(self, position: int) -> str:
+        """A batch names its located example by position: ids may repeat across splits."""
+        role = "align" if position > self.steps else "locate"
+        return f"{role}:{position}:{self.ids[position]}"
+
+    def located(self, batch_id: str) -> int:
+        role, position, _ = batch_id.split(":", 2)
+        if role != "locate" or not 0 <= int(position) < self.steps:
+            raise ValueError(f"a laten batch starts with a located example, not {batch_id!r}")
+        return int(position)
+
+
+class LatenBatches:
+    """One batch per located example: it first, then `align` seeded alignment examples; resumable.
+
+    Follows the CacheLoader protocol the trainer uses (len, batches, state_dict, context manager).
+    """
+
+    def __init__(self, examples: LatenExamples, align: int, seed: int):
+        self.examples, self.align, self.seed = examples, min(align, len(examples.align)), seed
+        self._epoch, self._done = 0, 0
+        digest = hashlib.sha256(json.dumps([examples.ids, self.align, seed]).encode())
+        self._fingerprint = digest.hexdigest()
+
+    def __len__(self) -> int:
+        return self.examples.steps
+
+    def batches(self, steps: int) -> Iterator[Batch]:
+        for _ in range(steps):
+            batch = self._batch(self._epoch, self._done)
+            self._done += 1
+            if self._done == len(self):
+                self._epoch, self._done = self._epoch + 1, 0
+            yield batch
+
+    def _batch(self, epoch: int, step: int) -> Batch:
+        rng = np.random.default_rng([self.seed, epoch, step])
+        drawn = rng.choice(self.examples.align, self.align, replace=False).tolist() if self.align else []
+        members = [step, *drawn]
+        lengths = torch.tensor([len(self.examples.tokens[i]) for i in members])
+        mask = torch.arange(int(lengths.max())) < lengths[:, None]
+        input_ids = torch.zeros(mask.shape, dtype=torch.long)
+        supervised = torch.zeros(mask.shape, dtype=torch.bool)
+        input_ids[mask] = torch.from_numpy(np.concatenate([self.examples.tokens[i] for i in members]))
+        supervised[mask] = torch.from_numpy(np.concatenate([self.examples.supervised[i] for i in members]))
+        return Batch([self.examples.batch_id(i) for i in members], input_ids, mask.long(), supervised, {}, None, None)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self._epoch, "batches_done": self._done, "fingerprint": self._fingerprint}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("fingerprint") != self._fingerprint:
+            raise ValueError("the saved loader position belongs to other LaTen examples, align count or seed; "
+                             "start afresh with --overwrite")
+        self._epoch, self._done = int(state["epoch"]), int(state["batches_done"])
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> LatenBatches:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+@register
+class LaTen(Method):
+    name = "laten"
+    uses_lora = False
+
+    def __init__(self, context):
+        super().__init__(context)
+        settings = self.config.laten
+        for key, ok in (("align_examples", settings.align_examples >= 0), ("mse_weight", settings.mse_weight >= 0),
+                        ("hidden_size", settings.hidden_size >= 0), ("init_std", settings.init_std > 0)):
+            if not ok:
+                bound = "> 0" if key == "init_std" else ">= 0"
+                raise ValueError(f"align.laten.{key} must be {bound}, got {getattr(settings, key)}")
+        self.settings = settings
+        self.arrays = context.cache.extra("laten")
+        self.provenance = context.cache.manifest["extras"]["laten"]
+        self.modules: list[str] = list(self.provenance["modules"])
+        self.examples = LatenExamples(self.arrays, self.provenance)
+        if self.examples.steps == 0:
+            raise CacheError("the cache's laten extra located no example to train on; re-extract it")
+
+    def setup(self, model: nn.Module) -> None:
+        shape = ModelShape.of(model.config)
+        recorded = self.provenance["student"]
+        if ModelShape(**recorded["shape"]) != shape:
+            raise ValueError(f"the cache's laten extra was located for a student shaped {recorded['shape']} "
+                             f"({recorded['id']}); this student is shaped {shape.__dict__}. Extract it again for "
+                             "this student: `pkt extract --with laten --set student=STUDENT --overwrite`")
+        device = next(model.parameters()).device
+        counts = self.provenance["counts"]
+        readout = Readout(model)
+        # The student's neurons of every located example, on the unedited student (as published).
+        found = [locate(model, self.examples.tokens[i], int(self.examples.targets[i]), shape.layers, counts, readout,
+                        self.provenance["readout_norm"]) for i in range(self.examples.steps + 1)]
+        self.student_neurons = [{module: torch.as_tensor(location.neurons[MODULE_KIND[module]], device=device)
+                                 for module in self.modules} for location in found]
+        self.teacher_vectors = {module: torch.from_numpy(self.arrays[f"vectors/{module}"]).to(device, torch.float32)
+                                for module in self.modules}
+        teacher_width = int(self.provenance["teacher_shape"]["hidden"])
+        translator = Translator(self.modules, teacher_width, shape.hidden, self.settings.hidden_size,
+                                self.settings.init_std).to(device)
+        self.injection = NeuronInjection(translator)
+        self.injection.attach(model, self.modules, shape.layers)
+        model.add_module(SUBMODULE, self.injection)
+
+    def loader(self, phase: Phase, seed: int) -> LatenBatches:
+        return LatenBatches(self.examples, self.settings.align_examples, seed)
+
+    def trainable(self, model: nn.Module, phase: Phase) -> list[str]:
+        return [name for name, _ in model.named_parameters() if name.startswith(f"{SUBMODULE}.translator.")]
+
+    def translate(self, located: int) -> dict[str, torch.Tensor]:
+        """module -> [L_S, k, D_S]: the translated teacher vectors of one located example."""
+        return self.injection.translator({module: vectors[located] for module, vectors in self.teacher_vectors.items()})
+
+    def loss(self, model, batch, phase):
+        located = self.examples.located(batch.example_ids[0])
+        deltas = self.translate(located)
+        self.injection.activate(deltas, self.student_neurons[located])
+        try:
+            out = forward_student(model, batch)
+        finally:
+            self.injection.deactivate()
+        lm = per_example_cross_entropy(out.logits, out.targets, out.positions)
+        mse = sum(delta.pow(2).mean() for delta in deltas.values())
+        return lm + self.settings.mse_weight * mse, {"lm": lm.item(), "mse": mse.item()}
+
+    def injected_deltas(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """The final edit: the injection example's translated vectors and the student neurons they go to."""
+        with torch.no_grad():
+            return self.translate(self.examples.inject), self.student_neurons[self.examples.inject]
+
+    def finalize(self, model: nn.Module) -> nn.Module:
+        deltas, neurons = self.injected_deltas()
+        self.injection.detach()
+        delattr(model, SUBMODULE)
+        NeuronInjection.bake(model, deltas, neurons)
+        return model
+
+
+def per_example_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Mean over examples of each example's mean token cross-entropy (the published micro-batches of one)."""
+    token_loss = F.cross_entropy(logits.float(), targets, reduction="none")
+    rows = positions.nonzero()[:, 0]
+    count = torch.bincount(rows, minlength=positions.shape[0])
+    total = token_loss.new_zeros(positions.shape[0]).index_add(0, rows, token_loss)
+    keep = count > 0
+    return (total[keep] / count[keep]).mean()
+
+
+__all__ = ["LaTen", "LatenBatches", "NeuronInjection", "Translator", "per_example_cross_entropy"]

@@ -1,0 +1,379 @@
+"""LaTen on the tiny pair: its scores against a written-out forward, gradients into the translator
+only, the saved model carrying the injected deltas, and the two stages end to end through `pkt`."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from pkt_pipeline.cache import CacheError, open_cache
+from pkt_pipeline.config import load_config
+from pkt_pipeline.examples import format_example
+from pkt_pipeline.laten import ModelShape, Readout, answer_target, locate, neuron_counts
+from pkt_pipeline.methods import AlignContext, get_method
+from pkt_pipeline.methods.laten import NeuronInjection
+from pkt_pipeline.models import load_model, load_tokenizer
+from pkt_pipeline.training import steps_for, train
+from stages import extract as extract_stage
+from tiny_data import SMALL_LAYOUT, extract_config, write_dataset
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+LOCATE = 3
+
+
+@pytest.fixture(scope="module")
+def laten_data(tmp_path_factory) -> Path:
+    """A task folder as the transfer splits lay it out: train, extract and align."""
+    folder = tmp_path_factory.mktemp("laten-data")
+    write_dataset(folder / "extract.jsonl", 5, seed=11)
+    write_dataset(folder / "align.jsonl", 20, seed=12)
+    return write_dataset(folder / "train.jsonl", 12, seed=13)
+
+
+@pytest.fixture(scope="module")
+def laten_cache(tiny_pair, laten_data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("laten-cache") / "cache"
+    config = extract_config(tiny_pair["teacher"], laten_data, out, "extract.extras=[laten]",
+                            f"student={tiny_pair['student']}", f"extract.laten.locate_examples={LOCATE}")
+    extract_stage.run(config, progress=False, echo=lambda *_: None)
+    return out
+
+
+def make_method(tiny_pair, cache: Path, *overrides: str, student: Path | None = None):
+    """A LaTen method set up on a fresh float32 student, as `pkt align` builds it."""
+    student = student or tiny_pair["student"]
+    config = load_config(overrides=[f"student={student}", f"align.cache={cache}", "align.method=laten",
+                                    "runtime.dtype=float32", *overrides])
+    model = load_model(student, dtype="float32", device="cpu")
+    torch.manual_seed(config.align.seed)
+    method = get_method("laten")(AlignContext(open_cache(cache), config.align, load_tokenizer(student)))
+    method.setup(model)
+    return method, model, config.align
+
+
+# --- the scores, against a forward written out from the weights --------------------------------------------
+
+
+def reference_internals(model, ids: list[int]) -> tuple[list[dict], torch.Tensor]:
+    """Qwen2's forward from its state dict in float64: per layer its input, per-head outputs z, attention
+    output, MLP activation and MLP output; and the final residual state."""
+    cfg = model.config
+    weights = {name: value.detach().double() for name, value in model.state_dict().items()}
+    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+    hd, length = cfg.hidden_size // heads, len(ids)
+    inverse = 1.0 / cfg.rope_parameters["rope_theta"] ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd)
+    angles = torch.arange(length, dtype=torch.float64)[:, None] * inverse[None]
+    cos, sin = angles.cos(), angles.sin()
+
+    def rms(x, gain):
+        return gain * x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + cfg.rms_norm_eps)
+
+    def rope(x):
+        first, second = x[..., : hd // 2], x[..., hd // 2:]
+        return torch.cat([first * cos - second * sin, second * cos + first * sin], -1)
+
+    def project(name, x, width):
+        return (x @ weights[f"{name}.weight"].T + weights[f"{name}.bias"]).view(length, width, hd).transpose(0, 1)
+
+    causal = torch.triu(torch.ones(length, length, dtype=torch.bool), 1)
+    h = weights["model.embed_tokens.weight"][ids]
+    layers = []
+    for i in range(cfg.num_hidden_layers):
+        prefix = f"model.layers.{i}."
+        x = rms(h, weights[prefix + "input_layernorm.weight"])
+        q = rope(project(prefix + "self_attn.q_proj", x, heads))
+        k = rope(project(prefix + "self_attn.k_proj", x, kv_heads))
+        v = project(prefix + "self_attn.v_proj", x, kv_heads)
+        z = []
+        for head in range(heads):
+            group = head // (heads // kv_heads)
+            scores = (q[head] @ k[group].T / math.sqrt(hd)).masked_fill(causal, float("-inf"))
+            z.append(torch.softmax(scores, -1) @ v[group])
+        z = torch.cat(z, -1)
+        attention = z @ weights[prefix + "self_attn.o_proj.weight"].T
+        middle = h + attention
+        x = rms(middle, weights[prefix + "post_attention_layernorm.weight"])
+        gate, up = x @ weights[prefix + "mlp.gate_proj.weight"].T, x @ weights[prefix + "mlp.up_proj.weight"].T
+        activation = F.silu(gate) * up
+        mlp = activation @ weights[prefix + "mlp.down_proj.weight"].T
+        layers.append({"input": h, "z": z, "middle": middle, "activation": activation, "mlp": mlp,
+                       "o": weights[prefix + "self_attn.o_proj.weight"],
+                       "down": weights[prefix + "mlp.down_proj.weight"]})
+        h = middle + mlp
+    return layers, h
+
+
+def one_example(tokenizer):
+    row = {"messages": [{"role": "user", "content": "How many clips did Natalia sell in April?"},
+                        {"role": "assistant", "content": "She sold 48 clips, so the answer is (B)."}]}
+    return format_example(row, tokenizer, "chat", 96)
+
+
+# float32 against float64: `final` scores keep their relative precision (see Readout.scores); `own` ones are
+# differences of two float32 log-probs near log(1/384).
+TOLERANCE = {"final": 1e-8, "own": 3e-6}
+
+
+@pytest.mark.parametrize("readout_norm", ["final", "own"])
+def test_scores_equal_a_written_out_computation(tiny_pair, readout_norm):
+    model = load_model(tiny_pair["teacher"], dtype="float32", device="cpu")
+    tokenizer = load_tokenizer(tiny_pair["teacher"])
+    example = one_example(tokenizer)
+    target = answer_target(example, tokenizer)
+    # The answer's last meaningful token: ")." and the end-of-turn token after it do not count.
+    assert tokenizer.decode(example.input_ids[target:target + 1]).strip() == "B"
+    assert example.supervised[target] and example.supervised[target + 1:].any()
+
+    ids, y, p = example.input_ids.tolist(), int(example.input_ids[target]), target - 1
+    layers, final = reference_internals(model, ids)
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0].double()
+    gain = model.model.norm.weight.detach().double()
+    head = model.lm_head.weight.detach().double()
+    eps = model.config.rms_norm_eps
+    np.testing.assert_allclose((gain * final / torch.sqrt(final.pow(2).mean(-1, keepdim=True) + eps)) @ head.T,
+                               logits, atol=1e-4)  # the written-out forward is the model's
+
+    def log_p(state):
+        scale = final[p] if readout_norm == "final" else state
+        normed = gain * state / torch.sqrt(scale.pow(2).mean() + eps)
+        return torch.log_softmax(head @ normed, -1)[y].item()
+
+    shape = ModelShape.of(model.config)
+    hd, group = shape.head_dim, shape.heads // shape.kv_heads
+    expected = {"attention": [], "mlp": [], "mlp_neurons": [], "o": [], "v": []}
+    for layer in layers:
+        start, middle = layer["input"][p], layer["middle"][p]
+        expected["attention"].append(log_p(middle) - log_p(start))
+        expected["mlp"].append(log_p(middle + layer["mlp"][p]) - log_p(middle))
+        expected["mlp_neurons"].append([log_p(middle + layer["activation"][p, i] * layer["down"][:, i]) - log_p(middle)
+                                        for i in range(shape.intermediate)])
+        expected["o"].append([log_p(start + layer["z"][p, n] * layer["o"][:, n]) - log_p(start)
+                              for n in range(shape.heads * hd)])
+        values = []
+        for kv_head in range(shape.kv_heads):
+            for d in range(hd):
+                columns = [h * hd + d for h in range(kv_head * group, (kv_head + 1) * group)]
+                values.append(log_p(start + sum(layer["z"][p, c] * layer["o"][:, c] for c in columns)) - log_p(start))
+        expected["v"].append(values)
+
+    counts = {"mlp": 7, "o": 5, "v": 3}
+    found = locate(model, example.input_ids, target, shape.layers, counts, Readout(model), readout_norm)
+    for sort in ("attention", "mlp"):
+        np.testing.assert_allclose(found.layer_scores[sort], expected[sort], rtol=1e-4, atol=TOLERANCE[readout_norm])
+        np.testing.assert_array_equal(found.layers[sort], np.arange(shape.layers))
+    for kind, name in (("mlp", "mlp_neurons"), ("o", "o"), ("v", "v")):
+        reference = np.asarray(expected[name])
+        np.testing.assert_allclose(found.scores[kind], reference, rtol=1e-4, atol=TOLERANCE[readout_norm])
+        best = np.argsort(-reference, axis=1, kind="stable")[:, :counts[kind]]
+        np.testing.assert_array_equal(found.neurons[kind], best)
+    assert np.abs(np.asarray(expected["mlp_neurons"])).max() > 1e-4  # the comparison is not of zeros
+
+    # Selecting fewer layers keeps the best-scored ones, in depth order, with the same neuron scores.
+    two = locate(model, example.input_ids, target, 2, counts, Readout(model), readout_norm)
+    for sort in ("attention", "mlp"):
+        best = np.sort(np.argsort(-np.asarray(expected[sort]), kind="stable")[:2])
+        np.testing.assert_array_equal(two.layers[sort], best)
+    np.testing.assert_allclose(two.scores["mlp"], np.asarray(expected["mlp_neurons"])[two.layers["mlp"]], rtol=1e-4,
+                               atol=TOLERANCE[readout_norm])
+
+
+# --- stage one's cache ---------------------------------------------------------------------------------------
+
+
+def test_extra_holds_the_teacher_rows_of_the_located_neurons(tiny_pair, laten_cache):
+    cache = open_cache(laten_cache)
+    arrays, provenance = cache.extra("laten"), cache.manifest["extras"]["laten"]
+    teacher = load_model(tiny_pair["teacher"], dtype="float32", device="cpu")
+    student = ModelShape.of(AutoConfig.from_pretrained(tiny_pair["student"]))
+    counts = neuron_counts(student, 0.1)
+    assert provenance["counts"] == counts and len(provenance["locate"]) == LOCATE
+    assert provenance["data"]["inject"].endswith("train.jsonl") and len(provenance["align"]) == 20
+    assert arrays["vectors/up_proj"].shape == (LOCATE + 1, student.layers, counts["mlp"], 64)
+    assert arrays["vectors/v_proj"].shape == (LOCATE + 1, student.layers, counts["v"], 64)
+    tokenizer = load_tokenizer(tiny_pair["teacher"])
+    offsets = arrays["examples/offsets"]
+    for e in range(LOCATE + 1):
+        ids = arrays["examples/tokens"][offsets[e]:offsets[e + 1]]
+        found = locate(teacher, ids, int(arrays["examples/targets"][e]), student.layers, counts, Readout(teacher))
+        for kind, sort in (("mlp", "mlp"), ("o", "attention"), ("v", "attention")):
+            np.testing.assert_array_equal(arrays[f"neurons/{kind}"][e], found.neurons[kind])
+            np.testing.assert_array_equal(arrays[f"layers/{sort}"][e], found.layers[sort])
+        for i, layer in enumerate(found.layers["mlp"].tolist()):
+            block = teacher.model.layers[layer].mlp
+            rows = found.neurons["mlp"][i]
+            np.testing.assert_allclose(arrays["vectors/up_proj"][e, i], block.up_proj.weight[rows].detach(), atol=1e-4)
+            np.testing.assert_allclose(arrays["vectors/down_proj"][e, i], block.down_proj.weight[:, rows].T.detach(),
+                                       atol=1e-4)
+        for i, layer in enumerate(found.layers["attention"].tolist()):
+            attention = teacher.model.layers[layer].self_attn
+            np.testing.assert_allclose(arrays["vectors/o_proj"][e, i],
+                                       attention.o_proj.weight[:, found.neurons["o"][i]].T.detach(), atol=1e-4)
+            np.testing.assert_allclose(arrays["vectors/v_proj"][e, i],
+                                       attention.v_proj.weight[found.neurons["v"][i]].detach(), atol=1e-4)
+        assert tokenizer.decode(ids[:1]) == "<|im_start|>"
+
+
+# --- stage two ------------------------------------------------------------------------------------------------
+
+
+def test_only_the_translator_gets_gradients(tiny_pair, laten_cache):
+    method, model, _ = make_method(tiny_pair, laten_cache)
+    phase = method.phases(LOCATE, 2)[0]
+    names = set(method.trainable(model, phase))
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(name in names)  # what the trainer does with `trainable`
+    assert names == {f"laten.translator.nets.{m}.{i}.weight" for m in ("up_proj", "down_proj", "v_proj", "o_proj")
+                     for i in (0, 2)}
+    with method.loader(phase, 0) as loader:
+        batch = next(iter(loader.batches(1)))
+    assert len(batch.example_ids) == 16 and batch.example_ids[0].startswith("locate:0:")
+    loss, parts = method.loss(model, batch, phase)
+    loss.backward()
+    assert parts["lm"] > 0 and parts["mse"] > 0 and loss.item() == pytest.approx(parts["lm"] + 1000 * parts["mse"])
+    for name, parameter in model.named_parameters():
+        if name in names:
+            assert parameter.grad is not None and torch.isfinite(parameter.grad).all(), name
+            assert parameter.grad.abs().sum() > 0, name
+        else:
+            assert parameter.grad is None, name
+    # The LM loss alone reaches the translator through the hooks, and only through them.
+    method.settings.mse_weight = 0.0
+    for hooked in (True, False):
+        if not hooked:
+            method.injection.detach()
+        model.zero_grad(set_to_none=True)
+        method.loss(model, batch, phase)[0].backward()
+        reached = [p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if n in names]
+        assert all(reached) if hooked else not any(reached)
+
+
+def test_saved_model_carries_the_injected_deltas(tiny_pair, laten_cache, tmp_path):
+    method, model, cfg = make_method(tiny_pair, laten_cache, "align.lr=0.05", "align.checkpoint_every=1000")
+    original = {name: value.clone() for name, value in model.state_dict().items() if not name.startswith("laten.")}
+    phases = method.phases(steps_for(cfg, len(method.loader(None, cfg.seed))), 2)
+    (tmp_path / "run").mkdir()
+    train(model, method, phases, lambda phase: method.loader(phase, cfg.seed), cfg, tmp_path / "run", progress=False)
+    student_state = {name: value.clone() for name, value in model.state_dict().items() if not name.startswith("laten.")}
+    assert all(torch.equal(student_state[name], original[name]) for name in original)  # training left them alone
+
+    deltas, neurons = method.injected_deltas()
+    ids = torch.tensor([method.examples.tokens[method.examples.inject].tolist()])
+    with torch.no_grad():
+        method.injection.activate(deltas, neurons)
+        hooked = model(ids).logits
+        method.injection.deactivate()
+        plain = model(ids).logits
+    model = method.finalize(model)
+    model.save_pretrained(tmp_path / "saved")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", dtype=torch.float32)
+    state = reloaded.state_dict()
+    assert set(state) == set(original)
+
+    edited = set()
+    for module, delta in deltas.items():
+        parent = "mlp" if module in ("up_proj", "down_proj") else "self_attn"
+        for layer in range(delta.shape[0]):
+            name = f"model.layers.{layer}.{parent}.{module}.weight"
+            expected = torch.zeros_like(original[name])
+            if module in ("up_proj", "v_proj"):
+                expected[neurons[module][layer]] = delta[layer]
+            else:
+                expected[:, neurons[module][layer]] = delta[layer].T
+            torch.testing.assert_close(state[name] - original[name], expected, atol=1e-6, rtol=0)
+            assert expected.abs().max() > 1e-5, name  # well above the tolerance: a real edit
+            edited.add(name)
+    for name in set(original) - edited:
+        assert torch.equal(state[name], original[name]), name
+    with torch.no_grad():
+        saved_logits = reloaded(ids).logits
+    torch.testing.assert_close(saved_logits, hooked, atol=1e-5, rtol=1e-5)  # hooks and weights are one edit
+    assert (saved_logits - plain).abs().max() > 1e-3
+
+
+def test_a_cache_without_the_extra_or_another_student_is_refused(tiny_pair, tiny_cache, laten_cache):
+    with pytest.raises(CacheError, match="has no 'laten' teacher extra .*`pkt extract --with laten`"):
+        make_method(tiny_pair, tiny_cache)
+    with pytest.raises(ValueError, match=r"located for a student shaped .*'layers': 2.*this student is shaped "
+                                         r".*'layers': 4.*pkt extract --with laten"):
+        make_method(tiny_pair, laten_cache, student=tiny_pair["teacher"])
+
+
+# --- both stages through the command line -------------------------------------------------------------------
+
+
+def pkt(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pkt_pipeline.cli", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=300)
+
+
+def test_extract_with_laten_then_align_end_to_end(tiny_pair, laten_data, tmp_path):
+    settings = [f"--set={item}" for item in [*SMALL_LAYOUT, "runtime.dtype=float32", f"student={tiny_pair['student']}",
+                                             "extract.laten.locate_examples=2"]]
+    result = pkt("extract", "--teacher", str(tiny_pair["teacher"]), "--data", str(laten_data), "--out", "cache",
+                 "--with", "laten", "--no-progress", *settings, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    result = pkt("align", "--cache", "cache", "--student", str(tiny_pair["student"]), "--method", "laten", "--out",
+                 "run", "--no-progress", "--set=runtime.dtype=float32", "--set=align.lr=0.05", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "trained laten" in result.stdout
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["steps"] == 2 and set(metrics["phases"]["laten"]["last"]) >= {"lm", "mse"}
+    assert not (tmp_path / "run" / "adapter").exists() and not (tmp_path / "run" / "checkpoint").exists()
+
+    # The saved model is the student with exactly the injection example's neuron rows/columns changed.
+    method, student, _ = make_method(tiny_pair, tmp_path / "cache")
+    neurons = method.student_neurons[method.examples.inject]
+    before = {name: value for name, value in student.state_dict().items() if not name.startswith("laten.")}
+    after = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model", dtype=torch.float32).state_dict()
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed == {f"model.layers.{layer}.{parent}.{module}.weight" for layer in range(2)
+                       for module, parent in (("up_proj", "mlp"), ("down_proj", "mlp"), ("v_proj", "self_attn"),
+                                              ("o_proj", "self_attn"))}
+    for name in changed:
+        layer, module = int(name.split(".")[2]), name.split(".")[4]
+        difference = (after[name] - before[name]).abs()
+        moved = difference.sum(1) if module in ("up_proj", "v_proj") else difference.sum(0)
+        assert set(torch.nonzero(moved).flatten().tolist()) == set(neurons[module][layer].tolist()), name
+
+
+def test_a_task_without_an_align_split_is_refused_naming_the_key(tiny_pair, tmp_path):
+    write_dataset(tmp_path / "extract.jsonl", 3)
+    data = write_dataset(tmp_path / "train.jsonl", 4)
+    config = extract_config(tiny_pair["teacher"], data, tmp_path / "cache", "extract.extras=[laten]",
+                            f"student={tiny_pair['student']}")
+    message = (f"LaTen needs the task's align split: there is no align.jsonl beside {data}; "
+               "set extract.laten.align_data")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        extract_stage.run(config, progress=False, echo=lambda *_: None)
+    with pytest.raises(CacheError, match="not a complete pkt cache"):
+        open_cache(tmp_path / "cache")  # nothing half-made is taken for a finished cache
+
+
+def test_injection_hooks_equal_editing_the_weights(tiny_pair, laten_cache):
+    """With sizeable deltas on every module kind, the hooked forward is the forward of W + delta."""
+    method, model, _ = make_method(tiny_pair, laten_cache)
+    with torch.no_grad():
+        for parameter in method.injection.translator.parameters():
+            parameter.normal_(0, 0.3)
+    deltas, neurons = method.injected_deltas()
+    ids = torch.tensor([method.examples.tokens[0].tolist()])
+    with torch.no_grad():
+        method.injection.activate(deltas, neurons)
+        hooked = model(ids).logits
+        method.injection.detach()
+        plain = model(ids).logits
+        NeuronInjection.bake(model, deltas, neurons)
+        baked = model(ids).logits
+    torch.testing.assert_close(hooked, baked, atol=1e-5, rtol=1e-5)
+    assert (hooked - plain).abs().max() > 1e-2
