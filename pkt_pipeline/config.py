@@ -74,6 +74,11 @@ class LatenExtractConfig:
     """How a component's write is read through the final norm: `final` scales by the RMS of the
     position's final residual state, as the published code does (the normaliser the real prediction
     used); `own` applies the RMSNorm to each patched state itself."""
+    readout_vocab: int = 0
+    """0 (published): every score reads the whole vocabulary's softmax, [neurons, D] x [D, V] per layer —
+    seconds on a GPU, ~15 minutes per example for the 1.5B teacher on a 2-core CPU. N > 0: exact over
+    the N likeliest tokens at that position and first order over the rest (error ~ tail mass x d^2/2;
+    the largest tail mass is recorded in the manifest). Only with `readout_norm: final`."""
     seed: int = 42
     """Seeds the choice of the located and injection examples (published seed 42)."""
     storage_dtype: str = "float16"

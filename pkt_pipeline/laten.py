@@ -130,7 +130,7 @@ def module_of(model, layer: int, module: str) -> torch.nn.Linear:
 class Readout:
     """log p(token) of residual-stream states read through the final norm and the LM head, in float32."""
 
-    def __init__(self, model, rows: int = 0):
+    def __init__(self, model, rows: int = 0, vocab: int = 0):
         decoder, head = decoder_of(model), model.get_output_embeddings()
         norm = getattr(decoder, "norm", None)
         if norm is None or getattr(norm, "weight", None) is None:
@@ -140,8 +140,11 @@ class Readout:
         self.gain = norm.weight.detach().float()
         self.eps = float(getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", None)
                          or model.config.rms_norm_eps)
+        self.vocab = vocab if 0 < vocab < self.weight.shape[0] else 0
         # A logits block of about 256 MB whatever the vocabulary.
-        self.rows = rows or max(1, (1 << 26) // self.weight.shape[0])
+        self.rows = rows or max(1, (1 << 26) // (self.vocab or self.weight.shape[0]))
+        self.largest_tail_mass = 0.0
+        """With `vocab`, the largest probability mass left to the first-order tail so far (for provenance)."""
 
     def log_probs(self, states: torch.Tensor, token: int, final_state: torch.Tensor, mode: str) -> torch.Tensor:
         """[N] log p(token) of each state in `states` [N, D]."""
@@ -164,10 +167,26 @@ class Readout:
         scale = self.gain * torch.rsqrt(final_state.float().pow(2).mean() + self.eps)
         base = torch.log_softmax(F.linear(residual.float() * scale, self.weight, self.bias), -1)
         probs = base.exp()
+        weight, tail_mean = self.weight, None
+        if self.vocab:
+            # Exact over the `vocab` likeliest tokens (and the answer token), first order over the rest:
+            # there exp(d) ~ 1 + d, whose sum is p_tail + (Σ_tail p_v W_U[v]) · x, so the error is about
+            # p_tail · d^2 / 2 — negligible for one neuron's write, at a fraction of the full head's cost.
+            head = torch.topk(probs, self.vocab).indices
+            head = torch.cat([head[head != token], head.new_tensor([token])])
+            tail_probs = probs.clone()
+            tail_probs[head] = 0
+            self.largest_tail_mass = max(self.largest_tail_mass, float(tail_probs.sum()))
+            tail_mean = tail_probs @ self.weight
+            weight, base, probs = self.weight[head], base[head], probs[head]
+            token = len(head) - 1
         out = []
         for block in writes.float().split(self.rows):
-            delta = F.linear(block * scale, self.weight)
-            small = torch.log1p((probs * torch.expm1(delta)).sum(-1))
+            delta = F.linear(block * scale, weight)
+            spread = (probs * torch.expm1(delta)).sum(-1)
+            if tail_mean is not None:
+                spread = spread + (block * scale) @ tail_mean
+            small = torch.log1p(spread)
             # exp overflows past ~88; there the plain log-sum-exp is precise enough.
             shift = torch.where(delta.amax(-1) < 30, small, torch.logsumexp(base + delta, -1))
             out.append(delta[:, token] - shift)
@@ -307,6 +326,9 @@ def check_settings(settings: LatenExtractConfig) -> None:
     checks = [
         (settings.modules and not bad,
          f"extract.laten.modules must be a non-empty subset of {list(MODULES)}, got {settings.modules}"),
+        (settings.readout_vocab >= 0, f"extract.laten.readout_vocab must be >= 0, got {settings.readout_vocab}"),
+        (settings.readout_vocab == 0 or settings.readout_norm == "final",
+         "extract.laten.readout_vocab needs readout_norm: final (the `own` norm is not linear in the write)"),
         (0 < settings.transfer_rate <= 1,
          f"extract.laten.transfer_rate must lie in (0, 1], got {settings.transfer_rate}"),
         (settings.readout_norm in READOUT_NORMS,
@@ -421,7 +443,7 @@ class LatenExtra(TeacherExtra):
         located.append(pool[int(rng.integers(len(pool)))])
         align = loaded["align"]
 
-        readout = Readout(teacher)
+        readout = Readout(teacher, vocab=settings.readout_vocab)
         found: list[Location] = []
         vectors: dict[str, list[torch.Tensor]] = {m: [] for m in settings.modules}
         for example, target in tqdm(located, desc="laten locate", unit="ex", disable=not progress):
@@ -448,6 +470,7 @@ class LatenExtra(TeacherExtra):
             "student": {"id": str(config.student), "shape": dataclasses.asdict(student)},
             "teacher_shape": dataclasses.asdict(teacher_shape),
             "counts": counts, "modules": list(settings.modules), "readout_norm": settings.readout_norm,
+            "readout_tail_mass": readout.largest_tail_mass,
             "data": {role: str(path) for role, path in paths.items()}, "prompt": prompt,
             "locate": [e.example_id for e, _ in located[:-1]], "inject": located[-1][0].example_id,
             "align": [e.example_id for e in align],

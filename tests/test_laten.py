@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from pkt_pipeline.cache import CacheError, open_cache
-from pkt_pipeline.config import load_config
+from pkt_pipeline.config import LatenExtractConfig, load_config
 from pkt_pipeline.examples import format_example
-from pkt_pipeline.laten import ModelShape, Readout, answer_target, locate, neuron_counts
+from pkt_pipeline.laten import ModelShape, Readout, answer_target, check_settings, locate, neuron_counts
 from pkt_pipeline.methods import AlignContext, get_method
 from pkt_pipeline.methods.laten import NeuronInjection
 from pkt_pipeline.models import load_model, load_tokenizer
@@ -186,6 +186,36 @@ def test_scores_equal_a_written_out_computation(tiny_pair, readout_norm):
         np.testing.assert_array_equal(two.layers[sort], best)
     np.testing.assert_allclose(two.scores["mlp"], np.asarray(expected["mlp_neurons"])[two.layers["mlp"]], rtol=1e-4,
                                atol=TOLERANCE[readout_norm])
+
+
+def test_head_vocabulary_readout_matches_the_full_softmax(tiny_pair):
+    """`readout_vocab`: exact over the likeliest tokens, first order over the rest — close to the full
+    softmax, the same neurons chosen, and the full softmax again once the head covers the vocabulary."""
+    model = load_model(tiny_pair["teacher"], dtype="float32", device="cpu")
+    tokenizer = load_tokenizer(tiny_pair["teacher"])
+    example = one_example(tokenizer)
+    target = answer_target(example, tokenizer)
+    shape = ModelShape.of(model.config)
+    counts = {"mlp": 7, "o": 5, "v": 3}
+    full = locate(model, example.input_ids, target, shape.layers, counts, Readout(model))
+    # The tiny random model's next-token distribution is nearly flat, so even 256 of 384 tokens leave ~30%
+    # of the mass to the first-order tail: a harder case than a trained model's peaked one.
+    readout = Readout(model, vocab=256)
+    head = locate(model, example.input_ids, target, shape.layers, counts, readout)
+    assert 0.1 < readout.largest_tail_mass < 0.5
+    for kind in counts:
+        spread = np.abs(full.scores[kind]).max()
+        np.testing.assert_allclose(head.scores[kind], full.scores[kind], atol=1e-2 * spread)
+        assert not np.array_equal(head.scores[kind], full.scores[kind])  # it is an approximation
+        np.testing.assert_array_equal(head.neurons[kind], full.neurons[kind])
+    whole = locate(model, example.input_ids, target, shape.layers, counts, Readout(model, vocab=model.config.vocab_size))
+    for kind in counts:
+        np.testing.assert_array_equal(whole.scores[kind], full.scores[kind])
+
+
+def test_head_vocabulary_readout_refuses_the_own_norm():
+    with pytest.raises(ValueError, match="readout_vocab needs readout_norm: final"):
+        check_settings(LatenExtractConfig(readout_vocab=64, readout_norm="own"))
 
 
 # --- stage one's cache ---------------------------------------------------------------------------------------

@@ -223,7 +223,7 @@ class LaTen(Method):
                              "this student: `pkt extract --with laten --set student=STUDENT --overwrite`")
         device = next(model.parameters()).device
         counts = self.provenance["counts"]
-        readout = Readout(model)
+        readout = Readout(model, vocab=int(self.provenance["settings"].get("readout_vocab", 0)))
         # The student's neurons of every located example, on the unedited student (as published).
         found = [locate(model, self.examples.tokens[i], int(self.examples.targets[i]), shape.layers, counts, readout,
                         self.provenance["readout_norm"]) for i in range(self.examples.steps + 1)]
