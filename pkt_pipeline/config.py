@@ -246,6 +246,10 @@ class AlignConfig:
     steps: int = 0
     """Optimizer steps in all (overrides `epochs` when > 0)."""
     batch_size: int = 8
+    micro_batch_size: int = 0
+    """Examples per forward/backward: a batch is cut into micro-batches whose gradients add up to one
+    update (the same step in less memory; micro-batches are weighted by their share of the examples).
+    0 means the method's own default (the whole batch, except LaTen: one, as published)."""
     lr: float = 3e-4
     weight_decay: float = 0.0
     warmup_steps: int = 0
@@ -279,6 +283,11 @@ class EvalConfig:
     batch_size: int = 8
     chat: bool = True
     """Render prompts with the tokenizer's chat template (instruct models), when it has one."""
+    mmlu_answer_prefix: str = ""
+    """Text that opens the model's reply before the MMLU letter is read. A student fine-tuned on the MMLU
+    transfer split's replies ("The answer is: B") says the letter after "The answer is:", not as its
+    first token; reading it where training put it measures knowledge rather than reply format. Empty
+    reads the reply's first token."""
     max_new_tokens_gsm8k: int = 384
     max_new_tokens_code: int = 512
     decontaminate: bool = True

@@ -56,6 +56,23 @@ class Batch:
         """Real (unpadded) tokens in the batch."""
         return int(self.attention_mask.sum())
 
+    def split(self, size: int) -> list[Batch]:
+        """Consecutive micro-batches of at most `size` examples, each cut to its own longest sequence."""
+        if size <= 0 or size >= len(self.example_ids):
+            return [self]
+        parts = []
+        for start in range(0, len(self.example_ids), size):
+            rows = slice(start, start + size)
+            width = int(self.attention_mask[rows].sum(1).max())
+
+            def cut(tensor: torch.Tensor | None) -> torch.Tensor | None:
+                return None if tensor is None else tensor[rows, :width]
+
+            parts.append(Batch(self.example_ids[rows], cut(self.input_ids), cut(self.attention_mask),
+                               cut(self.supervised), {layer: cut(t) for layer, t in self.teacher.items()},
+                               cut(self.topk_logprobs), cut(self.topk_indices)))
+        return parts
+
 
 class CacheLoader:
     """Batches of whole cached sequences in a seeded, exactly resumable order.

@@ -66,6 +66,7 @@ def train(model: nn.Module, method: Method, phases: list[Phase], make_loader: Ca
              f"step {position.phase_step}/{phases[position.phase].steps})")
     _truncate_log(out / LOG_FILE, position.global_step)
     total = sum(phase.steps for phase in phases)
+    micro_batch_size = config.micro_batch_size or method.micro_batch_size
     summary: dict = {"steps": total, "steps_run": total - position.global_step, "tokens": 0}
     stop = _InterruptFlag()
     bar = tqdm(total=total, initial=position.global_step, desc=f"align {method.name}", unit="step", disable=not progress)
@@ -95,13 +96,12 @@ def train(model: nn.Module, method: Method, phases: list[Phase], make_loader: Ca
                     for batch in batches:
                         batch = batch.to(device)
                         model.train()
-                        loss, parts = method.loss(model, batch, phase)
-                        if not torch.isfinite(loss):
+                        loss, parts = _accumulate_gradients(model, method, batch, phase, micro_batch_size)
+                        if not math.isfinite(loss):
                             raise NonFiniteLoss(
-                                f"{method.name}: the loss is {loss.item()} at step {position.global_step + 1} "
+                                f"{method.name}: the loss is {loss} at step {position.global_step + 1} "
                                 f"({phase.name}; parts {parts}; examples {batch.example_ids[:4]}). Lower align.lr "
                                 "or check the cache with `pkt cache verify`; the last checkpoint is intact.")
-                        loss.backward()
                         grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
                         optimizer.step()
                         scheduler.step()
@@ -109,7 +109,7 @@ def train(model: nn.Module, method: Method, phases: list[Phase], make_loader: Ca
                         position = Position(index, position.phase_step + 1, position.global_step + 1)
                         summary["tokens"] += batch.tokens
                         entry = {"step": position.global_step, "phase": phase.name, "phase_step": position.phase_step,
-                                 "loss": loss.item(), **parts, "grad_norm": float(grad_norm),
+                                 "loss": loss, **parts, "grad_norm": float(grad_norm),
                                  "lr": scheduler.get_last_lr()[0], "tokens": batch.tokens,
                                  "seconds": round(time.perf_counter() - started, 3)}
                         log.write(json.dumps(entry) + "\n")
@@ -210,6 +210,24 @@ class _InterruptFlag:
             raise KeyboardInterrupt
         self.requested = True
         tqdm.write("interrupt: finishing this step and saving a checkpoint (Ctrl-C again to abort at once)")
+
+
+def _accumulate_gradients(model: nn.Module, method: Method, batch, phase: Phase,
+                          micro_batch_size: int) -> tuple[float, dict]:
+    """Backward through `batch` in micro-batches, each weighted by its share of the examples; returns the
+    batch's loss and parts (the same weighted sums) as floats."""
+    micro_batches = batch.split(micro_batch_size)
+    total, parts = 0.0, {}
+    for micro in micro_batches:
+        weight = len(micro.example_ids) / len(batch.example_ids)
+        loss, micro_parts = method.loss(model, micro, phase)
+        if not torch.isfinite(loss):
+            return loss.item(), micro_parts
+        (loss * weight).backward()
+        total += loss.item() * weight
+        for key, value in micro_parts.items():
+            parts[key] = parts.get(key, 0.0) + value * weight
+    return total, parts
 
 
 def steps_for(config: AlignConfig, batches_per_epoch: int) -> int:

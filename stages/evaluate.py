@@ -112,7 +112,8 @@ def _subset(items: list, limit: int, seed: int) -> list:
 def _score_mmlu(model, tokenizer, items, cfg: EvalConfig, progress: bool) -> list[dict]:
     from pkt_pipeline.evaluation.mmlu import score_mmlu
 
-    return score_mmlu(model, tokenizer, items, batch_size=cfg.batch_size, chat=cfg.chat, progress=progress)
+    return score_mmlu(model, tokenizer, items, batch_size=cfg.batch_size, chat=cfg.chat, progress=progress,
+                      answer_prefix=cfg.mmlu_answer_prefix)
 
 
 def _score_gsm8k(model, tokenizer, items, cfg: EvalConfig, progress: bool) -> list[dict]:

@@ -67,6 +67,21 @@ def test_eval_scores_every_task_and_drops_contaminated_items(tiny_pair, data_dir
     assert load_mmlu(data_dir / "mmlu" / "test.jsonl")[0].id not in mmlu_ids
 
 
+def test_mmlu_answer_prefix_opens_the_reply_before_the_letter_is_read(tiny_pair, data_dir, tmp_path):
+    records = {}
+    for prefix in ("", "The answer is:"):
+        out = tmp_path / ("prefixed" if prefix else "plain")
+        config = load_config(overrides=[f"assets.data_dir={data_dir}", f"eval.out={out}", "eval.limit=2",
+                                        "runtime.dtype=float32"] + [f"eval.mmlu_answer_prefix='{prefix}'"] * bool(prefix))
+        evaluate.run(config, str(tiny_pair["student"]), progress=False)
+        records[prefix] = {r["id"]: r for r in map(json.loads, (out / "items" / "mmlu.jsonl").open())}
+    plain, prefixed = records[""], records["The answer is:"]
+    assert plain.keys() == prefixed.keys() and plain
+    for item_id, record in prefixed.items():
+        assert record["prompt"] == plain[item_id]["prompt"] + "The answer is:"
+        assert record["letter_logprobs"] != plain[item_id]["letter_logprobs"]
+
+
 def test_eval_cli_refuses_an_unknown_task(tiny_pair):
     result = subprocess.run([sys.executable, "-m", "pkt_pipeline.cli", "eval", str(tiny_pair["student"]),
                              "--tasks", "mmlu,triviaqa"], capture_output=True, text=True)

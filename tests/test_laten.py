@@ -267,7 +267,7 @@ def test_only_the_translator_gets_gradients(tiny_pair, laten_cache):
                      for i in (0, 2)}
     with method.loader(phase, 0) as loader:
         batch = next(iter(loader.batches(1)))
-    assert len(batch.example_ids) == 16 and batch.example_ids[0].startswith("locate:0:")
+    assert len(batch.example_ids) == 16 and batch.example_ids[0].startswith("0/locate:0:")
     loss, parts = method.loss(model, batch, phase)
     loss.backward()
     assert parts["lm"] > 0 and parts["mse"] > 0 and loss.item() == pytest.approx(parts["lm"] + 1000 * parts["mse"])
@@ -286,6 +286,32 @@ def test_only_the_translator_gets_gradients(tiny_pair, laten_cache):
         method.loss(model, batch, phase)[0].backward()
         reached = [p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if n in names]
         assert all(reached) if hooked else not any(reached)
+
+
+def test_micro_batches_give_the_whole_batch_gradient(tiny_pair, laten_cache):
+    """LaTen's default of one example per forward (the published loop) sums to the same update."""
+    from pkt_pipeline.training import _accumulate_gradients
+
+    method, model, _ = make_method(tiny_pair, laten_cache)
+    phase = method.phases(LOCATE, 2)[0]
+    names = set(method.trainable(model, phase))
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(name in names)
+    with method.loader(phase, 0) as loader:
+        batch = next(iter(loader.batches(1)))
+    grads, losses = [], []
+    for size in (0, 1, 5):
+        model.zero_grad(set_to_none=True)
+        loss, parts = _accumulate_gradients(model, method, batch, phase, size)
+        losses.append((loss, parts))
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if n in names})
+    assert len(batch.split(1)) == 16 and len(batch.split(5)) == 4
+    for loss, parts in losses[1:]:
+        assert loss == pytest.approx(losses[0][0], rel=1e-5)
+        assert parts == pytest.approx(losses[0][1], rel=1e-5)
+    for other in grads[1:]:
+        for name in names:
+            torch.testing.assert_close(other[name], grads[0][name], rtol=1e-4, atol=1e-10)
 
 
 def test_saved_model_carries_the_injected_deltas(tiny_pair, laten_cache, tmp_path):

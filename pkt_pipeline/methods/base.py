@@ -62,6 +62,8 @@ class Method:
     needs_topk: ClassVar[bool] = False
     teacher_kind: ClassVar[str] = "hidden"
     """Which cached teacher arrays the phases read: `hidden` or `delta`."""
+    micro_batch_size: ClassVar[int] = 0
+    """Used when `align.micro_batch_size` is 0; 0 means the whole batch in one forward."""
 
     def __init__(self, context: AlignContext):
         self.context = context

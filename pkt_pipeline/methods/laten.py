@@ -127,16 +127,17 @@ class LatenExamples:
         self.inject = self.steps
         self.align = list(range(self.steps + 1, len(self.ids)))
 
-    def batch_id(self, position: int) -> str:
-        """A batch names its located example by position: ids may repeat across splits."""
+    def batch_id(self, position: int, located: int) -> str:
+        """`located/role:position:id`: every member names its step's located example, so any micro-batch
+        of the step knows whose deltas to inject (positions, since ids may repeat across splits)."""
         role = "align" if position > self.steps else "locate"
-        return f"{role}:{position}:{self.ids[position]}"
+        return f"{located}/{role}:{position}:{self.ids[position]}"
 
     def located(self, batch_id: str) -> int:
-        role, position, _ = batch_id.split(":", 2)
-        if role != "locate" or not 0 <= int(position) < self.steps:
-            raise ValueError(f"a laten batch starts with a located example, not {batch_id!r}")
-        return int(position)
+        located = batch_id.partition("/")[0]
+        if not located.isdigit() or not 0 <= int(located) < self.steps:
+            raise ValueError(f"not a laten batch member: {batch_id!r}")
+        return int(located)
 
 
 class LatenBatches:
@@ -172,7 +173,7 @@ class LatenBatches:
         supervised = torch.zeros(mask.shape, dtype=torch.bool)
         input_ids[mask] = torch.from_numpy(np.concatenate([self.examples.tokens[i] for i in members]))
         supervised[mask] = torch.from_numpy(np.concatenate([self.examples.supervised[i] for i in members]))
-        return Batch([self.examples.batch_id(i) for i in members], input_ids, mask.long(), supervised, {}, None, None)
+        return Batch([self.examples.batch_id(i, step) for i in members], input_ids, mask.long(), supervised, {}, None, None)
 
     def state_dict(self) -> dict:
         return {"epoch": self._epoch, "batches_done": self._done, "fingerprint": self._fingerprint}
@@ -197,6 +198,7 @@ class LatenBatches:
 class LaTen(Method):
     name = "laten"
     uses_lora = False
+    micro_batch_size = 1  # the published loop: one example per forward, gradients summed over the step
 
     def __init__(self, context):
         super().__init__(context)
