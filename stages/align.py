@@ -67,7 +67,7 @@ def run(config: PktConfig, progress: bool = True, echo=print) -> dict:
     torch.manual_seed(cfg.seed)  # LoRA's A matrices start random: one seed, one run
     if method.uses_lora:
         model = _with_lora(model, cfg.lora)
-    else:
+    elif not method.frozen_student:
         model = model.float()
     method.setup(model)
 
@@ -80,10 +80,14 @@ def run(config: PktConfig, progress: bool = True, echo=print) -> dict:
                            prefetch=cfg.loader.prefetch, read_workers=cfg.loader.read_workers)
 
     student_layers = model.config.num_hidden_layers
-    total = steps_for(cfg, len(make_loader(Phase("probe", 0))))
+    probe = make_loader(Phase("probe", 0))
+    total = steps_for(cfg, len(probe))
     phases = method.phases(total, student_layers)
-    echo(f"{method.name}: {sum(p.steps for p in phases)} steps in {len(phases)} phase(s) over "
-         f"{cache.manifest['counts']['examples']} cached examples, batch {cfg.batch_size}")
+    source = (f"{cache.manifest['counts']['examples']} cached examples, batch {cfg.batch_size}"
+              if isinstance(probe, CacheLoader) else f"{len(probe)} batches of the method's own per epoch")
+    micro = cfg.micro_batch_size or method.micro_batch_size
+    echo(f"{method.name}: {sum(p.steps for p in phases)} steps in {len(phases)} phase(s) over {source}"
+         + (f", {micro} example(s) per forward" if micro else ""))
     report = _map_report(method, model, cache, cfg, make_loader, "before") if cfg.report_map else None
 
     summary = train(model, method, phases, make_loader, cfg, out, progress=progress, echo=echo)

@@ -62,6 +62,9 @@ class Method:
     needs_topk: ClassVar[bool] = False
     teacher_kind: ClassVar[str] = "hidden"
     """Which cached teacher arrays the phases read: `hidden` or `delta`."""
+    frozen_student: ClassVar[bool] = False
+    """True when no student weight trains: the student then stays in the runtime dtype (bf16 on most
+    hardware) instead of float32 master weights."""
     micro_batch_size: ClassVar[int] = 0
     """Used when `align.micro_batch_size` is 0; 0 means the whole batch in one forward."""
 

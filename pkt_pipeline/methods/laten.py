@@ -92,6 +92,7 @@ class NeuronInjection(nn.Module):
                 return None
             delta, index = self._active[0][module][layer], self._active[1][module][layer]
             x = inputs[0]
+            delta = delta.to(x.dtype)
             if module in ROW_MODULES:
                 return output.index_add(-1, index, (x @ delta.T).to(output.dtype))
             return output + (x.index_select(-1, index) @ delta).to(output.dtype)
@@ -198,6 +199,7 @@ class LatenBatches:
 class LaTen(Method):
     name = "laten"
     uses_lora = False
+    frozen_student = True  # only the translator trains (float32); `finalize` bakes its deltas in float32
     micro_batch_size = 1  # the published loop: one example per forward, gradients summed over the step
 
     def __init__(self, context):
@@ -271,6 +273,8 @@ class LaTen(Method):
         deltas, neurons = self.injected_deltas()
         self.injection.detach()
         delattr(model, SUBMODULE)
+        # The deltas are ~1e-5 (the square penalty keeps them small): bf16 weights would round them away.
+        model = model.float()
         NeuronInjection.bake(model, deltas, neurons)
         return model
 
