@@ -34,7 +34,7 @@ Notes on the definition:
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -146,21 +146,36 @@ def accumulate_attribution(
     """
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"unknown attribution aggregation {aggregation!r} (choose one of {', '.join(AGGREGATIONS)})")
-    from tqdm.auto import tqdm
-
     total: torch.Tensor | None = None
-    used = skipped = 0
-    for example in tqdm(examples, desc="attribution", unit="ex", disable=not progress):
-        supervised = torch.from_numpy(np.asarray(example.supervised, dtype=bool))
-        if not has_effective_supervision(supervised):
-            skipped += 1
-            continue
-        input_ids = torch.from_numpy(np.asarray(example.input_ids).astype(np.int64))
+    supervised_examples = SupervisedExamples(examples, "attribution", progress)
+    for input_ids, supervised in supervised_examples:
         scores = layer_attribution(model, input_ids, supervised, aggregation)
         total = scores if total is None else total + scores
-        used += 1
-    if skipped:
-        log.warning("attribution skipped %d example(s) with no supervised token", skipped)
+    if supervised_examples.skipped:
+        log.warning("attribution skipped %d example(s) with no supervised token", supervised_examples.skipped)
     if total is None:
-        raise ValueError(f"no example with a supervised token to attribute ({skipped} skipped)")
-    return total.numpy(), used
+        raise ValueError(f"no example with a supervised token to attribute ({supervised_examples.skipped} skipped)")
+    return total.numpy(), supervised_examples.used
+
+
+class SupervisedExamples:
+    """The examples that give the LM loss a term, as (input_ids int64, supervised bool) tensors behind a
+    progress bar. The others are passed over and counted in `skipped`; `used` counts those consumed.
+
+    `examples` yields objects with `.input_ids` and `.supervised` numpy arrays (as `examples.Example`).
+    """
+
+    def __init__(self, examples: Iterable, desc: str, progress: bool = True):
+        self.examples, self.desc, self.progress = examples, desc, progress
+        self.used = self.skipped = 0
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        from tqdm.auto import tqdm
+
+        for example in tqdm(self.examples, desc=self.desc, unit="ex", disable=not self.progress):
+            supervised = torch.from_numpy(np.asarray(example.supervised, dtype=bool))
+            if not has_effective_supervision(supervised):
+                self.skipped += 1
+                continue
+            yield torch.from_numpy(np.asarray(example.input_ids).astype(np.int64)), supervised
+            self.used += 1

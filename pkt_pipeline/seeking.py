@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attribution import has_effective_supervision
+from .attribution import SupervisedExamples
 from .config import PktConfig
 from .examples import load_examples
 from .teacher_extras import ExtraOutput, TeacherExtra, register_extra
@@ -135,8 +135,6 @@ def sensitivity(model: nn.Module, examples: Iterable,
     examples need less (activations and logits scale with the tokens). The model is in eval mode for
     the call (no dropout); its `requires_grad` flags and any `.grad` it held are restored afterwards.
     """
-    from tqdm.auto import tqdm
-
     targets = target_weights(model, modules)
     buffers = {key: torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
                for key, weight in targets.items()}
@@ -147,7 +145,7 @@ def sensitivity(model: nn.Module, examples: Iterable,
     # A gradient already on a scored weight would be accumulated into, and counted as, the first example's.
     held = {key: weight.grad for key, weight in targets.items()}
     handles = []
-    used = skipped = 0
+    supervised_examples = SupervisedExamples(examples, "seeking sensitivity", progress)
     try:
         model.eval()
         for p in params:
@@ -156,15 +154,9 @@ def sensitivity(model: nn.Module, examples: Iterable,
             weight.grad = None
             weight.requires_grad_(True)
             handles.append(weight.register_post_accumulate_grad_hook(_accumulate_into(buffers[key])))
-        for example in tqdm(examples, desc="seeking sensitivity", unit="ex", disable=not progress):
-            supervised = torch.as_tensor(np.asarray(example.supervised, dtype=bool))
-            if not has_effective_supervision(supervised):
-                skipped += 1
-                continue
-            input_ids = torch.as_tensor(np.asarray(example.input_ids).astype(np.int64))
+        for input_ids, supervised in supervised_examples:
             with torch.enable_grad():
                 supervised_lm_loss(model, input_ids.to(device), supervised.to(device)).backward()
-            used += 1
     finally:
         for handle in handles:
             handle.remove()
@@ -173,6 +165,7 @@ def sensitivity(model: nn.Module, examples: Iterable,
         for p, flag in zip(params, flags):
             p.requires_grad_(flag)
         model.train(was_training)
+    used, skipped = supervised_examples.used, supervised_examples.skipped
     if skipped:
         log.warning("seeking sensitivity skipped %d example(s) with no supervised token", skipped)
     if not used:
