@@ -7,14 +7,47 @@ of `pkt align` and `METRICS_DIR/*.json` of the other stages for wall time and pe
 
 Gap closed = (method − student) / (teacher − student): the share of the teacher's lead that the
 transfer recovered (METHOD.md §3); it is left blank where teacher and student tie.
+
+Small seeded subsets make every score noisy, so the report says how noisy: each score carries the
+half-width of its 95% interval (normal approximation), and each change from the student the 95%
+interval of the *paired* difference over the items both models answered (`items/<task>.jsonl`),
+which is much tighter than comparing two independent intervals, since both saw the same questions.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 REFERENCES = ("teacher", "student")
+Z95 = 1.959964
+
+
+def score_half_width(score: float, n: int) -> float | None:
+    """Half-width of the 95% normal-approximation interval of an accuracy over n items."""
+    return Z95 * math.sqrt(score * (1 - score) / n) if n else None
+
+
+def paired_change_interval(model: dict[str, bool], reference: dict[str, bool]) -> tuple[float, float] | None:
+    """95% interval of mean(model correct − reference correct) over the item ids both answered; None
+    when they share fewer than two items."""
+    shared = sorted(model.keys() & reference.keys())
+    if len(shared) < 2:
+        return None
+    differences = [float(model[i]) - float(reference[i]) for i in shared]
+    mean = sum(differences) / len(differences)
+    variance = sum((d - mean) ** 2 for d in differences) / (len(differences) - 1)
+    half = Z95 * math.sqrt(variance / len(differences))
+    return mean - half, mean + half
+
+
+def _verdicts(eval_dir: Path, name: str, task: str) -> dict[str, bool]:
+    path = eval_dir / name / "items" / f"{task}.jsonl"
+    if not path.is_file():
+        return {}
+    records = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
+    return {str(record["id"]): bool(record["correct"]) for record in records}
 
 
 def gap_closed(method: float, student: float, teacher: float) -> float | None:
@@ -38,10 +71,13 @@ def run(eval_dir: str | Path, out: str | Path, runs_dir: str | Path = "runs", me
         for task in tasks:
             if task not in scores[name]:
                 continue
-            value = scores[name][task]["score"]
+            value, n = scores[name][task]["score"], scores[name][task]["n"]
             student, teacher = scores["student"][task]["score"], scores["teacher"][task]["score"]
-            row["scores"][task] = {"score": value, "n": scores[name][task]["n"],
+            interval = None if name == "student" else paired_change_interval(
+                _verdicts(eval_dir, name, task), _verdicts(eval_dir, "student", task))
+            row["scores"][task] = {"score": value, "n": n, "score_half_width_95": score_half_width(value, n),
                                    "delta": value - student if name != "student" else None,
+                                   "delta_interval_95": list(interval) if interval else None,
                                    "gap_closed": gap_closed(value, student, teacher) if name not in REFERENCES else None}
         rows.append(row)
     costs = _stage_costs(scores, Path(runs_dir), Path(metrics_dir))
@@ -76,15 +112,20 @@ def _markdown(report: dict) -> str:
             if cell is None:
                 cells.append("–")
                 continue
-            text = f"{100 * cell['score']:.1f} (n={cell['n']})"
+            spread = cell["score_half_width_95"]
+            text = f"{100 * cell['score']:.1f}" + (f" ±{100 * spread:.1f}" if spread is not None else "") + f" (n={cell['n']})"
             if cell["delta"] is not None:
                 text += f", {100 * cell['delta']:+.1f}"
+                if cell["delta_interval_95"] is not None:
+                    low, high = cell["delta_interval_95"]
+                    text += f" [{100 * low:+.1f}, {100 * high:+.1f}]"
             if cell["gap_closed"] is not None:
                 text += f", gap closed {100 * cell['gap_closed']:.0f}%"
             cells.append(text)
         lines.append(f"| {row['name']} | " + " | ".join(cells) + " |")
-    lines += ["", "Scores in %; for each method: the change from the student, and the share of the teacher–student",
-              "gap it closed.", "", "| stage | wall time (s) | peak RSS (GiB) |", "|---|---|---|"]
+    lines += ["", "Scores in % with the half-width of their 95% interval; for each model: the change from the student",
+              "with its 95% interval paired over the same items (an interval spanning 0 is no measured change at",
+              "this n), and for each method the share of the teacher–student gap it closed.", "", "| stage | wall time (s) | peak RSS (GiB) |", "|---|---|---|"]
     lines += [f"| {c['stage']} | {c['seconds'] if c['seconds'] is not None else '–'} | "
               f"{c['peak_rss_gib'] if c['peak_rss_gib'] is not None else '–'} |" for c in report["stages"]]
     return "\n".join(lines) + "\n"
@@ -101,7 +142,9 @@ def _chart(report: dict, path: Path) -> None:
     width = 0.8 / max(len(rows), 1)
     for index, row in enumerate(rows):
         values = [100 * row["scores"][t]["score"] if t in row["scores"] else 0 for t in tasks]
-        axis.bar([i + index * width for i in range(len(tasks))], values, width, label=row["name"])
+        errors = [100 * (row["scores"][t]["score_half_width_95"] or 0) if t in row["scores"] else 0 for t in tasks]
+        axis.bar([i + index * width for i in range(len(tasks))], values, width, yerr=errors, capsize=3,
+                 error_kw={"linewidth": 0.8}, label=row["name"])
     axis.set_xticks([i + width * (len(rows) - 1) / 2 for i in range(len(tasks))], tasks)
     axis.set_ylabel("score (%)")
     axis.legend(fontsize=8, ncols=min(len(rows), 4))
