@@ -42,7 +42,8 @@ def paired_change_interval(model: dict[str, bool], reference: dict[str, bool]) -
     return mean - half, mean + half
 
 
-def _verdicts(eval_dir: Path, name: str, task: str) -> dict[str, bool]:
+def item_verdicts(eval_dir: Path, name: str, task: str) -> dict[str, bool]:
+    """Item id -> correct, from `pkt eval`'s `EVAL_DIR/NAME/items/TASK.jsonl`; empty when absent."""
     path = eval_dir / name / "items" / f"{task}.jsonl"
     if not path.is_file():
         return {}
@@ -74,7 +75,7 @@ def run(eval_dir: str | Path, out: str | Path, runs_dir: str | Path = "runs", me
             value, n = scores[name][task]["score"], scores[name][task]["n"]
             student, teacher = scores["student"][task]["score"], scores["teacher"][task]["score"]
             interval = None if name == "student" else paired_change_interval(
-                _verdicts(eval_dir, name, task), _verdicts(eval_dir, "student", task))
+                item_verdicts(eval_dir, name, task), item_verdicts(eval_dir, "student", task))
             row["scores"][task] = {"score": value, "n": n, "score_half_width_95": score_half_width(value, n),
                                    "delta": value - student if name != "student" else None,
                                    "delta_interval_95": list(interval) if interval else None,
