@@ -66,7 +66,7 @@ def train(model: nn.Module, method: Method, phases: list[Phase], make_loader: Ca
              f"step {position.phase_step}/{phases[position.phase].steps})")
     _truncate_log(out / LOG_FILE, position.global_step)
     total = sum(phase.steps for phase in phases)
-    micro_batch_size = config.micro_batch_size or method.micro_batch_size
+    micro_batch_size = micro_batch_size_for(config, method)
     summary: dict = {"steps": total, "steps_run": total - position.global_step, "tokens": 0}
     stop = _InterruptFlag()
     bar = tqdm(total=total, initial=position.global_step, desc=f"align {method.name}", unit="step", disable=not progress)
@@ -210,6 +210,11 @@ class _InterruptFlag:
             raise KeyboardInterrupt
         self.requested = True
         tqdm.write("interrupt: finishing this step and saving a checkpoint (Ctrl-C again to abort at once)")
+
+
+def micro_batch_size_for(config: AlignConfig, method: Method) -> int:
+    """Examples per forward: `align.micro_batch_size`, else the method's own; 0 = the whole batch."""
+    return config.micro_batch_size or method.micro_batch_size
 
 
 def _accumulate_gradients(model: nn.Module, method: Method, batch, phase: Phase,

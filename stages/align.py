@@ -25,7 +25,8 @@ from pkt_pipeline.loader import CacheLoader
 from pkt_pipeline.methods import AlignContext, Phase, get_method
 from pkt_pipeline.models import load_model, load_tokenizer, resolve_device
 from pkt_pipeline.plots import plot_training_log
-from pkt_pipeline.training import TrainingInterrupted, clear_checkpoint, phase_summaries, read_log, steps_for, train
+from pkt_pipeline.training import (TrainingInterrupted, clear_checkpoint, micro_batch_size_for, phase_summaries, read_log,
+                                   steps_for, train)
 
 RUN_FILE = "run.json"
 __all__ = ["TrainingInterrupted", "run", "check_vocabulary"]
@@ -85,7 +86,7 @@ def run(config: PktConfig, progress: bool = True, echo=print) -> dict:
     phases = method.phases(total, student_layers)
     source = (f"{cache.manifest['counts']['examples']} cached examples, batch {cfg.batch_size}"
               if isinstance(probe, CacheLoader) else f"{len(probe)} batches of the method's own per epoch")
-    micro = cfg.micro_batch_size or method.micro_batch_size
+    micro = micro_batch_size_for(cfg, method)
     echo(f"{method.name}: {sum(p.steps for p in phases)} steps in {len(phases)} phase(s) over {source}"
          + (f", {micro} example(s) per forward" if micro else ""))
     report = _map_report(method, model, cache, cfg, make_loader, "before") if cfg.report_map else None
