@@ -278,7 +278,15 @@ class EvalConfig:
     """Any of `mmlu`, `gsm8k`, `humaneval`, `mbpp`."""
     out: str = "eval/model"
     limit: int = 0
-    """Score a seeded random subset of this many items per task (after decontamination); 0 means all."""
+    """Score a seeded random subset of this many items per task (after decontamination); 0 means all.
+    For GSM8K/HumanEval/MBPP: the items generated and judged for accuracy."""
+    nll_limit: int | None = None
+    """GSM8K/HumanEval/MBPP: items scored by the teacher-forced NLL of their reference reply (one forward
+    each, no generation). None: the `limit` items; 0: all. The subset contains the `limit` items (one
+    seeded order, nested)."""
+    generate: bool = True
+    """GSM8K/HumanEval/MBPP: generate and judge answers (accuracy). False scores the NLL only: the cheap,
+    continuous metric for dev-set tuning."""
     seed: int = 0
     batch_size: int = 8
     chat: bool = True

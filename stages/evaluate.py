@@ -4,10 +4,18 @@ Writes `OUT/metrics.json` ({task: {score, n, dropped, ...}}) and, per task, `OUT
 with one record a person can read per item (prompt, output, verdict). The prompts live in
 `pkt_pipeline/evaluation/` next to their scorers:
 
-- MMLU, 0-shot: the log-likelihood of the answer letters after the question (`mmlu.py`);
+- MMLU, 0-shot: the log-likelihood of the answer letters after the question (`mmlu.py`); accuracy
+  and, continuous, `p_correct`: the correct letter's probability renormalised over the four;
 - GSM8K, 0-shot greedy: exact match of the final number (`gsm8k.py`);
 - HumanEval and MBPP (task_ids 11-510), pass@1 with greedy decoding, the code run only in the
-  sandbox (`sandbox.py`: no network namespace, memory/CPU/file limits, process-group kill).
+  sandbox (`sandbox.py`: no network namespace, memory/CPU/file limits, process-group kill);
+- and for these three, continuous: `nll`, the teacher-forced mean NLL per token of the reference
+  reply (`reference_nll.py`), on `eval.nll_limit` items (one forward each, so many more than are
+  generated) that contain the `eval.limit` generated ones.
+
+Accuracy is the headline, as in the papers; the continuous metrics are what separate two models at
+the item counts a CPU can afford. Every record keeps its item id and values, so any two runs can be
+paired afterwards (`pkt report`).
 
 Test items that appear in the transfer splits (the data any student was trained on) are dropped
 first and counted (`dropped`), then `eval.limit` picks a seeded subset for quick runs.
@@ -19,6 +27,7 @@ import json
 import random
 import resource
 import time
+from functools import partial
 from pathlib import Path
 
 from pkt_pipeline.config import EvalConfig, PktConfig
@@ -44,16 +53,14 @@ def run(config: PktConfig, model_name: str, progress: bool = True, echo=print) -
     metrics: dict = {"model": model_name}
     for task in cfg.tasks:
         task_items, dropped = _decontaminate(task, items[task], config.assets.data_dir) if cfg.decontaminate else (items[task], 0)
-        task_items = _subset(task_items, cfg.limit, cfg.seed)
         task_started = time.perf_counter()
         records = SCORERS[task](model, tokenizer, task_items, cfg, progress)
         with open(items_dir / f"{task}.jsonl", "w") as handle:
             for record in records:
                 handle.write(json.dumps(record) + "\n")
-        correct = sum(bool(r["correct"]) for r in records)
-        metrics[task] = {"score": correct / max(len(records), 1), "correct": correct, "n": len(records),
-                         "dropped": dropped, "subset": bool(cfg.limit), "seconds": round(time.perf_counter() - task_started, 1)}
-        echo(f"{task:10s} {metrics[task]['score']:.4f} ({correct}/{len(records)}; {dropped} contaminated items dropped)")
+        metrics[task] = {**summarise(records), "dropped": dropped, "subset": bool(cfg.limit),
+                         "seconds": round(time.perf_counter() - task_started, 1)}
+        echo(_summary_line(task, metrics[task]))
     metrics["seconds"] = round(time.perf_counter() - started, 1)
     metrics["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
@@ -103,36 +110,104 @@ def _item_id(task: str, item) -> str:
 
 
 def _subset(items: list, limit: int, seed: int) -> list:
+    """A seeded subset of `limit` items in file order; 0 (or more than there are) means all.
+
+    Subsets of one seed are nested (the first `limit` of one seeded permutation), so the items
+    generated for accuracy are among those scored by NLL, and a larger run contains a smaller one."""
     if not limit or limit >= len(items):
         return items
-    chosen = sorted(random.Random(seed).sample(range(len(items)), limit))
-    return [items[i] for i in chosen]
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    return [items[i] for i in sorted(order[:limit])]
+
+
+def summarise(records: list[dict]) -> dict:
+    """Task metrics from item records: accuracy over the items with a verdict (`score`, `correct`,
+    `n`) and the mean of each continuous value present (`p_correct`, `log_p_correct`, `nll`, each
+    with its own `<key>_n`)."""
+    verdicts = [bool(r["correct"]) for r in records if r.get("correct") is not None]
+    summary: dict = {"score": sum(verdicts) / len(verdicts) if verdicts else None, "correct": sum(verdicts),
+                     "n": len(verdicts)}
+    for key in CONTINUOUS_KEYS:
+        values = [r[key] for r in records if r.get(key) is not None]
+        if values:
+            summary[key], summary[f"{key}_n"] = sum(values) / len(values), len(values)
+    return summary
+
+
+CONTINUOUS_KEYS = ("p_correct", "log_p_correct", "nll")
+
+
+def _summary_line(task: str, metrics: dict) -> str:
+    parts = [f"{task:10s}"]
+    if metrics["n"]:
+        parts.append(f"accuracy {metrics['score']:.4f} ({metrics['correct']}/{metrics['n']})")
+    parts += [f"{key} {metrics[key]:.4f} (n={metrics[key + '_n']})" for key in CONTINUOUS_KEYS[::2] if key in metrics]
+    return "  ".join(parts) + f"; {metrics['dropped']} contaminated items dropped"
 
 
 def _score_mmlu(model, tokenizer, items, cfg: EvalConfig, progress: bool) -> list[dict]:
+    """Letter log-likelihoods: accuracy and `p_correct` come from one forward per item."""
     from pkt_pipeline.evaluation.mmlu import score_mmlu
 
-    return score_mmlu(model, tokenizer, items, batch_size=cfg.batch_size, chat=cfg.chat, progress=progress,
-                      answer_prefix=cfg.mmlu_answer_prefix)
+    return score_mmlu(model, tokenizer, _subset(items, cfg.limit, cfg.seed), batch_size=cfg.batch_size, chat=cfg.chat,
+                      progress=progress, answer_prefix=cfg.mmlu_answer_prefix)
 
 
-def _score_gsm8k(model, tokenizer, items, cfg: EvalConfig, progress: bool) -> list[dict]:
+def _score_generative(model, tokenizer, items, cfg: EvalConfig, progress: bool, task: str) -> list[dict]:
+    """Teacher-forced NLL of the reference reply on `nll_limit` items, greedy generation and its
+    verdict on the first `limit` of them; one record per item, `correct` None where not generated."""
+    from pkt_pipeline.evaluation.generation import render_user_turn
+    from pkt_pipeline.evaluation.reference_nll import reference_nll
+
+    scored = _subset(items, cfg.limit if cfg.nll_limit is None else cfg.nll_limit, cfg.seed)
+    generated = {_item_id(task, item) for item in _subset(items, cfg.limit, cfg.seed)} if cfg.generate else set()
+    prompts = [render_user_turn(tokenizer, _user_turn(task, item), cfg.chat) for item in scored]
+    replies = [_reference_reply(task, item) for item in scored]
+    nlls = reference_nll(model, tokenizer, [p + start for p, (start, _) in zip(prompts, replies)],
+                         [target for _, target in replies], cfg.batch_size, progress, f"{task} nll",
+                         add_special_tokens=not (cfg.chat and getattr(tokenizer, "chat_template", None)))
+    records = {_item_id(task, item): {"id": _item_id(task, item), "nll": value["nll"], "nll_tokens": value["tokens"]}
+               for item, value in zip(scored, nlls)}
+    to_generate = [item for item in items if _item_id(task, item) in generated]
+    for record in GENERATORS[task](model, tokenizer, to_generate, cfg, progress):
+        records[record["id"]] = {**records.get(record["id"], {"id": record["id"]}), **record}
+    order = {_item_id(task, item): i for i, item in enumerate(items)}
+    return [{"correct": None, **record} for record in sorted(records.values(), key=lambda r: order[r["id"]])]
+
+
+def _user_turn(task: str, item) -> str:
+    from pkt_pipeline.evaluation.generation import code_user_turn
+    from pkt_pipeline.evaluation.gsm8k import gsm8k_prompt
+
+    return gsm8k_prompt(item.question) if task == "gsm8k" else code_user_turn(item.prompt_text)
+
+
+def _reference_reply(task: str, item) -> tuple[str, str]:
+    from pkt_pipeline.evaluation.gsm8k import reference_reply
+
+    return ("", reference_reply(item)) if task == "gsm8k" else item.reference_reply()
+
+
+def _generate_gsm8k(model, tokenizer, items, cfg: EvalConfig, progress: bool) -> list[dict]:
     from pkt_pipeline.evaluation.generation import generate, render_user_turn
-    from pkt_pipeline.evaluation.gsm8k import extract_final_number, gsm8k_correct, gsm8k_prompt
+    from pkt_pipeline.evaluation.gsm8k import extract_final_number, gsm8k_correct
 
-    prompts = [render_user_turn(tokenizer, gsm8k_prompt(item.question), cfg.chat) for item in items]
-    outputs = generate(model, tokenizer, prompts, cfg.max_new_tokens_gsm8k, cfg.batch_size, progress, "gsm8k")
+    prompts = [render_user_turn(tokenizer, _user_turn("gsm8k", item), cfg.chat) for item in items]
+    outputs = generate(model, tokenizer, prompts, cfg.max_new_tokens_gsm8k, cfg.batch_size, progress, "gsm8k") if items else []
     return [{"id": item.id, "prompt": prompt, "output": output, "extracted": extract_final_number(output),
              "reference": item.reference, "correct": gsm8k_correct(output, item)}
             for item, prompt, output in zip(items, prompts, outputs)]
 
 
-def _score_code(model, tokenizer, items, cfg: EvalConfig, progress: bool) -> list[dict]:
+def _generate_code(model, tokenizer, items, cfg: EvalConfig, progress: bool) -> list[dict]:
     from pkt_pipeline.evaluation.code_tasks import extract_code
-    from pkt_pipeline.evaluation.generation import code_user_turn, generate, render_user_turn
+    from pkt_pipeline.evaluation.generation import generate, render_user_turn
     from pkt_pipeline.evaluation.sandbox import run_programs
 
-    prompts = [render_user_turn(tokenizer, code_user_turn(item.prompt_text), cfg.chat) for item in items]
+    if not items:
+        return []
+    prompts = [render_user_turn(tokenizer, _user_turn("code", item), cfg.chat) for item in items]
     outputs = generate(model, tokenizer, prompts, cfg.max_new_tokens_code, cfg.batch_size, progress, "code")
     programs = [item.test_program(extract_code(output, item.prompt_text)) for item, output in zip(items, outputs)]
     verdicts = run_programs(programs, workers=cfg.workers, timeout_s=cfg.timeout_s, memory_mb=cfg.memory_mb,
@@ -142,4 +217,5 @@ def _score_code(model, tokenizer, items, cfg: EvalConfig, progress: bool) -> lis
             for item, prompt, output, verdict in zip(items, prompts, outputs, verdicts)]
 
 
-SCORERS = {"mmlu": _score_mmlu, "gsm8k": _score_gsm8k, "humaneval": _score_code, "mbpp": _score_code}
+GENERATORS = {"gsm8k": _generate_gsm8k, "humaneval": _generate_code, "mbpp": _generate_code}
+SCORERS = {"mmlu": _score_mmlu, **{task: partial(_score_generative, task=task) for task in GENERATORS}}

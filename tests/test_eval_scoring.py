@@ -104,9 +104,14 @@ def test_batched_scores_equal_unbatched_forward(tiny_lm, chat):
         assert result["prediction"] == max(expected, key=expected.get)
         assert result["answer"] == "ABCD"[item.answer]
         assert result["correct"] == (result["prediction"] == result["answer"])
+        # p_correct: a hand softmax over the four letters' log-probs, read at the correct one
+        normaliser = sum(math.exp(expected[letter]) for letter in "ABCD")
+        assert result["p_correct"] == pytest.approx(math.exp(expected["ABCD"[item.answer]]) / normaliser, abs=1e-4)
+        assert result["log_p_correct"] == pytest.approx(math.log(result["p_correct"]))
     assert len(lengths) == len(ITEMS)  # every batch mixes lengths, so left padding is exercised
     summary = mmlu_accuracy(results)
     assert summary["n"] == 4 and summary["accuracy"] == sum(r["correct"] for r in results) / 4
+    assert summary["p_correct"] == pytest.approx(sum(r["p_correct"] for r in results) / 4)
 
 
 # ---------------------------------------------------------------- GSM8K
@@ -229,3 +234,43 @@ def test_real_transfer_splits_overlap():
           f"GSM8K test items overlapping gsm splits: {len(gsm_hits)} of {len(gsm)}")
     assert gsm_hits == set()
     assert exact > 0 and len(mmlu_hits) < len(mmlu) // 10
+
+
+# ---------------------------------------------------------------- reference NLL (the generative tasks' continuous metric)
+
+def test_reference_nll_equals_a_plain_forward_loss(tiny_lm):
+    """Batched, left-padded, LM head on the target columns only: the same number as transformers'
+    own loss of one unbatched forward with the context masked out of the labels."""
+    from pkt_pipeline.evaluation.reference_nll import reference_nll
+
+    model, tokenizer = tiny_lm
+    contexts = ["Question: what is 2 + 2?\n", "Q: name a colour.", "A much longer question about the history of "
+                "the powerhouse of the cell, asked at length so that batches mix very different lengths. "]
+    targets = ["Answer: 4. So the answer is 4.", " Blue", " It is the mitochondrion, as every textbook says."]
+    results = reference_nll(model, tokenizer, contexts, targets, batch_size=2, progress=False)
+    for context, target, result in zip(contexts, targets, results):
+        context_ids = tokenizer.encode(context, add_special_tokens=False)
+        target_ids = tokenizer.encode(target, add_special_tokens=False)
+        input_ids = torch.tensor([context_ids + target_ids])
+        labels = torch.tensor([[-100] * len(context_ids) + target_ids])
+        with torch.no_grad():
+            expected = model(input_ids=input_ids, labels=labels).loss.item()
+        assert result["tokens"] == len(target_ids)
+        assert result["nll"] == pytest.approx(expected, abs=1e-4)
+
+
+def test_reference_nll_refuses_mismatched_or_empty_input(tiny_lm):
+    from pkt_pipeline.evaluation.reference_nll import reference_nll
+
+    model, tokenizer = tiny_lm
+    with pytest.raises(ValueError, match="2 contexts but 1 targets"):
+        reference_nll(model, tokenizer, ["a", "b"], ["c"], progress=False)
+    with pytest.raises(ValueError, match="item 0: empty target"):
+        reference_nll(model, tokenizer, ["a"], [""], progress=False)
+
+
+def test_gsm8k_reference_reply_has_the_transfer_split_format():
+    from pkt_pipeline.evaluation.gsm8k import GsmItem, reference_reply
+
+    item = GsmItem("gsm8k_0", "q", "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nIn all 48+24 = <<48+24=72>>72 clips.\n#### 72", "72")
+    assert reference_reply(item) == "Answer: Natalia sold 48/2 = 24 clips in May. In all 48+24 = 72 clips. So the answer is 72."

@@ -59,12 +59,31 @@ def test_eval_scores_every_task_and_drops_contaminated_items(tiny_pair, data_dir
         assert len(records) == metrics[task]["n"] == 2
         assert metrics[task]["score"] == sum(r["correct"] for r in records) / 2
         assert all(r["prompt"] for r in records)
-        if task != "mmlu":
+        if task == "mmlu":
+            assert metrics[task]["p_correct"] == pytest.approx(sum(r["p_correct"] for r in records) / 2)
+        else:
             assert all("output" in r for r in records)
+            assert all(r["nll"] > 0 and r["nll_tokens"] > 0 for r in records)
+            assert metrics[task]["nll"] == pytest.approx(sum(r["nll"] for r in records) / 2) and metrics[task]["nll_n"] == 2
         if task in ("humaneval", "mbpp"):
             assert all(r["verdict"] in ("passed", "failed", "timeout", "memory", "error") for r in records)
     mmlu_ids = {json.loads(line)["id"] for line in (out / "items" / "mmlu.jsonl").read_text().splitlines()}
     assert load_mmlu(data_dir / "mmlu" / "test.jsonl")[0].id not in mmlu_ids
+
+
+def test_nll_items_contain_the_generated_ones_and_generation_can_be_skipped(tiny_pair, data_dir, tmp_path):
+    base = [f"assets.data_dir={data_dir}", "eval.tasks=[gsm8k]", "eval.max_new_tokens_gsm8k=4", "runtime.dtype=float32"]
+    both = evaluate.run(load_config(overrides=base + [f"eval.out={tmp_path / 'both'}", "eval.limit=2", "eval.nll_limit=5"]),
+                        str(tiny_pair["student"]), progress=False)
+    records = [json.loads(line) for line in (tmp_path / "both" / "items" / "gsm8k.jsonl").read_text().splitlines()]
+    assert len(records) == 5 and both["gsm8k"]["nll_n"] == 5 and both["gsm8k"]["n"] == 2
+    generated = {r["id"] for r in records if r["correct"] is not None}
+    assert len(generated) == 2 and all("output" in r for r in records if r["id"] in generated)
+    nll_only = evaluate.run(load_config(overrides=base + [f"eval.out={tmp_path / 'nll'}", "eval.limit=5", "eval.generate=false"]),
+                            str(tiny_pair["student"]), progress=False)
+    assert nll_only["gsm8k"]["n"] == 0 and nll_only["gsm8k"]["nll_n"] == 5
+    again = {r["id"]: r["nll"] for r in map(json.loads, (tmp_path / "nll" / "items" / "gsm8k.jsonl").open())}
+    assert again == pytest.approx({r["id"]: r["nll"] for r in records})  # the same nested subset, the same values
 
 
 def test_mmlu_answer_prefix_opens_the_reply_before_the_letter_is_read(tiny_pair, data_dir, tmp_path):

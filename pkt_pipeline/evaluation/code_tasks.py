@@ -41,6 +41,14 @@ class CodeProblem:
     test_code: str  # run after the solution; raises on a wrong answer
     setup_code: str = ""  # run between the solution and the tests
     continues_prompt: bool = False  # HumanEval: the completion is the body that follows the prompt
+    reference_solution: str = ""  # the canonical solution (HumanEval: the body after the prompt)
+
+    def reference_reply(self) -> tuple[str, str]:
+        """(unscored start, scored rest) of a reference reply to `code_user_turn`: a ```python block
+        holding the canonical solution. HumanEval's block restates the prompt first, which is
+        context, not knowledge, so only the body is scored."""
+        opening = "```python\n" + (self.prompt_text if self.continues_prompt else "")
+        return opening, self.reference_solution.rstrip() + "\n```"
 
     def test_program(self, completion: str) -> str:
         """The complete program whose clean exit means `completion` solves the problem."""
@@ -95,6 +103,7 @@ def load_humaneval(path: str | Path) -> list[CodeProblem]:
             entry_point=row["entry_point"],
             test_code=f"{row['test']}\n\ncheck({row['entry_point']})",
             continues_prompt=True,
+            reference_solution=row["canonical_solution"],
         ))
     return problems
 
@@ -137,5 +146,6 @@ def load_mbpp(path: str | Path, task_ids: Iterable[int] = range(11, 511)) -> lis
             entry_point=_mbpp_entry_point(code, row["test_list"][0], task_id),
             test_code="\n".join(row["test_list"]),
             setup_code=row["test_setup_code"].replace("\r\n", "\n"),
+            reference_solution=code,
         ))
     return problems

@@ -68,6 +68,18 @@ def gsm8k_prompt(question: str) -> str:
     return f"{GSM8K_INSTRUCTION}\n\nQuestion: {question.strip()}"
 
 
+_CALCULATOR = re.compile(r"<<[^<>]*>>")
+
+
+def reference_reply(item: GsmItem) -> str:
+    """The reference solution as the reply pkt's `gsm` transfer split teaches: "Answer: " + the
+    reasoning lines joined by spaces, calculator annotations (`<<48/2=24>>`) removed, ending
+    "So the answer is N." instead of "#### N". Its teacher-forced NLL is GSM8K's continuous metric."""
+    reasoning, _, _ = item.answer.rpartition("####")
+    steps = " ".join(line.strip() for line in _CALCULATOR.sub("", reasoning).splitlines() if line.strip())
+    return f"Answer: {steps} So the answer is {item.reference}."
+
+
 def canonical_number(text: str) -> str:
     """A plain decimal string: no separators, no trailing zeros ("1,200.50" -> "1200.5", "-0" -> "0")."""
     value = Decimal(text.replace(",", "")).normalize()

@@ -26,6 +26,7 @@ either way, a true log-probability (max would under-count a letter the model spr
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,7 +132,13 @@ def letter_logprobs(logprobs: torch.Tensor, letter_ids: list[list[int]]) -> torc
 def score_mmlu(model, tokenizer, items: list[MmluItem], batch_size: int = 8, chat: bool = True,
                progress: bool = True, answer_prefix: str = "") -> list[dict]:
     """Predict each item's letter; returns, in input order, one dict per item:
-    {id, subject, prompt, prediction, answer, correct, letter_logprobs {letter: float}}.
+    {id, subject, prompt, prediction, answer, correct, letter_logprobs {letter: float}, p_correct,
+    log_p_correct}.
+
+    `p_correct` is the probability of the correct letter renormalised over the four letters
+    (softmax of `letter_logprobs`): a continuous score of the same forward pass, which moves with
+    every change of the model's belief where accuracy moves only when the argmax flips, so it
+    separates two models on far fewer items.
 
     Prompts are batched shortest-first (less padding) and left-padded, so every row's last real
     token is the final column; position ids come from the attention mask so padded rows see the
@@ -166,6 +173,7 @@ def score_mmlu(model, tokenizer, items: list[MmluItem], batch_size: int = 8, cha
     results = []
     for item, prompt, score in zip(items, prompts, scores):
         prediction = int(score.argmax())
+        log_p_correct = float(score.double().log_softmax(-1)[item.answer])  # over the 4 letters
         results.append({
             "id": item.id,
             "subject": item.subject,
@@ -174,12 +182,14 @@ def score_mmlu(model, tokenizer, items: list[MmluItem], batch_size: int = 8, cha
             "answer": LETTERS[item.answer],
             "correct": prediction == item.answer,
             "letter_logprobs": {letter: float(value) for letter, value in zip(LETTERS, score)},
+            "p_correct": math.exp(log_p_correct),
+            "log_p_correct": log_p_correct,
         })
     return results
 
 
 def mmlu_accuracy(results: list[dict]) -> dict:
-    """{"accuracy", "n", "by_subject": {subject: accuracy}} over `score_mmlu` results."""
+    """{"accuracy", "p_correct", "n", "by_subject": {subject: accuracy}} over `score_mmlu` results."""
     if not results:
         raise ValueError("no MMLU results to summarise")
     by_subject: dict[str, list[bool]] = {}
@@ -187,6 +197,7 @@ def mmlu_accuracy(results: list[dict]) -> dict:
         by_subject.setdefault(result["subject"], []).append(result["correct"])
     return {
         "accuracy": sum(r["correct"] for r in results) / len(results),
+        "p_correct": sum(r["p_correct"] for r in results) / len(results),
         "n": len(results),
         "by_subject": {s: sum(v) / len(v) for s, v in sorted(by_subject.items())},
     }
