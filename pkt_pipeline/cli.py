@@ -280,13 +280,24 @@ def evaluate(config_path, overrides, model, tasks, out, limit, seed, no_progress
 @click.option("--runs-dir", default="runs", show_default=True, help="`pkt align` outputs, for their wall time and memory.")
 @click.option("--metrics-dir", default="metrics", show_default=True, help="Other stages' metrics JSON (wall time, memory).")
 @click.option("--out", default="report", show_default=True, help="Where report.md, scores.png and report.json go.")
+@click.option("--compare", "comparisons", multiple=True, metavar="A:B",
+              help="Methods to compare, A − B paired over the same items (repeatable). "
+                   "Default: semalign:kd, semalign:lora-sft, kd:lora-sft.")
 @friendly_errors
-def report(eval_dir, runs_dir, metrics_dir, out) -> None:
-    """Compare every method with the teacher and the student: a table (score, change, % of the
-    teacher-student gap closed) in OUT/report.md, a bar chart in OUT/scores.png."""
+def report(eval_dir, runs_dir, metrics_dir, out, comparisons) -> None:
+    """Compare every method with the teacher and the student, and the methods with each other: per task,
+    accuracy and a continuous metric (MMLU p_correct, the others' reference NLL), each with its change
+    from the student (95% interval paired over the same items) and the % of the teacher-student gap
+    closed, in OUT/report.md; a bar chart in OUT/scores.png."""
     from stages import report as stage
 
-    stage.run(eval_dir, out, runs_dir, metrics_dir, echo=click.echo)
+    pairs = []
+    for text in comparisons:
+        a, sep, b = text.partition(":")
+        if not sep or not a or not b:
+            raise click.BadParameter(f"{text!r} is not of the form A:B (e.g. semalign:kd)", param_hint="--compare")
+        pairs.append((a, b))
+    stage.run(eval_dir, out, runs_dir, metrics_dir, echo=click.echo, comparisons=pairs or None)
 
 
 @main.group()

@@ -1,27 +1,51 @@
-"""`pkt report`: one table and one chart that compare every method with the teacher and the student.
+"""`pkt report`: tables and a chart that compare every method with the teacher and the student,
+and the methods with each other.
 
-Reads `EVAL_DIR/<name>/metrics.json` as written by `pkt eval` (`teacher` and `student` are the
-reference rows; every other folder is a method) and, when present, `RUNS_DIR/<name>/metrics.json`
-of `pkt align` and `METRICS_DIR/*.json` of the other stages for wall time and peak memory. Writes
-`OUT/report.md`, `OUT/scores.png` and `OUT/report.json`.
+Reads `EVAL_DIR/<name>/metrics.json` and `EVAL_DIR/<name>/items/<task>.jsonl` as written by
+`pkt eval` (`teacher` and `student` are the reference rows; every other folder is a method) and,
+when present, `RUNS_DIR/<name>/metrics.json` of `pkt align` and `METRICS_DIR/*.json` of the other
+stages for wall time and peak memory. Writes `OUT/report.md`, `OUT/scores.png`, `OUT/report.json`.
 
-Gap closed = (method − student) / (teacher − student): the share of the teacher's lead that the
-transfer recovered (METHOD.md §3); it is left blank where teacher and student tie.
+Every task has two metrics: accuracy (the headline, as in the papers) and a continuous one read
+from the same items (MMLU: `p_correct`, the correct letter's probability over the four letters;
+GSM8K/HumanEval/MBPP: `nll`, the reference reply's mean NLL per token, lower is better). The
+continuous metric moves with every change of belief, so it resolves far smaller changes at the
+item counts a CPU can afford.
 
-Small seeded subsets make every score noisy, so the report says how noisy: each score carries the
-half-width of its 95% interval (normal approximation), and each change from the student the 95%
-interval of the *paired* difference over the items both models answered (`items/<task>.jsonl`),
-which is much tighter than comparing two independent intervals, since both saw the same questions.
+Noise is stated, never left to the reader: each value carries the half-width of its 95% interval
+(normal approximation), each change from the student and each method-vs-method difference the 95%
+interval of the *paired* difference over the items both runs scored (much tighter than two
+independent intervals, since both saw the same items). Gap closed = (method − student) /
+(teacher − student), the share of the teacher's lead the transfer recovered (METHOD.md §3), blank
+where they tie. The resolution table says what this run could detect at all: the median paired
+half-width of method − student per metric (a change below it is not resolved at this n).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import statistics
+from dataclasses import dataclass
 from pathlib import Path
 
 REFERENCES = ("teacher", "student")
 Z95 = 1.959964
+TASKS = ("mmlu", "gsm8k", "humaneval", "mbpp")
+DEFAULT_COMPARISONS = (("semalign", "kd"), ("semalign", "lora-sft"), ("kd", "lora-sft"))
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str  # as shown
+    key: str  # in item records
+    percent: bool  # shown ×100
+    higher_is_better: bool
+
+
+ACCURACY = Metric("accuracy", "correct", True, True)
+CONTINUOUS = {"mmlu": Metric("p_correct", "p_correct", True, True),
+              **{task: Metric("nll", "nll", False, False) for task in ("gsm8k", "humaneval", "mbpp")}}
 
 
 def score_half_width(score: float, n: int) -> float | None:
@@ -29,26 +53,42 @@ def score_half_width(score: float, n: int) -> float | None:
     return Z95 * math.sqrt(score * (1 - score) / n) if n else None
 
 
-def paired_change_interval(model: dict[str, bool], reference: dict[str, bool]) -> tuple[float, float] | None:
-    """95% interval of mean(model correct − reference correct) over the item ids both answered; None
-    when they share fewer than two items."""
+def mean_half_width(values: list[float]) -> float | None:
+    """Half-width of the 95% normal-approximation interval of a mean."""
+    return Z95 * statistics.stdev(values) / math.sqrt(len(values)) if len(values) >= 2 else None
+
+
+def paired_difference(model: dict[str, float], reference: dict[str, float]) -> dict | None:
+    """mean(model − reference) over the item ids both scored, with its 95% interval; None when they
+    share fewer than two items. {"mean", "interval_95": [low, high], "half_width_95", "n"}."""
     shared = sorted(model.keys() & reference.keys())
     if len(shared) < 2:
         return None
     differences = [float(model[i]) - float(reference[i]) for i in shared]
     mean = sum(differences) / len(differences)
-    variance = sum((d - mean) ** 2 for d in differences) / (len(differences) - 1)
-    half = Z95 * math.sqrt(variance / len(differences))
-    return mean - half, mean + half
+    half = mean_half_width(differences)
+    return {"mean": mean, "interval_95": [mean - half, mean + half], "half_width_95": half, "n": len(shared)}
 
 
-def item_verdicts(eval_dir: Path, name: str, task: str) -> dict[str, bool]:
-    """Item id -> correct, from `pkt eval`'s `EVAL_DIR/NAME/items/TASK.jsonl`; empty when absent."""
+def paired_change_interval(model: dict[str, float], reference: dict[str, float]) -> tuple[float, float] | None:
+    """The 95% interval of `paired_difference`, or None."""
+    difference = paired_difference(model, reference)
+    return tuple(difference["interval_95"]) if difference else None
+
+
+def item_values(eval_dir: Path, name: str, task: str, key: str = "correct") -> dict[str, float]:
+    """Item id -> value of `key` (booleans as 0/1), from `pkt eval`'s `EVAL_DIR/NAME/items/TASK.jsonl`;
+    items without the value (e.g. scored by NLL but not generated) are left out; empty when absent."""
     path = eval_dir / name / "items" / f"{task}.jsonl"
     if not path.is_file():
         return {}
     records = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
-    return {str(record["id"]): bool(record["correct"]) for record in records}
+    return {str(r["id"]): float(r[key]) for r in records if r.get(key) is not None}
+
+
+def item_verdicts(eval_dir: Path, name: str, task: str) -> dict[str, bool]:
+    """Item id -> correct (see `item_values`)."""
+    return {i: bool(v) for i, v in item_values(eval_dir, name, task).items()}
 
 
 def gap_closed(method: float, student: float, teacher: float) -> float | None:
@@ -56,7 +96,9 @@ def gap_closed(method: float, student: float, teacher: float) -> float | None:
 
 
 def run(eval_dir: str | Path, out: str | Path, runs_dir: str | Path = "runs", metrics_dir: str | Path = "metrics",
-        echo=print) -> dict:
+        echo=print, comparisons: list[tuple[str, str]] | None = None) -> dict:
+    """Build the report; `comparisons` are (A, B) method pairs for A − B (default: semalign−kd,
+    semalign−lora-sft, kd−lora-sft), skipped where either is absent."""
     eval_dir, out = Path(eval_dir), Path(out)
     scores = {path.parent.name: json.loads(path.read_text()) for path in sorted(eval_dir.glob("*/metrics.json"))}
     missing = [name for name in REFERENCES if name not in scores]
@@ -64,31 +106,90 @@ def run(eval_dir: str | Path, out: str | Path, runs_dir: str | Path = "runs", me
         raise FileNotFoundError(f"{eval_dir} lacks {', '.join(f'{m}/metrics.json' for m in missing)}: "
                                 "evaluate the teacher and the student first (pkt eval ... --out "
                                 f"{eval_dir}/teacher)")
-    tasks = [task for task in ("mmlu", "gsm8k", "humaneval", "mbpp") if task in scores["student"]]
+    tasks = [task for task in TASKS if task in scores["student"]]
     methods = [name for name in scores if name not in REFERENCES]
+    values = {(name, task, metric.key): item_values(eval_dir, name, task, metric.key)
+              for name in scores for task in tasks for metric in (ACCURACY, CONTINUOUS[task])}
     rows = []
     for name in [*REFERENCES, *methods]:
         row = {"name": name, "scores": {}}
         for task in tasks:
             if task not in scores[name]:
                 continue
-            value, n = scores[name][task]["score"], scores[name][task]["n"]
-            student, teacher = scores["student"][task]["score"], scores["teacher"][task]["score"]
-            interval = None if name == "student" else paired_change_interval(
-                item_verdicts(eval_dir, name, task), item_verdicts(eval_dir, "student", task))
-            row["scores"][task] = {"score": value, "n": n, "score_half_width_95": score_half_width(value, n),
-                                   "delta": value - student if name != "student" else None,
-                                   "delta_interval_95": list(interval) if interval else None,
-                                   "gap_closed": gap_closed(value, student, teacher) if name not in REFERENCES else None}
+            row["scores"][task] = {metric.name: _cell(scores, values, name, task, metric)
+                                   for metric in (ACCURACY, CONTINUOUS[task])}
+            row["scores"][task] = {k: v for k, v in row["scores"][task].items() if v is not None}
         rows.append(row)
-    costs = _stage_costs(scores, Path(runs_dir), Path(metrics_dir))
+    pairs = [(a, b) for a, b in (comparisons if comparisons is not None else DEFAULT_COMPARISONS)
+             if a in scores and b in scores]
+    compared = []
+    for a, b in pairs:
+        for task in tasks:
+            for metric in (ACCURACY, CONTINUOUS[task]):
+                difference = paired_difference(values[(a, task, metric.key)], values[(b, task, metric.key)])
+                if difference:
+                    compared.append({"a": a, "b": b, "task": task, "metric": metric.name, **difference})
+    report = {"tasks": tasks, "rows": rows, "comparisons": compared, "resolution": _resolution(rows, tasks),
+              "stages": _stage_costs(scores, Path(runs_dir), Path(metrics_dir))}
     out.mkdir(parents=True, exist_ok=True)
-    report = {"tasks": tasks, "rows": rows, "stages": costs}
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "report.md").write_text(_markdown(report))
     _chart(report, out / "scores.png")
     echo(f"wrote {out / 'report.md'} and {out / 'scores.png'}")
     return report
+
+
+def _cell(scores: dict, values: dict, name: str, task: str, metric: Metric) -> dict | None:
+    """One model's value of one metric: mean, n, 95% half-width, change from the student (paired), gap closed."""
+    mine = values[(name, task, metric.key)]
+    if metric is ACCURACY:
+        value, n = scores[name][task].get("score"), scores[name][task].get("n", 0)
+        if value is None or not n:
+            return None
+        half = score_half_width(value, n)
+    else:
+        if not mine:
+            return None
+        value, n, half = sum(mine.values()) / len(mine), len(mine), mean_half_width(list(mine.values()))
+    cell = {"value": value, "n": n, "half_width_95": half, "delta": None, "delta_interval_95": None, "gap_closed": None}
+    if name == "student":
+        return cell
+    student = _mean(scores, values, "student", task, metric)
+    teacher = _mean(scores, values, "teacher", task, metric)
+    if student is not None:
+        cell["delta"] = value - student
+        difference = paired_difference(mine, values[("student", task, metric.key)])
+        if difference:
+            cell["delta"], cell["delta_interval_95"] = difference["mean"], difference["interval_95"]
+            cell["delta_half_width_95"] = difference["half_width_95"]
+    if name not in REFERENCES and student is not None and teacher is not None:
+        cell["gap_closed"] = gap_closed(value, student, teacher)
+    return cell
+
+
+def _mean(scores: dict, values: dict, name: str, task: str, metric: Metric) -> float | None:
+    if metric is ACCURACY:
+        return scores.get(name, {}).get(task, {}).get("score")
+    mine = values.get((name, task, metric.key))
+    return sum(mine.values()) / len(mine) if mine else None
+
+
+def _resolution(rows: list[dict], tasks: list[str]) -> list[dict]:
+    """Per task and metric: the median, over methods (and the teacher when there is no method), of
+    the paired 95% half-width of model − student: the smallest change this run resolves."""
+    resolution = []
+    for task in tasks:
+        for metric in (ACCURACY, CONTINUOUS[task]):
+            cells = {row["name"]: row["scores"].get(task, {}).get(metric.name) for row in rows}
+            halves = [c["delta_half_width_95"] for name, c in cells.items()
+                      if c and c.get("delta_half_width_95") is not None and name not in REFERENCES]
+            if not halves and cells.get("teacher") and cells["teacher"].get("delta_half_width_95") is not None:
+                halves = [cells["teacher"]["delta_half_width_95"]]
+            if halves:
+                n = next(c["n"] for c in cells.values() if c)
+                resolution.append({"task": task, "metric": metric.name, "n": n,
+                                   "paired_half_width_95": statistics.median(halves)})
+    return resolution
 
 
 def _stage_costs(scores: dict, runs_dir: Path, metrics_dir: Path) -> list[dict]:
@@ -103,52 +204,87 @@ def _cost(metrics: dict) -> dict:
     return {"seconds": metrics.get("seconds"), "peak_rss_gib": metrics.get("peak_rss_gib")}
 
 
+def _metric(task: str, name: str) -> Metric:
+    return ACCURACY if name == ACCURACY.name else CONTINUOUS[task]
+
+
+def _number(metric: Metric, value: float, signed: bool = False) -> str:
+    scale, digits = (100, 1) if metric.percent else (1, 3)
+    return f"{scale * value:{'+' if signed else ''}.{digits}f}"
+
+
 def _markdown(report: dict) -> str:
-    tasks = report["tasks"]
-    lines = ["| model | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
-    for row in report["rows"]:
-        cells = []
-        for task in tasks:
-            cell = row["scores"].get(task)
-            if cell is None:
-                cells.append("–")
-                continue
-            spread = cell["score_half_width_95"]
-            text = f"{100 * cell['score']:.1f}" + (f" ±{100 * spread:.1f}" if spread is not None else "") + f" (n={cell['n']})"
-            if cell["delta"] is not None:
-                text += f", {100 * cell['delta']:+.1f}"
+    lines = []
+    for task in report["tasks"]:
+        metrics = [ACCURACY, CONTINUOUS[task]]
+        present = [m for m in metrics if any(m.name in row["scores"].get(task, {}) for row in report["rows"])]
+        lines += [f"### {task}", "", "| model | " + " | ".join(
+            f"{m.name}{' (%)' if m.percent else ' (nats/token, lower is better)'} | change from student | gap closed"
+            for m in present) + " |", "|---|" + "---|---|---|" * len(present)]
+        for row in report["rows"]:
+            cells = []
+            for metric in present:
+                cell = row["scores"].get(task, {}).get(metric.name)
+                if cell is None:
+                    cells += ["–", "–", "–"]
+                    continue
+                value = _number(metric, cell["value"]) + (f" ±{_number(metric, cell['half_width_95'])}"
+                                                          if cell["half_width_95"] is not None else "") + f" (n={cell['n']})"
+                change = "–" if cell["delta"] is None else _number(metric, cell["delta"], signed=True)
                 if cell["delta_interval_95"] is not None:
                     low, high = cell["delta_interval_95"]
-                    text += f" [{100 * low:+.1f}, {100 * high:+.1f}]"
-            if cell["gap_closed"] is not None:
-                text += f", gap closed {100 * cell['gap_closed']:.0f}%"
-            cells.append(text)
-        lines.append(f"| {row['name']} | " + " | ".join(cells) + " |")
-    lines += ["", "Scores in % with the half-width of their 95% interval; for each model: the change from the student",
-              "with its 95% interval paired over the same items (an interval spanning 0 is no measured change at",
-              "this n), and for each method the share of the teacher–student gap it closed.", "", "| stage | wall time (s) | peak RSS (GiB) |", "|---|---|---|"]
+                    change += f" [{_number(metric, low, True)}, {_number(metric, high, True)}]"
+                gap = "–" if cell["gap_closed"] is None else f"{100 * cell['gap_closed']:.0f}%"
+                cells += [value, change, gap]
+            lines.append(f"| {row['name']} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["Values with the half-width of their 95% interval; the change from the student with its 95% interval",
+              "paired over the same items (an interval spanning 0 is no measured change at this n); for each method",
+              "the share of the teacher–student gap it closed."]
+    if report["comparisons"]:
+        lines += ["", "### Methods against each other (A − B, paired over the same items)", "",
+                  "| A − B | task | metric | difference [95% interval] | n |", "|---|---|---|---|---|"]
+        for c in report["comparisons"]:
+            metric = _metric(c["task"], c["metric"])
+            low, high = c["interval_95"]
+            lines.append(f"| {c['a']} − {c['b']} | {c['task']} | {c['metric']} | {_number(metric, c['mean'], True)} "
+                         f"[{_number(metric, low, True)}, {_number(metric, high, True)}] | {c['n']} |")
+    if report["resolution"]:
+        lines += ["", "### Resolution: the smallest change from the student this run can see", "",
+                  "| task | metric | n | paired 95% half-width (median over methods) |", "|---|---|---|---|"]
+        lines += [f"| {r['task']} | {r['metric']} | {r['n']} | ±{_number(_metric(r['task'], r['metric']), r['paired_half_width_95'])} |"
+                  for r in report["resolution"]]
+    lines += ["", "| stage | wall time (s) | peak RSS (GiB) |", "|---|---|---|"]
     lines += [f"| {c['stage']} | {c['seconds'] if c['seconds'] is not None else '–'} | "
               f"{c['peak_rss_gib'] if c['peak_rss_gib'] is not None else '–'} |" for c in report["stages"]]
     return "\n".join(lines) + "\n"
 
 
 def _chart(report: dict, path: Path) -> None:
+    """One panel per (task, metric): every model's value with its 95% error bar."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tasks, rows = report["tasks"], report["rows"]
-    figure, axis = plt.subplots(figsize=(max(5, 1.2 * len(rows) * len(tasks)), 3.5))
-    width = 0.8 / max(len(rows), 1)
-    for index, row in enumerate(rows):
-        values = [100 * row["scores"][t]["score"] if t in row["scores"] else 0 for t in tasks]
-        errors = [100 * (row["scores"][t]["score_half_width_95"] or 0) if t in row["scores"] else 0 for t in tasks]
-        axis.bar([i + index * width for i in range(len(tasks))], values, width, yerr=errors, capsize=3,
-                 error_kw={"linewidth": 0.8}, label=row["name"])
-    axis.set_xticks([i + width * (len(rows) - 1) / 2 for i in range(len(tasks))], tasks)
-    axis.set_ylabel("score (%)")
-    axis.legend(fontsize=8, ncols=min(len(rows), 4))
+    panels = [(task, metric) for task in report["tasks"] for metric in (ACCURACY, CONTINUOUS[task])
+              if any(metric.name in row["scores"].get(task, {}) for row in report["rows"])]
+    rows = report["rows"]
+    figure, axes = plt.subplots(1, max(len(panels), 1), figsize=(max(4.5, 0.5 * len(rows)) * max(len(panels), 1), 3.6),
+                                squeeze=False)
+    for axis, (task, metric) in zip(axes[0], panels):
+        scale = 100 if metric.percent else 1
+        names = [row["name"] for row in rows if metric.name in row["scores"].get(task, {})]
+        cells = [row["scores"][task][metric.name] for row in rows if metric.name in row["scores"].get(task, {})]
+        axis.bar(range(len(cells)), [scale * c["value"] for c in cells],
+                 yerr=[scale * (c["half_width_95"] or 0) for c in cells], capsize=3, error_kw={"linewidth": 0.8},
+                 color=[f"C{i}" for i in range(len(cells))])
+        axis.set_xticks(range(len(cells)), names, rotation=35, ha="right", fontsize=8)
+        axis.set_title(f"{task}: {metric.name}" + ("" if metric.higher_is_better else " (lower is better)"), fontsize=9)
+        axis.set_ylabel("%" if metric.percent else "nats/token")
+        if not metric.higher_is_better:
+            low = min(scale * (c["value"] - (c["half_width_95"] or 0)) for c in cells)
+            axis.set_ylim(bottom=max(0.0, 0.9 * low))
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

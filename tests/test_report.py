@@ -29,10 +29,11 @@ def test_report_computes_change_and_gap_closed(tmp_path):
     write_eval(tmp_path / "eval", "semalign", mmlu=0.41, gsm8k=0.20)
     result = report.run(tmp_path / "eval", tmp_path / "report", tmp_path / "runs", tmp_path / "metrics", echo=lambda *_: None)
     semalign = next(row for row in result["rows"] if row["name"] == "semalign")["scores"]
-    assert semalign["mmlu"]["gap_closed"] == pytest.approx(0.5) and semalign["mmlu"]["delta"] == pytest.approx(0.12)
-    assert semalign["gsm8k"]["gap_closed"] == pytest.approx(0.0)
+    accuracy = semalign["mmlu"]["accuracy"]
+    assert accuracy["gap_closed"] == pytest.approx(0.5) and accuracy["delta"] == pytest.approx(0.12)
+    assert semalign["gsm8k"]["accuracy"]["gap_closed"] == pytest.approx(0.0)
     table = (tmp_path / "report" / "report.md").read_text()
-    assert "| semalign | 41.0 ±9.6 (n=100), +12.0, gap closed 50% |" in table
+    assert "| semalign | 41.0 ±9.6 (n=100) | +12.0 | 50% |" in table
     assert "| evaluate teacher | 12.5 | 3.0 |" in table
     assert (tmp_path / "report" / "scores.png").read_bytes().startswith(b"\x89PNG")
     assert report.gap_closed(0.3, 0.3, 0.3) is None
@@ -53,10 +54,54 @@ def test_change_interval_is_paired_over_the_same_items(tmp_path):
     write_items(tmp_path / "eval", "student", "mmlu", student)
     write_items(tmp_path / "eval", "kd", "mmlu", method)
     result = report.run(tmp_path / "eval", tmp_path / "report", tmp_path / "runs", tmp_path / "metrics", echo=lambda *_: None)
-    cell = next(row for row in result["rows"] if row["name"] == "kd")["scores"]["mmlu"]
+    cell = next(row for row in result["rows"] if row["name"] == "kd")["scores"]["mmlu"]["accuracy"]
     differences = [float(m) - float(s) for m, s in zip(method, student)]
     half = 1.959964 * statistics.stdev(differences) / len(differences) ** 0.5
     assert cell["delta_interval_95"] == pytest.approx([0.1 - half, 0.1 + half])
     assert cell["delta_interval_95"][0] > 0, "a consistent 10-item gain on the same items is a measured change"
-    assert cell["score_half_width_95"] == pytest.approx(1.959964 * (0.4 * 0.6 / 100) ** 0.5)
-    assert "| kd | 40.0 ±9.6 (n=100), +10.0 [+4.1, +15.9], gap closed 50% |" in (tmp_path / "report" / "report.md").read_text()
+    assert cell["half_width_95"] == pytest.approx(1.959964 * (0.4 * 0.6 / 100) ** 0.5)
+    assert "| kd | 40.0 ±9.6 (n=100) | +10.0 [+4.1, +15.9] | 50% |" in (tmp_path / "report" / "report.md").read_text()
+
+
+def write_records(root: Path, name: str, task: str, records: list[dict]) -> None:
+    (root / name / "items").mkdir(parents=True, exist_ok=True)
+    (root / name / "items" / f"{task}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    verdicts = [r["correct"] for r in records if r.get("correct") is not None]
+    (root / name / "metrics.json").write_text(json.dumps(
+        {task: {"score": sum(verdicts) / len(verdicts), "n": len(verdicts), "dropped": 0}}))
+
+
+def test_continuous_metric_and_method_vs_method_interval_by_hand(tmp_path):
+    """Four GSM8K items, NLL on all, accuracy on two; every number below is worked out by hand."""
+    nll = {"teacher": [1.0, 1.0, 1.0, 1.0], "student": [2.0, 2.2, 1.8, 2.0],
+           "semalign": [1.5, 1.6, 1.5, 1.4], "kd": [1.7, 1.7, 1.7, 1.9]}
+    for name, values in nll.items():
+        write_records(tmp_path / "eval", name, "gsm8k", [
+            {"id": f"g{i}", "nll": v, "correct": (name != "student") if i < 2 else None} for i, v in enumerate(values)])
+    result = report.run(tmp_path / "eval", tmp_path / "report", tmp_path / "runs", tmp_path / "metrics", echo=lambda *_: None)
+    semalign = next(row for row in result["rows"] if row["name"] == "semalign")["scores"]["gsm8k"]
+    assert semalign["nll"]["value"] == pytest.approx(1.5) and semalign["nll"]["n"] == 4
+    # change from the student: differences -0.5, -0.6, -0.3, -0.6 -> mean -0.5, sd 0.141421
+    half = 1.959964 * 0.1414214 / 2
+    assert semalign["nll"]["delta_interval_95"] == pytest.approx([-0.5 - half, -0.5 + half], abs=1e-6)
+    assert semalign["nll"]["gap_closed"] == pytest.approx(0.5)  # (1.5 - 2.0) / (1.0 - 2.0)
+    assert semalign["accuracy"]["n"] == 2 and semalign["accuracy"]["value"] == 1.0
+    # semalign - kd: differences -0.2, -0.1, -0.2, -0.5 -> mean -0.25, sd 0.173205
+    pair = next(c for c in result["comparisons"] if (c["a"], c["b"], c["metric"]) == ("semalign", "kd", "nll"))
+    half = 1.959964 * 0.1732051 / 2
+    assert pair["mean"] == pytest.approx(-0.25) and pair["interval_95"] == pytest.approx([-0.25 - half, -0.25 + half], abs=1e-6)
+    assert pair["n"] == 4
+    assert not any(c["b"] == "lora-sft" for c in result["comparisons"]), "absent methods are skipped"
+    table = (tmp_path / "report" / "report.md").read_text()
+    assert "| semalign − kd | gsm8k | nll | -0.250 [-0.420, -0.080] | 4 |" in table
+    resolution = {(r["task"], r["metric"]): r for r in result["resolution"]}
+    assert resolution[("gsm8k", "nll")]["n"] == 4
+
+
+def test_cli_report_refuses_a_malformed_comparison(tmp_path):
+    from click.testing import CliRunner
+
+    from pkt_pipeline.cli import main
+
+    result = CliRunner().invoke(main, ["report", "--eval-dir", str(tmp_path), "--compare", "semalign-kd"])
+    assert result.exit_code != 0 and "not of the form A:B" in result.output
