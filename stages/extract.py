@@ -207,6 +207,18 @@ def array_specs(settings: CaptureSettings, width: int) -> list[ArraySpec]:
     return specs
 
 
+def length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Indices into `lengths` in batches of similar length (sorted, then cut), longest first.
+
+    A group's examples are batched by length rather than in order: MMLU rows run from ~60 to 512
+    tokens, and a batch padded to its longest row spends most of its compute on padding. Only the
+    forward's batching changes; the group is written in its own order, so the cache is the same.
+    Longest first, so a batch that does not fit in memory fails at once.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+
+
 def extract_groups(model, writer: CacheWriter, examples: list, groups: list[list[int]], offsets: list[int],
                    todo: list[int], settings: CaptureSettings, batch_size: int, progress: bool = True) -> int:
     """Capture and write the groups in `todo`; each group's write overlaps the next group's forward.
@@ -231,10 +243,11 @@ def extract_groups(model, writer: CacheWriter, examples: list, groups: list[list
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pkt-writer") as pool:
             for g in todo:
                 members = [examples[i] for i in groups[g]]
-                captured = []
-                for start in range(0, len(members), batch_size):
-                    batch = members[start:start + batch_size]
-                    captured += capture_batch(model, batch, settings)
+                captured: list = [None] * len(members)
+                for rows in length_batches([len(e.input_ids) for e in members], batch_size):
+                    batch = [members[r] for r in rows]
+                    for r, result in zip(rows, capture_batch(model, batch, settings)):
+                        captured[r] = result
                     bar.update(sum(len(e.input_ids) for e in batch))
                 blocks = group_blocks(members, captured, [offsets[i] for i in groups[g]], g * shard_tokens,
                                       writer.run["layout"]["chunk_tokens"], settings)
