@@ -32,6 +32,9 @@ from pathlib import Path
 REFERENCES = ("teacher", "student")
 Z95 = 1.959964
 TASKS = ("mmlu", "gsm8k", "humaneval", "mbpp")
+RESOLUTION_TARGET = 0.015
+"""The paired half-width a transfer benchmark aims for on a % metric (1.5 points); the resolution table
+says how many items would reach it, from the spread this run measured."""
 DEFAULT_COMPARISONS = (("semalign", "kd"), ("semalign", "lora-sft"), ("kd", "lora-sft"))
 
 
@@ -186,9 +189,11 @@ def _resolution(rows: list[dict], tasks: list[str]) -> list[dict]:
             if not halves and cells.get("teacher") and cells["teacher"].get("delta_half_width_95") is not None:
                 halves = [cells["teacher"]["delta_half_width_95"]]
             if halves:
-                n = next(c["n"] for c in cells.values() if c)
-                resolution.append({"task": task, "metric": metric.name, "n": n,
-                                   "paired_half_width_95": statistics.median(halves)})
+                n, half = next(c["n"] for c in cells.values() if c), statistics.median(halves)
+                entry = {"task": task, "metric": metric.name, "n": n, "paired_half_width_95": half}
+                if metric.percent and half > 0:  # the half-width shrinks as 1/sqrt(n)
+                    entry["n_for_target"] = math.ceil(n * (half / RESOLUTION_TARGET) ** 2)
+                resolution.append(entry)
     return resolution
 
 
@@ -251,9 +256,10 @@ def _markdown(report: dict) -> str:
                          f"[{_number(metric, low, True)}, {_number(metric, high, True)}] | {c['n']} |")
     if report["resolution"]:
         lines += ["", "### Resolution: the smallest change from the student this run can see", "",
-                  "| task | metric | n | paired 95% half-width (median over methods) |", "|---|---|---|---|"]
-        lines += [f"| {r['task']} | {r['metric']} | {r['n']} | ±{_number(_metric(r['task'], r['metric']), r['paired_half_width_95'])} |"
-                  for r in report["resolution"]]
+                  "| task | metric | n | paired 95% half-width (median over methods) | items for ±1.5 points |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {r['task']} | {r['metric']} | {r['n']} | ±{_number(_metric(r['task'], r['metric']), r['paired_half_width_95'])} "
+                  f"| {r.get('n_for_target', '–')} |" for r in report["resolution"]]
     lines += ["", "| stage | wall time (s) | peak RSS (GiB) |", "|---|---|---|"]
     lines += [f"| {c['stage']} | {c['seconds'] if c['seconds'] is not None else '–'} | "
               f"{c['peak_rss_gib'] if c['peak_rss_gib'] is not None else '–'} |" for c in report["stages"]]

@@ -334,3 +334,13 @@ def test_torchrun_matches_single_process(tiny_pair, long_dataset, reference_run,
         torch.testing.assert_close(multi.topk(example_id)[0], single.topk(example_id)[0])
     np.testing.assert_allclose(multi.attribution(), single.attribution(), rtol=1e-6)
     assert verify_cache(out) == []
+
+
+def test_length_batches_cover_every_example_once_longest_first():
+    from stages.extract import length_batches
+
+    lengths = [60, 512, 75, 300, 61, 510, 64]
+    batches = length_batches(lengths, 3)
+    assert sorted(i for batch in batches for i in batch) == list(range(len(lengths)))
+    assert [len(b) for b in batches] == [3, 3, 1]
+    assert batches[0] == [1, 5, 3] and batches[1] == [2, 6, 4]  # similar lengths share a batch
