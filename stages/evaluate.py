@@ -30,8 +30,9 @@ import time
 from functools import partial
 from pathlib import Path
 
-from pkt_pipeline.config import EvalConfig, PktConfig
+from pkt_pipeline.config import EvalConfig, PktConfig, to_dict
 from pkt_pipeline.datasets import find_dataset
+from pkt_pipeline.evaluation.journal import Journal, model_fingerprint
 from pkt_pipeline.models import load_model, load_tokenizer, resolve_device
 
 TASKS = ("mmlu", "gsm8k", "humaneval", "mbpp")
@@ -54,10 +55,14 @@ def run(config: PktConfig, model_name: str, progress: bool = True, echo=print) -
     for task in cfg.tasks:
         task_items, dropped = _decontaminate(task, items[task], config.assets.data_dir) if cfg.decontaminate else (items[task], 0)
         task_started = time.perf_counter()
-        records = SCORERS[task](model, tokenizer, task_items, cfg, progress)
+        journal = Journal(out / ".journal" / f"{task}.jsonl", _fingerprint(model_name, task, config))
+        if journal.resumed():
+            echo(f"{task}: resuming, {journal.resumed()} item record(s) already scored in {journal.path}")
+        records = SCORERS[task](model, tokenizer, task_items, cfg, progress, journal)
         with open(items_dir / f"{task}.jsonl", "w") as handle:
             for record in records:
                 handle.write(json.dumps(record) + "\n")
+        journal.remove()
         metrics[task] = {**summarise(records), "dropped": dropped, "subset": bool(cfg.limit),
                          "seconds": round(time.perf_counter() - task_started, 1)}
         echo(_summary_line(task, metrics[task]))
@@ -65,6 +70,13 @@ def run(config: PktConfig, model_name: str, progress: bool = True, echo=print) -
     metrics["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
+
+
+def _fingerprint(model_name: str, task: str, config: PktConfig) -> dict:
+    """What a task's item records depend on: the model's files, the dtype and the scoring settings
+    (not which items are chosen: a record is the same whichever subset it is part of)."""
+    scoring = {k: v for k, v in to_dict(config)["eval"].items() if k not in ("out", "tasks", "limit", "nll_limit", "generate", "seed")}
+    return {**model_fingerprint(model_name), "task": task, "dtype": str(config.runtime.dtype), "eval": scoring}
 
 
 def _load(task: str, data_dir: str) -> list:
@@ -146,31 +158,37 @@ def _summary_line(task: str, metrics: dict) -> str:
     return "  ".join(parts) + f"; {metrics['dropped']} contaminated items dropped"
 
 
-def _score_mmlu(model, tokenizer, items, cfg: EvalConfig, progress: bool) -> list[dict]:
+def _score_mmlu(model, tokenizer, items, cfg: EvalConfig, progress: bool, journal: Journal) -> list[dict]:
     """Letter log-likelihoods: accuracy and `p_correct` come from one forward per item."""
     from pkt_pipeline.evaluation.mmlu import score_mmlu
 
-    return score_mmlu(model, tokenizer, _subset(items, cfg.limit, cfg.seed), batch_size=cfg.batch_size, chat=cfg.chat,
-                      progress=progress, answer_prefix=cfg.mmlu_answer_prefix)
+    return journal.score("score", _subset(items, cfg.limit, cfg.seed), lambda item: item.id, lambda chunk: score_mmlu(
+        model, tokenizer, chunk, batch_size=cfg.batch_size, chat=cfg.chat, progress=False,
+        answer_prefix=cfg.mmlu_answer_prefix), progress, "mmlu")
 
 
-def _score_generative(model, tokenizer, items, cfg: EvalConfig, progress: bool, task: str) -> list[dict]:
+def _score_generative(model, tokenizer, items, cfg: EvalConfig, progress: bool, journal: Journal, task: str) -> list[dict]:
     """Teacher-forced NLL of the reference reply on `nll_limit` items, greedy generation and its
     verdict on the first `limit` of them; one record per item, `correct` None where not generated."""
     from pkt_pipeline.evaluation.generation import render_user_turn
     from pkt_pipeline.evaluation.reference_nll import reference_nll
 
+    item_id = partial(_item_id, task)
     scored = _subset(items, cfg.limit if cfg.nll_limit is None else cfg.nll_limit, cfg.seed)
-    generated = {_item_id(task, item) for item in _subset(items, cfg.limit, cfg.seed)} if cfg.generate else set()
-    prompts = [render_user_turn(tokenizer, _user_turn(task, item), cfg.chat) for item in scored]
-    replies = [_reference_reply(task, item) for item in scored]
-    nlls = reference_nll(model, tokenizer, [p + start for p, (start, _) in zip(prompts, replies)],
-                         [target for _, target in replies], cfg.batch_size, progress, f"{task} nll",
-                         add_special_tokens=not (cfg.chat and getattr(tokenizer, "chat_template", None)))
-    records = {_item_id(task, item): {"id": _item_id(task, item), "nll": value["nll"], "nll_tokens": value["tokens"]}
-               for item, value in zip(scored, nlls)}
-    to_generate = [item for item in items if _item_id(task, item) in generated]
-    for record in GENERATORS[task](model, tokenizer, to_generate, cfg, progress):
+    generated = {item_id(item) for item in _subset(items, cfg.limit, cfg.seed)} if cfg.generate else set()
+
+    def score_nll(chunk: list) -> list[dict]:
+        prompts = [render_user_turn(tokenizer, _user_turn(task, item), cfg.chat) for item in chunk]
+        replies = [_reference_reply(task, item) for item in chunk]
+        nlls = reference_nll(model, tokenizer, [p + start for p, (start, _) in zip(prompts, replies)],
+                             [target for _, target in replies], cfg.batch_size, False,
+                             add_special_tokens=not (cfg.chat and getattr(tokenizer, "chat_template", None)))
+        return [{"id": item_id(item), "nll": value["nll"], "nll_tokens": value["tokens"]} for item, value in zip(chunk, nlls)]
+
+    records = {record["id"]: record for record in journal.score("nll", scored, item_id, score_nll, progress, f"{task} nll")}
+    to_generate = [item for item in items if item_id(item) in generated]
+    for record in journal.score("generate", to_generate, item_id,
+                                lambda chunk: GENERATORS[task](model, tokenizer, chunk, cfg, False), progress, task):
         records[record["id"]] = {**records.get(record["id"], {"id": record["id"]}), **record}
     order = {_item_id(task, item): i for i, item in enumerate(items)}
     return [{"correct": None, **record} for record in sorted(records.values(), key=lambda r: order[r["id"]])]

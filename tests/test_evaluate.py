@@ -106,3 +106,54 @@ def test_eval_cli_refuses_an_unknown_task(tiny_pair):
                              "--tasks", "mmlu,triviaqa"], capture_output=True, text=True)
     assert result.returncode == 1
     assert "eval.tasks must be a non-empty subset" in result.stderr and "triviaqa" in result.stderr
+
+
+def test_a_killed_eval_resumes_from_its_journal(tiny_pair, data_dir, tmp_path, monkeypatch):
+    """Killed after the first chunk of NLL items, the rerun scores only the rest and writes the same
+    records as an uninterrupted run; a journal of other settings is not reused."""
+    from pkt_pipeline.evaluation import journal as journal_module
+    from pkt_pipeline.evaluation import reference_nll as nll_module
+
+    monkeypatch.setattr(journal_module, "CHUNK_ITEMS", 2)
+    overrides = [f"assets.data_dir={data_dir}", "eval.tasks=[gsm8k]", "eval.limit=5", "eval.generate=false",
+                 "runtime.dtype=float32"]
+    evaluate.run(load_config(overrides=overrides + [f"eval.out={tmp_path / 'whole'}"]), str(tiny_pair["student"]), progress=False)
+    whole = (tmp_path / "whole" / "items" / "gsm8k.jsonl").read_text()
+    assert not (tmp_path / "whole" / ".journal" / "gsm8k.jsonl").exists(), "the journal is removed once records are written"
+
+    real, scored = nll_module.reference_nll, []
+
+    def killed_after_one_chunk(model, tokenizer, contexts, targets, *args, **kwargs):
+        if scored:
+            raise KeyboardInterrupt
+        scored.append(len(contexts))
+        return real(model, tokenizer, contexts, targets, *args, **kwargs)
+
+    out = tmp_path / "killed"
+    monkeypatch.setattr(nll_module, "reference_nll", killed_after_one_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate.run(load_config(overrides=overrides + [f"eval.out={out}"]), str(tiny_pair["student"]), progress=False)
+    assert not (out / "items" / "gsm8k.jsonl").exists() and (out / ".journal" / "gsm8k.jsonl").is_file()
+
+    counted = []
+
+    def counting(model, tokenizer, contexts, targets, *args, **kwargs):
+        counted.append(len(contexts))
+        return real(model, tokenizer, contexts, targets, *args, **kwargs)
+
+    monkeypatch.setattr(nll_module, "reference_nll", counting)
+    messages = []
+    evaluate.run(load_config(overrides=overrides + [f"eval.out={out}"]), str(tiny_pair["student"]), progress=False,
+                 echo=messages.append)
+    assert sum(counted) == 3 and any("resuming, 2 item record(s)" in m for m in messages)
+    assert (out / "items" / "gsm8k.jsonl").read_text() == whole
+
+    # another scoring setting: the journal of the old one is discarded, every item scored again
+    monkeypatch.setattr(nll_module, "reference_nll", killed_after_one_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate.run(load_config(overrides=overrides + [f"eval.out={out}"]), str(tiny_pair["student"]), progress=False)
+    counted.clear()
+    monkeypatch.setattr(nll_module, "reference_nll", counting)
+    evaluate.run(load_config(overrides=overrides + [f"eval.out={out}", "eval.chat=false"]), str(tiny_pair["student"]),
+                 progress=False)
+    assert sum(counted) == 5
