@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from pkt_pipeline.models import cpu_facts
+
 
 def build(args):
     from pkt_pipeline.cache import open_cache
@@ -178,7 +180,7 @@ def main() -> None:
     if "online" in results and "cache" in results:
         summary["online_over_offline"] = results["online"]["median_step_seconds"] / results["cache"]["median_step_seconds"]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")
+    Path(args.out).write_text(json.dumps({**summary, "cpu": cpu_facts()}, indent=2) + "\n")
     print(f"{'mode':8s} {'step s':>8s} {'tok/s':>8s} {'peak RSS GiB':>13s}")
     for mode, row in results.items():
         if mode == "paired":

@@ -28,6 +28,7 @@ import pyarrow as pa
 
 from pkt_pipeline.cache import ArraySpec, CacheWriter, cache_info, open_cache
 from pkt_pipeline.cache.layout import compressor
+from pkt_pipeline.models import cpu_facts
 
 WIDTH, LAYERS, SHARD, CHUNK = 1536, 29, 4096, 512
 
@@ -169,7 +170,7 @@ def main() -> None:
               "real_codec_ratios": real_codecs,
               "shape": {"width": WIDTH, "layers": LAYERS, "shard_tokens": SHARD, "chunk_tokens": CHUNK}, "gib": args.gib, "read_workers": args.read_workers}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    Path(args.out).write_text(json.dumps({**result, "cpu": cpu_facts()}, indent=2) + "\n")
     print(f"raw disk: write {raw_write:.2f} GB/s, read {raw_read:.2f} GB/s")
     print(f"{'compressor':14s} {'ratio':>6s} {'write GB/s':>10s} {'% raw':>6s} {'read GB/s':>10s} {'% raw':>6s}")
     for row in rows:

@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from pkt_pipeline.models import cpu_facts
+
 PROMPT = "Write a Python function is_prime(n) that returns True when n is a prime number."
 MODELS = ["qwen2.5-coder-1.5b-instruct", "qwen2.5-coder-0.5b-instruct", "smollm2-135m-instruct"]
 
@@ -51,7 +53,7 @@ def main() -> None:
         del model
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(), "results": rows}, indent=2) + "\n")
+    out.write_text(json.dumps({"torch": torch.__version__, "cpu": cpu_facts(), "results": rows}, indent=2) + "\n")
     print(f"{'model':32s} {'load s':>7s} {'tok/s':>7s}")
     for row in rows:
         print(f"{row['model']:32s} {row['load_s']:7.2f} {row['gen_tok_per_s']:7.1f}")

@@ -19,6 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from pkt_pipeline.models import cpu_facts
 from stages.report import item_verdicts, paired_change_interval, score_half_width
 
 GROUPS = {"mmlu": ["mmlu"], "gen": ["gsm8k", "humaneval"]}
@@ -60,7 +61,7 @@ def main() -> None:
                          "difference": metrics["teacher"]["score"] - metrics["student"]["score"],
                          "difference_interval_95": paired_change_interval(verdicts["teacher"], verdicts["student"])})
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"teacher": args.teacher, "student": args.student, "tasks": rows}, indent=2) + "\n")
+    args.json.write_text(json.dumps({"teacher": args.teacher, "student": args.student, "cpu": cpu_facts(), "tasks": rows}, indent=2) + "\n")
     print("| task | n | dropped | teacher | student | teacher - student [paired 95%] |")
     print("|---|---|---|---|---|---|")
     for row in rows:
