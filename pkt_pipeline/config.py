@@ -289,6 +289,9 @@ class EvalConfig:
     continuous metric for dev-set tuning."""
     seed: int = 0
     batch_size: int = 8
+    """Items per forward when scoring (MMLU letters, reference NLL)."""
+    generation_batch_size: int = 16
+    """Rows decoded together (GSM8K, HumanEval, MBPP); a finished row's slot goes to the next prompt."""
     chat: bool = True
     """Render prompts with the tokenizer's chat template (instruct models), when it has one."""
     mmlu_answer_prefix: str = ""

@@ -7,6 +7,9 @@ with one record a person can read per item (prompt, output, verdict). The prompt
 - MMLU, 0-shot: the log-likelihood of the answer letters after the question (`mmlu.py`); accuracy
   and, continuous, `p_correct`: the correct letter's probability renormalised over the four;
 - GSM8K, 0-shot greedy: exact match of the final number (`gsm8k.py`);
+  greedy generation (`generation.py`) is pkt's own batched loop: a row leaves the batch, and the
+  next prompt takes its slot, as soon as it ends (EOS, `max_new_tokens`, or its task's stop rule:
+  the code block closed, the GSM8K answer paragraph finished);
 - HumanEval and MBPP (task_ids 11-510), pass@1 with greedy decoding, the code run only in the
   sandbox (`sandbox.py`: no network namespace, memory/CPU/file limits, process-group kill);
 - and for these three, continuous: `nll`, the teacher-forced mean NLL per token of the reference
@@ -208,11 +211,12 @@ def _reference_reply(task: str, item) -> tuple[str, str]:
 
 
 def _generate_gsm8k(model, tokenizer, items, cfg: EvalConfig, progress: bool) -> list[dict]:
-    from pkt_pipeline.evaluation.generation import generate, render_user_turn
+    from pkt_pipeline.evaluation.generation import TASK_STOPS, generate, render_user_turn
     from pkt_pipeline.evaluation.gsm8k import extract_final_number, gsm8k_correct
 
     prompts = [render_user_turn(tokenizer, _user_turn("gsm8k", item), cfg.chat) for item in items]
-    outputs = generate(model, tokenizer, prompts, cfg.max_new_tokens_gsm8k, cfg.batch_size, progress, "gsm8k") if items else []
+    outputs = generate(model, tokenizer, prompts, cfg.max_new_tokens_gsm8k, cfg.generation_batch_size, progress,
+                       "gsm8k", stop=TASK_STOPS["gsm8k"])
     return [{"id": item.id, "prompt": prompt, "output": output, "extracted": extract_final_number(output),
              "reference": item.reference, "correct": gsm8k_correct(output, item)}
             for item, prompt, output in zip(items, prompts, outputs)]
@@ -220,13 +224,14 @@ def _generate_gsm8k(model, tokenizer, items, cfg: EvalConfig, progress: bool) ->
 
 def _generate_code(model, tokenizer, items, cfg: EvalConfig, progress: bool) -> list[dict]:
     from pkt_pipeline.evaluation.code_tasks import extract_code
-    from pkt_pipeline.evaluation.generation import generate, render_user_turn
+    from pkt_pipeline.evaluation.generation import TASK_STOPS, generate, render_user_turn
     from pkt_pipeline.evaluation.sandbox import run_programs
 
     if not items:
         return []
     prompts = [render_user_turn(tokenizer, _user_turn("code", item), cfg.chat) for item in items]
-    outputs = generate(model, tokenizer, prompts, cfg.max_new_tokens_code, cfg.batch_size, progress, "code")
+    outputs = generate(model, tokenizer, prompts, cfg.max_new_tokens_code, cfg.generation_batch_size, progress,
+                       "code", stop=TASK_STOPS["humaneval"])
     programs = [item.test_program(extract_code(output, item.prompt_text)) for item, output in zip(items, outputs)]
     verdicts = run_programs(programs, workers=cfg.workers, timeout_s=cfg.timeout_s, memory_mb=cfg.memory_mb,
                             progress=progress, desc="execute")
