@@ -106,6 +106,8 @@ def run(config: PktConfig, progress: bool = True, echo=print) -> dict:
                "phases": phase_summaries(log), "seconds": round(time.perf_counter() - started, 1),
                "train_seconds": summary["seconds"], "tokens_per_second": summary["tokens_per_second"],
                "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2), **saved}
+    if getattr(method, "pairs", None):  # student layer -> teacher layer, recorded with every run that pairs layers
+        metrics["pairs"] = {str(k): p for k, p in method.pairs.items()}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     clear_checkpoint(out)
     return {"out": str(out), "action": "trained", "metrics": metrics, "map_report": report}

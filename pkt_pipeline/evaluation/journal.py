@@ -69,6 +69,8 @@ class Journal:
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
+        if self.path.parent.is_dir() and not any(self.path.parent.iterdir()):
+            self.path.parent.rmdir()
 
     def score(self, phase: str, items: list, id_of: Callable[[object], str], score: Callable[[list], list[dict]],
               progress: bool = True, desc: str = "") -> list[dict]:
