@@ -248,26 +248,32 @@ def _print_map_report(report: dict) -> None:
 @click.option("--tasks", default=None, help="Comma-separated: mmlu,gsm8k,humaneval,mbpp (default: eval.tasks).")
 @click.option("--out", default=None, help="Output folder for metrics.json and per-item records.")
 @click.option("--limit", type=int, default=None, help="Score a seeded random subset of N items per task.")
+@click.option("--nll-limit", type=int, default=None,
+              help="GSM8K/HumanEval/MBPP: items scored by reference NLL (containing the --limit generated ones).")
+@click.option("--no-generate", is_flag=True, help="GSM8K/HumanEval/MBPP: reference NLL only, no generation.")
 @click.option("--seed", type=int, default=None, help="Seed of that subset (default 0).")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars (for logs).")
 @friendly_errors
-def evaluate(config_path, overrides, model, tasks, out, limit, seed, no_progress) -> None:
+def evaluate(config_path, overrides, model, tasks, out, limit, nll_limit, no_generate, seed, no_progress) -> None:
     """Score MODEL (hub id, local dir, .gguf, or an `pkt align` output's model/ folder).
 
     \b
     Example:
       pkt eval runs/gsm-semalign/model --tasks mmlu,gsm8k --limit 200 --out eval/semalign
     MMLU by letter log-likelihood (0-shot), GSM8K by the final number (greedy), HumanEval and
-    MBPP pass@1 with the code run in a sandbox (no network, time and memory limits). Items
-    found in the transfer splits are dropped and counted. Writes OUT/metrics.json and
-    OUT/items/<task>.jsonl (prompt, output, verdict per item).
+    MBPP pass@1 with the code run in a sandbox (no network, time and memory limits); next to
+    each accuracy a continuous metric (MMLU p_correct, the others' reference-solution NLL).
+    Items found in the transfer splits are dropped and counted. Writes OUT/metrics.json and
+    OUT/items/<task>.jsonl (prompt, output, verdict, continuous values per item). A killed run
+    resumes where it stopped (rerun the same command).
     """
     from stages import evaluate as stage
 
     from .config import load_config
 
     extra = [f"eval.{key}={value}" for key, value in (("tasks", tasks), ("out", out), ("limit", limit),
-                                                        ("seed", seed)) if value is not None]
+                                                        ("nll_limit", nll_limit), ("seed", seed)) if value is not None]
+    extra += ["eval.generate=false"] if no_generate else []
     config = load_config(config_path, [*overrides, *extra])
     if no_progress:
         hide_library_progress()
