@@ -35,7 +35,9 @@ def scratch(tmp_path_factory) -> tuple[Path, dict]:
         pytest.skip(f"the tiny pipeline needs the MMLU transfer split and test set: {exc}")
     repo = tmp_path_factory.mktemp("pipeline") / "repo"
     tracked = subprocess.run(["git", "ls-files"], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True)
-    for name in [*tracked.stdout.splitlines(), "dvc.yaml", "configs/tiny.yaml", ".dvc/config", ".dvcignore"]:
+    # The default pipeline only: experiments/ holds other pipelines, whose locked outputs are not here to push.
+    files = [name for name in tracked.stdout.splitlines() if not name.startswith("experiments/")]
+    for name in [*files, "dvc.yaml", "configs/tiny.yaml", ".dvc/config", ".dvcignore"]:
         source = PROJECT_ROOT / name
         if source.is_file():
             (repo / name).parent.mkdir(parents=True, exist_ok=True)
