@@ -166,8 +166,8 @@ def _score_mmlu(model, tokenizer, items, cfg: EvalConfig, progress: bool, journa
     from pkt_pipeline.evaluation.mmlu import score_mmlu
 
     return journal.score("score", _subset(items, cfg.limit, cfg.seed), lambda item: item.id, lambda chunk: score_mmlu(
-        model, tokenizer, chunk, batch_size=cfg.batch_size, chat=cfg.chat, progress=False,
-        answer_prefix=cfg.mmlu_answer_prefix), progress, "mmlu")
+        model, tokenizer, chunk, batch_size=cfg.batch_size, chat=cfg.chat, progress=progress,
+        answer_prefix=cfg.mmlu_answer_prefix))
 
 
 def _score_generative(model, tokenizer, items, cfg: EvalConfig, progress: bool, journal: Journal, task: str) -> list[dict]:
@@ -184,14 +184,14 @@ def _score_generative(model, tokenizer, items, cfg: EvalConfig, progress: bool, 
         prompts = [render_user_turn(tokenizer, _user_turn(task, item), cfg.chat) for item in chunk]
         replies = [_reference_reply(task, item) for item in chunk]
         nlls = reference_nll(model, tokenizer, [p + start for p, (start, _) in zip(prompts, replies)],
-                             [target for _, target in replies], cfg.batch_size, False,
+                             [target for _, target in replies], cfg.batch_size, progress, f"{task} nll",
                              add_special_tokens=not (cfg.chat and getattr(tokenizer, "chat_template", None)))
         return [{"id": item_id(item), "nll": value["nll"], "nll_tokens": value["tokens"]} for item, value in zip(chunk, nlls)]
 
-    records = {record["id"]: record for record in journal.score("nll", scored, item_id, score_nll, progress, f"{task} nll")}
+    records = {record["id"]: record for record in journal.score("nll", scored, item_id, score_nll)}
     to_generate = [item for item in items if item_id(item) in generated]
     for record in journal.score("generate", to_generate, item_id,
-                                lambda chunk: GENERATORS[task](model, tokenizer, chunk, cfg, False), progress, task):
+                                lambda chunk: GENERATORS[task](model, tokenizer, chunk, cfg, progress)):
         records[record["id"]] = {**records.get(record["id"], {"id": record["id"]}), **record}
     order = {_item_id(task, item): i for i, item in enumerate(items)}
     return [{"correct": None, **record} for record in sorted(records.values(), key=lambda r: order[r["id"]])]

@@ -16,8 +16,6 @@ import os
 from pathlib import Path
 from typing import Callable, Iterable
 
-from tqdm.auto import tqdm
-
 CHUNK_ITEMS = 64
 """Items scored between two journal writes: at most this many items' work is lost to a kill."""
 
@@ -72,16 +70,14 @@ class Journal:
         if self.path.parent.is_dir() and not any(self.path.parent.iterdir()):
             self.path.parent.rmdir()
 
-    def score(self, phase: str, items: list, id_of: Callable[[object], str], score: Callable[[list], list[dict]],
-              progress: bool = True, desc: str = "") -> list[dict]:
-        """`score(chunk)` over the items not yet journalled, a chunk at a time; every item's record, in order."""
+    def score(self, phase: str, items: list, id_of: Callable[[object], str],
+              score: Callable[[list], list[dict]]) -> list[dict]:
+        """`score(chunk)` over the items not yet journalled, a chunk at a time (the scorer shows its own
+        progress per chunk); every item's record, in order."""
         done = self.records.get(phase, {})
         todo = [item for item in items if id_of(item) not in done]
-        with tqdm(total=len(items), initial=len(items) - len(todo), desc=desc or phase, unit="item",
-                  disable=not progress) as bar:
-            for start in range(0, len(todo), CHUNK_ITEMS):
-                chunk = todo[start:start + CHUNK_ITEMS]
-                self.add(phase, [id_of(item) for item in chunk], score(chunk))
-                bar.update(len(chunk))
+        for start in range(0, len(todo), CHUNK_ITEMS):
+            chunk = todo[start:start + CHUNK_ITEMS]
+            self.add(phase, [id_of(item) for item in chunk], score(chunk))
         done = self.records.get(phase, {})
         return [done[id_of(item)] for item in items]
