@@ -29,11 +29,11 @@ from tqdm.auto import tqdm
 
 from pkt_pipeline.evaluation.code_tasks import extract_code
 from pkt_pipeline.evaluation.generation import (
-    TASK_STOPS, code_user_turn, greedy_generate, render_user_turn,
+    TASK_STOPS, greedy_generate, render_user_turn,
 )
-from pkt_pipeline.evaluation.gsm8k import extract_final_number, gsm8k_correct, gsm8k_prompt
+from pkt_pipeline.evaluation.gsm8k import extract_final_number, gsm8k_correct
 from pkt_pipeline.models import cpu_facts, load_model, load_tokenizer, resolve_device, resolve_dtype
-from stages.evaluate import _load, _subset
+from stages.evaluate import _item_id, _load, _subset, _user_turn
 
 GENERATIVE = ("gsm8k", "humaneval", "mbpp")
 
@@ -74,10 +74,6 @@ def tiny_model(dtype):
     return model.to(dtype), tokenizer
 
 
-def item_id(task: str, item) -> str:
-    return item.task_id if task in ("humaneval", "mbpp") else item.id
-
-
 def verdict(task: str, item, output: str):
     """What the scorer decides from: GSM8K's correctness, the code the sandbox would run."""
     if task == "gsm8k":
@@ -86,8 +82,7 @@ def verdict(task: str, item, output: str):
 
 
 def time_task(model, tokenizer, task: str, items: list, args) -> dict:
-    user_turns = [gsm8k_prompt(i.question) if task == "gsm8k" else code_user_turn(i.prompt_text) for i in items]
-    prompts = [render_user_turn(tokenizer, text, not args.no_chat) for text in user_turns]
+    prompts = [render_user_turn(tokenizer, _user_turn(task, i), not args.no_chat) for i in items]
     max_new = args.max_new_tokens or (args.max_new_tokens_gsm8k if task == "gsm8k" else args.max_new_tokens_code)
     started = time.perf_counter()
     before = generate_reference(model, tokenizer, prompts, max_new, args.reference_batch_size, desc=f"{task} before")
@@ -96,7 +91,7 @@ def time_task(model, tokenizer, task: str, items: list, args) -> dict:
     after = greedy_generate(model, tokenizer, prompts, max_new, args.batch_size, desc=f"{task} after",
                             stop=None if args.no_stop else TASK_STOPS[task])
     after_s = time.perf_counter() - started
-    differing = [item_id(task, item) for item, b, a in zip(items, before, after)
+    differing = [_item_id(task, item) for item, b, a in zip(items, before, after)
                  if verdict(task, item, b) != verdict(task, item, a.text)]
     result = {
         "n": len(items), "max_new_tokens": max_new, "stop_rule": None if args.no_stop else TASK_STOPS[task].__name__,
@@ -112,10 +107,10 @@ def time_task(model, tokenizer, task: str, items: list, args) -> dict:
     if task == "gsm8k":
         result["score_before"] = sum(gsm8k_correct(b, i) for i, b in zip(items, before)) / len(items)
         result["score_after"] = sum(gsm8k_correct(a.text, i) for i, a in zip(items, after)) / len(items)
-        result["extracted_differ_ids"] = [item_id(task, i) for i, b, a in zip(items, before, after)
+        result["extracted_differ_ids"] = [_item_id(task, i) for i, b, a in zip(items, before, after)
                                           if extract_final_number(b) != extract_final_number(a.text)]
     if args.keep_outputs:
-        result["outputs"] = [{"id": item_id(task, i), "before": b, "after": a.text, "finish": a.finish}
+        result["outputs"] = [{"id": _item_id(task, i), "before": b, "after": a.text, "finish": a.finish}
                              for i, b, a in zip(items, before, after)]
     return result
 

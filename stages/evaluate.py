@@ -136,6 +136,9 @@ def _subset(items: list, limit: int, seed: int) -> list:
     return [items[i] for i in sorted(order[:limit])]
 
 
+CONTINUOUS_KEYS = ("p_correct", "log_p_correct", "nll")
+
+
 def summarise(records: list[dict]) -> dict:
     """Task metrics from item records: accuracy over the items with a verdict (`score`, `correct`,
     `n`) and the mean of each continuous value present (`p_correct`, `log_p_correct`, `nll`, each
@@ -148,9 +151,6 @@ def summarise(records: list[dict]) -> dict:
         if values:
             summary[key], summary[f"{key}_n"] = sum(values) / len(values), len(values)
     return summary
-
-
-CONTINUOUS_KEYS = ("p_correct", "log_p_correct", "nll")
 
 
 def _summary_line(task: str, metrics: dict) -> str:
@@ -193,7 +193,7 @@ def _score_generative(model, tokenizer, items, cfg: EvalConfig, progress: bool, 
     for record in journal.score("generate", to_generate, item_id,
                                 lambda chunk: GENERATORS[task](model, tokenizer, chunk, cfg, progress)):
         records[record["id"]] = {**records.get(record["id"], {"id": record["id"]}), **record}
-    order = {_item_id(task, item): i for i, item in enumerate(items)}
+    order = {item_id(item): i for i, item in enumerate(items)}
     return [{"correct": None, **record} for record in sorted(records.values(), key=lambda r: order[r["id"]])]
 
 

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from .batching import left_padded, pad_token_id
+
 LETTERS = ("A", "B", "C", "D")
 LETTER_SPELLINGS = ("{}", " {}")
 
@@ -147,9 +149,7 @@ def score_mmlu(model, tokenizer, items: list[MmluItem], batch_size: int = 8, cha
     from tqdm.auto import tqdm
 
     letter_ids = letter_token_ids(tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad_id is None:
-        raise ValueError("tokenizer has neither a pad nor an eos token to pad batches with")
+    pad_id = pad_token_id(tokenizer)
     device = next(model.parameters()).device
     prompts = [render_prompt(item, tokenizer, chat, answer_prefix) for item in items]
     # A chat template writes its own BOS; a raw prompt needs the tokenizer's.
@@ -158,13 +158,7 @@ def score_mmlu(model, tokenizer, items: list[MmluItem], batch_size: int = 8, cha
     scores: list[torch.Tensor | None] = [None] * len(items)
     for start in tqdm(range(0, len(order), batch_size), desc="mmlu", unit="batch", disable=not progress):
         rows = order[start:start + batch_size]
-        width = max(len(encoded[i]) for i in rows)
-        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, i in enumerate(rows):
-            input_ids[r, width - len(encoded[i]):] = torch.tensor(encoded[i])
-            attention_mask[r, width - len(encoded[i]):] = 1
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        input_ids, attention_mask, position_ids = left_padded([encoded[i] for i in rows], pad_id)
         logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                        position_ids=position_ids.to(device), logits_to_keep=1).logits[:, -1]
         batch_scores = letter_logprobs(logits.float().log_softmax(-1), letter_ids).cpu()

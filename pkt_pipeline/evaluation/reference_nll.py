@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from .batching import left_padded, pad_token_id
+
 
 @torch.no_grad()
 def reference_nll(model, tokenizer, contexts: list[str], targets: list[str], batch_size: int = 8,
@@ -32,9 +34,7 @@ def reference_nll(model, tokenizer, contexts: list[str], targets: list[str], bat
     """
     if len(contexts) != len(targets):
         raise ValueError(f"{len(contexts)} contexts but {len(targets)} targets")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad_id is None:
-        raise ValueError("tokenizer has neither a pad nor an eos token to pad batches with")
+    pad_id = pad_token_id(tokenizer)
     context_ids = [tokenizer.encode(c, add_special_tokens=add_special_tokens) for c in contexts]
     target_ids = [tokenizer.encode(t, add_special_tokens=False) for t in targets]
     for i, (context, target) in enumerate(zip(context_ids, target_ids)):
@@ -46,14 +46,7 @@ def reference_nll(model, tokenizer, contexts: list[str], targets: list[str], bat
     results: list[dict | None] = [None] * len(contexts)
     for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", disable=not progress):
         rows = order[start:start + batch_size]
-        sequences = [context_ids[i] + target_ids[i] for i in rows]
-        width = max(len(s) for s in sequences)
-        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, sequence in enumerate(sequences):
-            input_ids[r, width - len(sequence):] = torch.tensor(sequence)
-            attention_mask[r, width - len(sequence):] = 1
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        input_ids, attention_mask, position_ids = left_padded([context_ids[i] + target_ids[i] for i in rows], pad_id)
         # The logit at column c predicts token c + 1: the longest target needs its own length + 1 columns.
         keep = max(len(target_ids[i]) for i in rows) + 1
         logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
