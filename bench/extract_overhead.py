@@ -88,6 +88,28 @@ def time_forward(model, batches, device, with_capture: CaptureSettings | None) -
     return time.perf_counter() - started
 
 
+def batch_plans(examples, shard_tokens: int, batch_size: int) -> tuple[list, list]:
+    """(in example order, by similar length) batches of each shard group, as the stage forms them."""
+    lengths = [len(e.input_ids) for e in examples]
+    groups = plan_groups(lengths, shard_tokens)
+    in_order = [[examples[i] for i in members[s:s + batch_size]]
+                for members in groups for s in range(0, len(members), batch_size)]
+    by_length = [[examples[members[r]] for r in rows] for members in groups
+                 for rows in length_batches([lengths[i] for i in members], batch_size)]
+    return in_order, by_length
+
+
+def write_padding_only(args, name: str, examples) -> None:
+    in_order, by_length = batch_plans(examples, args.shard_tokens, args.batch_size)
+    result = {"model": name, "data": args.data, "examples": len(examples), "batch_size": args.batch_size,
+              "shard_tokens": args.shard_tokens, "max_length": args.length,
+              "padding_fraction": {"in_order": padding_fraction(in_order), "by_length": padding_fraction(by_length)}}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"{args.data}, {len(examples)} examples: padding {100 * result['padding_fraction']['in_order']:.1f}% of computed "
+          f"positions in example order, {100 * result['padding_fraction']['by_length']:.1f}% by length; wrote {args.out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--teacher", default="models/qwen2.5-coder-0.5b-instruct")
@@ -104,6 +126,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--dir", default=None, help="where the benchmark cache is written (default: a temp dir)")
     parser.add_argument("--out", default="bench/results/extract_overhead.json")
+    parser.add_argument("--padding-only", action="store_true",
+                        help="only the padding share of both batch plans, from token lengths (no model, no timing)")
     args = parser.parse_args()
 
     device = resolve_device(args.device)
@@ -114,18 +138,17 @@ def main() -> None:
         name = f"random Qwen2 {args.random_shape}"
     else:
         tokenizer = load_tokenizer(args.teacher)
-        examples, _ = load_examples(resolve_data(args.data), tokenizer, max_length=args.length, limit=args.examples)
-        model = load_model(args.teacher, dtype=dtype, device=str(device))
+        examples, _ = load_examples(resolve_data(args.data), tokenizer, max_length=args.length, limit=args.examples or None)
         name = args.teacher
+        if args.padding_only:
+            return write_padding_only(args, name, examples)
+        model = load_model(args.teacher, dtype=dtype, device=str(device))
     layers = tuple(range(model.config.num_hidden_layers + 1))
     settings = CaptureSettings(layers, ("hidden",), args.top_k, "bfloat16")
     lengths = [len(e.input_ids) for e in examples]
     groups = plan_groups(lengths, args.shard_tokens)
     offsets, _ = assign_offsets(groups, lengths, args.shard_tokens)
-    in_order = [[examples[i] for i in members[s:s + args.batch_size]]
-                for members in groups for s in range(0, len(members), args.batch_size)]
-    batches = [[examples[members[r]] for r in rows] for members in groups
-               for rows in length_batches([lengths[i] for i in members], args.batch_size)]
+    in_order, batches = batch_plans(examples, args.shard_tokens, args.batch_size)
     tokens = sum(lengths)
 
     import pyarrow as pa
