@@ -148,7 +148,8 @@ def phase_summaries(entries: list[dict]) -> dict[str, dict]:
 
 
 def clear_checkpoint(out: Path) -> None:
-    shutil.rmtree(out / CHECKPOINT, ignore_errors=True)
+    for name in (CHECKPOINT, f"{CHECKPOINT}.previous", f"{CHECKPOINT}.tmp"):
+        shutil.rmtree(out / name, ignore_errors=True)
 
 
 def _save_checkpoint(out: Path, model: nn.Module, names: list[str], position: Position, optimizer, scheduler,
@@ -160,14 +161,20 @@ def _save_checkpoint(out: Path, model: nn.Module, names: list[str], position: Po
     save_file({name: parameters[name].detach().contiguous().cpu() for name in names}, temporary / "trained.safetensors")
     torch.save({"position": position.__dict__, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "loader": loader.state_dict(), "rng": torch.get_rng_state()}, temporary / "state.pt")
+    # Swap by renames only, so a kill at any instant leaves one whole checkpoint: `final`, or
+    # (between the two renames) `previous`, which _load_checkpoint falls back to.
+    previous = out / f"{CHECKPOINT}.previous"
     if final.exists():
-        shutil.rmtree(final)
+        shutil.rmtree(previous, ignore_errors=True)
+        os.replace(final, previous)
     os.replace(temporary, final)
+    shutil.rmtree(previous, ignore_errors=True)
 
 
 def _load_checkpoint(out: Path, model: nn.Module, names: list[str]) -> dict | None:
-    folder = out / CHECKPOINT
-    if not (folder / "state.pt").is_file():
+    folder = next((out / name for name in (CHECKPOINT, f"{CHECKPOINT}.previous") if (out / name / "state.pt").is_file()),
+                  None)
+    if folder is None:
         return None
     trained = load_file(folder / "trained.safetensors")
     missing = sorted(set(names) - set(trained))

@@ -285,6 +285,26 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130(tiny_pair, tiny_cache, tmp_path
     assert state["position"]["global_step"] == len((out / "train_log.jsonl").read_text().splitlines())
 
 
+def test_a_kill_between_the_checkpoint_renames_resumes_from_the_previous_checkpoint(tiny_pair, tiny_cache, tmp_path):
+    out = tmp_path / "swapping"
+    process = cli_align(tiny_pair, tiny_cache, out, "align.steps=200", "align.checkpoint_every=1000")
+    _wait_for_log(out, 2, process)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    step = torch.load(out / "checkpoint" / "state.pt", weights_only=False)["position"]["global_step"]
+    # What a kill between the save's two renames leaves: the old checkpoint moved aside, the new one unfinished.
+    (out / "checkpoint").rename(out / "checkpoint.previous")
+    (out / "checkpoint.tmp").mkdir()
+    (out / "checkpoint.tmp" / "trained.safetensors").write_bytes(b"half written")
+    resumed = cli_align(tiny_pair, tiny_cache, out, "align.steps=200", "align.checkpoint_every=1000")
+    _wait_for_log(out, step + 1, resumed)
+    resumed.send_signal(signal.SIGINT)
+    stdout, stderr = resumed.communicate(timeout=120)
+    assert f"at step {step} " in stdout, stdout
+    assert (out / "checkpoint" / "state.pt").exists() and not (out / "checkpoint.previous").exists()
+
+
 def _wait_for_log(out: Path, lines: int, process: subprocess.Popen, timeout: float = 180) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
