@@ -64,14 +64,13 @@ def build(args):
 def online_teacher_signals(teacher, batch, phase, kind: str, top_k: int):
     """What stage one would have cached for this batch, computed now by the teacher."""
     from pkt_pipeline.extraction import top_k_logprobs
+    from pkt_pipeline.residual import forward_with_residual_stream, layer_state
 
     with torch.no_grad():
-        out = teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True)
+        out, states = forward_with_residual_stream(teacher, input_ids=batch.input_ids,
+                                                   attention_mask=batch.attention_mask)
         for layer in phase.teacher_layers:
-            state = out.hidden_states[layer]
-            if kind == "delta":
-                state = state - out.hidden_states[layer - 1]
-            batch.teacher[layer] = state.to(torch.bfloat16)
+            batch.teacher[layer] = layer_state(states, layer, kind).to(torch.bfloat16)
         values, indices = top_k_logprobs(out.logits.flatten(0, 1), top_k)
         batch.topk_logprobs = values.view(*out.logits.shape[:2], top_k).float()
         batch.topk_indices = indices.view(*out.logits.shape[:2], top_k).long()

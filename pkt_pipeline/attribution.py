@@ -9,7 +9,17 @@ layer ℓ (ℓ = 0 is the embedding output, ℓ = L the last layer) is
     I_ℓ = Σ_t Σ_j | ∂L/∂h_ℓ[t,j] · h_ℓ[t,j] |        ("abs", the default)
     I_ℓ = Σ_t Σ_j   ∂L/∂h_ℓ[t,j] · h_ℓ[t,j]          ("signed", the METHOD.md option)
 
-with h_ℓ = `hidden_states[ℓ]` of `model(..., output_hidden_states=True)`.
+with h_ℓ the residual stream: `hidden_states[ℓ]` for ℓ < L and the last decoder layer's raw
+output for ℓ = L (`residual.py`; transformers' `hidden_states[L]` is after the final norm), the
+states the cache holds.
+
+The same pass scores every layer's *contribution* Δ_ℓ = h_ℓ − h_{ℓ−1} (Δ_0 = h_0):
+
+    C_ℓ = Σ_t Σ_j | ∂L/∂h_ℓ[t,j] · Δ_ℓ[t,j] |         (signed: without the | |)
+
+∂L/∂h_ℓ is also ∂L/∂Δ_ℓ, so signed C_ℓ is the first-order change of the loss were layer ℓ's
+addition removed. I_ℓ grows with depth as the stream does (an argmax over a window sits at its
+deep edge); C_ℓ measures what a layer itself adds, which is what SemAlign's pairing wants.
 
 Notes on the definition:
 
@@ -18,10 +28,6 @@ Notes on the definition:
   there feeds the loss; earlier unsupervised positions do feed it through attention, and
   their share is the point of the gradient. Summing over all positions is therefore the
   same as summing over the positions that feed the loss, with no mask to get wrong.
-- In transformers 5.x `hidden_states[L]` (the last entry) is taken *after* the final norm:
-  it equals `last_hidden_state`, not the raw output of the last decoder layer. Attribution
-  is over the hidden states as the model returns them, so I_L is the score of the normed
-  final state.
 - Each example is one forward and one backward pass. The gradient is taken with
   `torch.autograd.grad` with respect to the hidden states only; parameters are switched to
   `requires_grad=False` for the call and restored afterwards, so no `.grad` is created or
@@ -40,9 +46,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .residual import forward_with_residual_stream
+
 log = logging.getLogger(__name__)
 
 AGGREGATIONS = ("abs", "signed")
+TARGETS = ("output", "contribution")
+"""What a score multiplies the gradient with: the layer's output h_ℓ, or its contribution Δ_ℓ."""
 
 
 def _model_device(model) -> torch.device:
@@ -81,14 +91,24 @@ def has_effective_supervision(supervised) -> bool:
 
 
 def layer_attribution(
-    model, input_ids: torch.Tensor, supervised: torch.Tensor, aggregation: str = "abs"
+    model, input_ids: torch.Tensor, supervised: torch.Tensor, aggregation: str = "abs", target: str = "output"
 ) -> torch.Tensor:
-    """Per-layer Gradient × Activation scores I_ℓ of one example, float64 of shape [L+1] (CPU).
+    """Per-layer Gradient × Activation scores of one example (I_ℓ, or C_ℓ for `target="contribution"`),
+    float64 of shape [L+1] (CPU).
 
     `input_ids` [T] integer ids, `supervised` [T] bool answer-token mask. Raises ValueError for
-    an unknown `aggregation`, malformed inputs, or an example with no supervised token at
-    position ≥ 1 (nothing to predict). See the module docstring for the exact definition.
+    an unknown `aggregation` or `target`, malformed inputs, or an example with no supervised token
+    at position ≥ 1 (nothing to predict). See the module docstring for the exact definition.
     """
+    if target not in TARGETS:
+        raise ValueError(f"unknown attribution target {target!r} (choose one of {', '.join(TARGETS)})")
+    return attribution_scores(model, input_ids, supervised, aggregation)[target]
+
+
+def attribution_scores(
+    model, input_ids: torch.Tensor, supervised: torch.Tensor, aggregation: str = "abs"
+) -> dict[str, torch.Tensor]:
+    """Both targets' scores of one example from one forward and backward: {target: float64 [L+1]}."""
     input_ids = torch.as_tensor(input_ids)
     supervised = torch.as_tensor(supervised)
     _check_inputs(input_ids, supervised, aggregation)
@@ -111,22 +131,21 @@ def layer_attribution(
             # The embedding output is the one leaf that needs a gradient: every hidden state
             # downstream of it then sits on the graph.
             embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
-            output = model(
-                inputs_embeds=embeds,
-                attention_mask=torch.ones_like(ids),
-                output_hidden_states=True,
-                use_cache=False,
-            )
-            hidden = tuple(output.hidden_states)
+            output, hidden = forward_with_residual_stream(
+                model, inputs_embeds=embeds, attention_mask=torch.ones_like(ids), use_cache=False)
             logits = output.logits[0, :-1][predict].float()
             loss = F.cross_entropy(logits, targets)
             grads = torch.autograd.grad(loss, hidden)
-        scores = torch.empty(len(hidden), dtype=torch.float64)
+        scores = {target: torch.empty(len(hidden), dtype=torch.float64) for target in TARGETS}
+        previous = None
         for layer, (h, g) in enumerate(zip(hidden, grads)):
-            product = g.detach().float() * h.detach().float()
-            if aggregation == "abs":
-                product = product.abs()
-            scores[layer] = product.sum(dtype=torch.float64).item()
+            h, g = h.detach().float(), g.detach().float()
+            for target, activation in (("output", h), ("contribution", h if previous is None else h - previous)):
+                product = g * activation
+                if aggregation == "abs":
+                    product = product.abs()
+                scores[target][layer] = product.sum(dtype=torch.float64).item()
+            previous = h
         return scores
     finally:
         for p, flag in zip(params, requires):
@@ -136,8 +155,8 @@ def layer_attribution(
 
 def accumulate_attribution(
     model, examples: Iterable, aggregation: str = "abs", progress: bool = True
-) -> tuple[np.ndarray, int]:
-    """Σ of `layer_attribution` over `examples`; returns (scores float64 [L+1], n_used).
+) -> tuple[dict[str, np.ndarray], int]:
+    """Σ of `attribution_scores` over `examples`; returns ({target: scores float64 [L+1]}, n_used).
 
     `examples` yields objects with `.input_ids` (integer numpy array) and `.supervised` (bool
     numpy array). Examples with no supervised token at position ≥ 1 are skipped and counted
@@ -146,16 +165,16 @@ def accumulate_attribution(
     """
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"unknown attribution aggregation {aggregation!r} (choose one of {', '.join(AGGREGATIONS)})")
-    total: torch.Tensor | None = None
+    total: dict[str, torch.Tensor] | None = None
     supervised_examples = SupervisedExamples(examples, "attribution", progress)
     for input_ids, supervised in supervised_examples:
-        scores = layer_attribution(model, input_ids, supervised, aggregation)
-        total = scores if total is None else total + scores
+        scores = attribution_scores(model, input_ids, supervised, aggregation)
+        total = scores if total is None else {target: total[target] + scores[target] for target in TARGETS}
     if supervised_examples.skipped:
         log.warning("attribution skipped %d example(s) with no supervised token", supervised_examples.skipped)
     if total is None:
         raise ValueError(f"no example with a supervised token to attribute ({supervised_examples.skipped} skipped)")
-    return total.numpy(), supervised_examples.used
+    return {target: scores.numpy() for target, scores in total.items()}, supervised_examples.used
 
 
 class SupervisedExamples:

@@ -53,8 +53,10 @@ class AssetsConfig:
 @dataclass
 class LatenExtractConfig:
     """LaTen's teacher side (`pkt extract --with laten`, METHOD.md section 2): locate the teacher's layers
-    and neurons per example and cache the selected rows/columns. Defaults are the published ones
-    (Tan et al., ACL 2025, github.com/Trae1ounG/Neural_Incompatibility)."""
+    and neurons per example and cache the selected rows/columns. The defaults below that say "published"
+    are the published ones (Tan et al., ACL 2025, github.com/Trae1ounG/Neural_Incompatibility); the
+    whole published recipe, with the file each value comes from, is `pkt_pipeline/recipes.py`
+    (`--recipe published`)."""
 
     extract_data: str = ""
     """Locating examples (.jsonl or TASK/SPLIT); empty means `extract.jsonl` beside the cached data."""
@@ -64,8 +66,9 @@ class LatenExtractConfig:
     """Where the example whose neurons receive the final injection is drawn from; empty means the
     cached data itself (the published inference samples one train-split example)."""
     locate_examples: int = 8
-    """At most this many extract examples are located, one per training step (published: checkpoints
-    after 1-9 steps, METHOD.md ~2-8); 0 means all."""
+    """At most this many extract examples are located, one per training step, so this is the translator
+    checkpoint that gets evaluated (8: the published Qwen script's `checkpoint_7`); 0 means all. The
+    learning-rate schedule spans the whole extract split however many are located (`align.laten`)."""
     transfer_rate: float = 0.1
     """Neurons per layer and module kind, as a fraction of the student's width (published 0.1)."""
     modules: list[str] = field(default_factory=lambda: ["up_proj", "down_proj", "v_proj", "o_proj"])
@@ -91,11 +94,15 @@ class SeekingConfig:
     github.com/maszhongming/ParaKnowTransfer): per-weight sensitivity on seed examples, the top L_S
     teacher layers, the student-shaped block of highest sensitivity in each `align.lora.target_modules`
     weight, and its rank-r SVD as LoRA factors. Stage two (`pkt align --method seeking`) starts the
-    student's LoRA from them and fine-tunes as lora-sft does; the published schedule (3 epochs, lr 3e-4,
-    batch 64) is `methods: {seeking: {epochs: 3, lr: 3.0e-4, batch_size: 64}}`."""
+    student's LoRA from them and fine-tunes as lora-sft does. The published recipe of both stages, with
+    the file each value comes from, is `pkt_pipeline/recipes.py` (`--recipe published`)."""
 
     seed_examples: int = 32
     """Sensitivity is summed over the first N examples of the cached data (published: 32); 0 means all."""
+    sensitivity_tokens: str = "answer"
+    """The tokens whose loss the sensitivity differentiates: `answer` (published: the seed examples'
+    replies only, whatever `extract.train_on_inputs` says) or `supervised` (the cache's own mask, every
+    token when `extract.train_on_inputs` is true)."""
     rank: int = 0
     """Rank of the cached LoRA factors; 0 means `align.lora.r` (published 16). Stage two may train a
     smaller `align.lora.r` (it keeps the leading singular directions), not a larger one."""
@@ -177,12 +184,19 @@ class SemAlignConfig:
     pairing: str = "attributed"
     """`attributed` (highest attribution in a window around the proportional layer) or `proportional`."""
     pairing_window: int = 2
+    pairing_score: str = "contribution"
+    """The attribution `attributed` pairing ranks by: each layer's `contribution` (grad x delta_l), or its
+    `output` (grad x h_l, which grows with depth, so the window's deep edge wins)."""
     critical_layers: int = 0
     """v1 extra: make sure this many top-attributed teacher layers are each paired with some student layer."""
     layers: list[int] = field(default_factory=list)
     """Student layers (1..L_S) to align; empty means all."""
     steps_per_layer: int = 0
     """Steps per frontier stage; 0 splits `align.steps` (or the epochs) evenly over the stages."""
+    phase_schedule: str = "constant"
+    """Learning rate within each frontier stage after warm-up: `constant`, or `linear` decay to 0 (a stage
+    of s steps then gets (s+1)/2 steps' worth of lr: 1.5 at s=2, where a one-phase baseline gets ~s/2 per layer
+    over its whole run)."""
     lambda_layer: float = 1.0
     lambda_out: float = 1.0
     normalise_student: bool = True
@@ -206,9 +220,11 @@ class KDConfig:
 class LatenConfig:
     """LaTen's student side (METHOD.md section 2): train only the translator hypernetwork, one step per
     located example, then write the translated deltas into the student. The learning rate is
-    `align.lr` (published 3e-4); the step count is one epoch over the located examples
-    (`extract.laten.locate_examples`) unless `align.steps` says otherwise; `align.batch_size` is
-    not used (a step is the located example plus `align_examples` alignment examples)."""
+    `align.lr` (the peak of the one-cycle schedule); the step count is one epoch over the located
+    examples (`extract.laten.locate_examples`) unless `align.steps` says otherwise; `align.batch_size`,
+    `align.weight_decay` and the `align.warmup_*` keys are not used (a step is the located example plus
+    `align_examples` alignment examples; the optimizer and schedule are LaTen's own, below). Every
+    default here is the published value; the recipe with its sources is `pkt_pipeline/recipes.py`."""
 
     align_examples: int = 15
     """Alignment examples drawn (seeded) per step to go with the located one (published: 15 + 1)."""
@@ -218,6 +234,24 @@ class LatenConfig:
     """Width of each translator MLP's hidden layer; 0 means the teacher's width (published D_T)."""
     init_std: float = 1e-5
     """Std of the translator's normal init (published 1e-5: the edit starts as almost nothing)."""
+    weight_decay: float = 0.05
+    """AdamW's decoupled weight decay on the translator (published 0.05)."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    """AdamW's (beta1, beta2) (published). With `cycle_momentum` the schedule drives beta1 instead."""
+    schedule_steps: int = 0
+    """Length of the one-cycle learning-rate schedule; 0 means one step per example of the extract split
+    (published: the schedule spans the split, and a checkpoint part-way along it is evaluated)."""
+    pct_start: float = 0.1
+    """Fraction of the schedule spent rising from `align.lr / div_factor` to `align.lr` (published 0.1)."""
+    div_factor: float = 25.0
+    """The schedule starts at `align.lr / div_factor` (torch's default, which the published code keeps)."""
+    final_div_factor: float = 1.0
+    """The schedule ends at `align.lr / (div_factor * final_div_factor)` (published 1)."""
+    anneal_strategy: str = "cos"
+    """Shape of the rise and the fall: `cos` (published) or `linear`."""
+    cycle_momentum: bool = True
+    """Cycle beta1 inversely to the rate between torch's 0.85 and 0.95 (torch's default, which the
+    published code keeps: its beta1 of 0.9 is overridden from the first step)."""
 
 
 @dataclass
@@ -253,6 +287,9 @@ class AlignConfig:
     lr: float = 3e-4
     weight_decay: float = 0.0
     warmup_steps: int = 0
+    """Linear warm-up steps at the start of each phase; 0 means `warmup_ratio` of the phase's steps."""
+    warmup_ratio: float = 0.0
+    """Warm-up as a fraction of each phase's steps (transformers' convention; Seeking published 0.03)."""
     max_grad_norm: float = 1.0
     seed: int = 0
     checkpoint_every: int = 50
@@ -325,8 +362,9 @@ class PktConfig:
     that method runs, so a DVC stage per method depends on its own section only."""
 
 
-def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> PktConfig:
-    """Build a `PktConfig` from an optional YAML file, then apply `key.sub=value` overrides."""
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = (), recipe: str = "") -> PktConfig:
+    """Build a `PktConfig` from an optional YAML file, then a named recipe (`pkt_pipeline.recipes`, e.g.
+    `published`), then `key.sub=value` overrides."""
     raw: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
@@ -338,6 +376,14 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
         raw = loaded
         source = str(path)
+    if recipe:
+        from .recipes import recipe as recipe_overrides
+
+        try:
+            _deep_update(raw, recipe_overrides(recipe))
+        except KeyError as exc:
+            raise ConfigError(exc.args[0]) from None
+        source = f"{source} + recipe {recipe}"
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():

@@ -16,6 +16,7 @@ from torch import nn
 from .loader import CacheLoader
 from .losses import linear_cka
 from .methods.base import forward_student
+from .residual import layer_state
 from .semantic_map import SemanticMap, bases_gram, recomposition_fidelity, semantic_bases
 
 
@@ -32,7 +33,7 @@ def layer_similarity(model: nn.Module, loader: CacheLoader, pairs: dict[int, int
         out = forward_student(model, batch, hidden_states=True)
         mask = batch.supervised & batch.attention_mask.bool()
         for k, p in pairs.items():
-            state = out.hidden_states[k] - out.hidden_states[k - 1] if kind == "delta" else out.hidden_states[k]
+            state = layer_state(out.hidden_states, k, kind)
             student[k].append(state[mask].float())
             teacher[k].append(semantic_map.apply(batch.teacher[p])[mask])
     return {k: float(linear_cka(torch.cat(student[k]), torch.cat(teacher[k]))) for k in pairs}

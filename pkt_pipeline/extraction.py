@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from .cache.layout import delta_key, encode, hidden_key
+from .residual import forward_with_residual_stream
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,9 @@ CAPTURE_KINDS = ("hidden", "delta")
 def capture_batch(model, batch: list, settings: CaptureSettings) -> list[dict[str, torch.Tensor]]:
     """One forward pass over right-padded `batch` (objects with `.input_ids`); per-example outputs.
 
-    Right padding leaves every real position's causal computation unchanged. Log-probs are
+    Hidden states are the residual stream, h_L the last layer's raw output (`residual.py`), so a
+    delta is every layer's true contribution. Right padding leaves every real position's causal
+    computation unchanged. Log-probs are
     taken in float32 a few positions at a time, so no [B, T, V] float32 tensor exists.
     """
     device = next(model.parameters()).device
@@ -40,8 +43,8 @@ def capture_batch(model, batch: list, settings: CaptureSettings) -> list[dict[st
     for row, example in enumerate(batch):
         input_ids[row, : len(example.input_ids)] = torch.from_numpy(example.input_ids.astype(np.int64))
         attention_mask[row, : len(example.input_ids)] = 1
-    output = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), output_hidden_states=True)
-    states = output.hidden_states
+    output, states = forward_with_residual_stream(model, input_ids=input_ids.to(device),
+                                                  attention_mask=attention_mask.to(device))
     results = []
     for row, example in enumerate(batch):
         length = len(example.input_ids)

@@ -121,6 +121,7 @@ class CacheLoader:
         capture, cached = self.cache.manifest["capture"], self.cache.layers
         sources: dict[int, tuple[str, ...]] = {}
         for layer in self.layers:
+            self.cache.check_final_layer(layer)
             if self.kind == "hidden":
                 if layer not in cached or "hidden" not in capture["kinds"]:
                     raise CacheError(f"layer {layer} was not captured (hidden); cached layers: {cached}, "

@@ -2,7 +2,9 @@
 
 A method supplies phases and a loss (`pkt_pipeline.methods`); this loop supplies the rest, so
 SemAlign and the baselines differ only in what they optimise. Per phase the trainable set is
-switched and a fresh AdamW with linear warm-up and decay starts (a frontier stage is a new problem).
+switched and a fresh optimizer (the method's: AdamW unless it publishes another) with warm-up and the
+phase's schedule starts (a frontier stage is a new
+problem; a short phase keeps a constant rate, since decaying each to 0 starves it).
 
 Nothing is lost on a crash: every `checkpoint_every` steps (and on Ctrl-C) the trained
 parameters, optimizer, scheduler, loader position and RNG state go to `checkpoint/`, written to a
@@ -27,7 +29,6 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import get_scheduler
 
 from .config import AlignConfig
 from .loader import CacheLoader
@@ -81,9 +82,8 @@ def train(model: nn.Module, method: Method, phases: list[Phase], make_loader: Ca
                 for name, parameter in model.named_parameters():
                     parameter.requires_grad_(name in names)
                 params = [p for n, p in model.named_parameters() if n in names]
-                optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-                scheduler = get_scheduler("linear", optimizer, num_warmup_steps=min(config.warmup_steps, phase.steps),
-                                          num_training_steps=max(phase.steps, 1))
+                optimizer = method.optimizer(params)
+                scheduler = method.scheduler(optimizer, phase)
                 if resume is not None and index == position.phase and resume.get("optimizer"):
                     optimizer.load_state_dict(resume["optimizer"])
                     scheduler.load_state_dict(resume["scheduler"])
@@ -103,6 +103,7 @@ def train(model: nn.Module, method: Method, phases: list[Phase], make_loader: Ca
                                 f"({phase.name}; parts {parts}; examples {batch.example_ids[:4]}). Lower align.lr "
                                 "or check the cache with `pkt cache verify`; the last checkpoint is intact.")
                         grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+                        lr = scheduler.get_last_lr()[0]  # the rate this step uses
                         optimizer.step()
                         scheduler.step()
                         optimizer.zero_grad(set_to_none=True)
@@ -110,7 +111,7 @@ def train(model: nn.Module, method: Method, phases: list[Phase], make_loader: Ca
                         summary["tokens"] += batch.tokens
                         entry = {"step": position.global_step, "phase": phase.name, "phase_step": position.phase_step,
                                  "loss": loss, **parts, "grad_norm": float(grad_norm),
-                                 "lr": scheduler.get_last_lr()[0], "tokens": batch.tokens,
+                                 "lr": lr, "tokens": batch.tokens,
                                  "seconds": round(time.perf_counter() - started, 3)}
                         log.write(json.dumps(entry) + "\n")
                         bar.update(1)

@@ -25,9 +25,11 @@ import torch
 from tqdm.auto import tqdm
 
 from pkt_pipeline import __version__
-from pkt_pipeline.attribution import accumulate_attribution
+from pkt_pipeline.attribution import TARGETS, accumulate_attribution
 from pkt_pipeline.cache import ArraySpec, CacheError, CacheWriter
 from pkt_pipeline.cache.layout import (
+    ATTRIBUTION_KEYS,
+    FINAL_LAYER_RAW,
     COMPRESSORS,
     STORAGE_DTYPES,
     assign_offsets,
@@ -167,8 +169,10 @@ def run(config: PktConfig, progress: bool = True, echo=print) -> dict:
                "tokens_written_now": written_tokens}
     try:
         if rank == 0:
-            writer.write_array("attribution/scores", scores, chunks=scores.shape, codec=None, attributes={
-                "aggregation": cfg.attribution_aggregation, "examples": n_used, "data": str(attribution_path)})
+            for target, values in scores.items():
+                writer.write_array(ATTRIBUTION_KEYS[target], values, chunks=values.shape, codec=None, attributes={
+                    "aggregation": cfg.attribution_aggregation, "target": target, "examples": n_used,
+                    "data": str(attribution_path)})
             _write_teacher_head(writer, model, settings.storage_dtype, codec)
             extras = _run_extras(cfg.extras, writer, model, tokenizer, config, data_path, codec, progress)
         _barrier(world)
@@ -286,15 +290,17 @@ def _write_failed(writer: CacheWriter, exc: OSError) -> CacheError:
     )
 
 
-def _attribution(config, tokenizer, model, path: Path, rank: int, world: int, progress: bool) -> tuple[np.ndarray, int]:
+def _attribution(config, tokenizer, model, path: Path, rank: int, world: int,
+                 progress: bool) -> tuple[dict[str, np.ndarray], int]:
     cfg = config.extract
     examples, _ = load_examples(path, tokenizer, cfg.prompt_format, cfg.max_length, cfg.train_on_inputs,
                                 limit=cfg.attribution_examples or None)
     scores, used = accumulate_attribution(model, examples[rank::world], cfg.attribution_aggregation, progress=progress)
     if world > 1:
-        totals = torch.tensor(np.append(scores, used), dtype=torch.float64)
+        totals = torch.tensor(np.concatenate([*(scores[t] for t in TARGETS), [used]]), dtype=torch.float64)
         torch.distributed.all_reduce(totals)
-        scores, used = totals[:-1].numpy(), int(totals[-1].item())
+        scores = dict(zip(TARGETS, totals[:-1].numpy().reshape(len(TARGETS), -1)))
+        used = int(totals[-1].item())
     return scores, used
 
 
@@ -326,20 +332,15 @@ def _run_extras(names: list[str], writer: CacheWriter, model, tokenizer, config:
 
 def _run_record(config, model, tokenizer, examples, counts, settings, prompt, data_path, attribution_path, n_groups) -> dict:
     cfg = config.extract
-    capture = {"layers": list(settings.layers), "kinds": list(settings.kinds), "top_k": settings.top_k,
-               "storage_dtype": settings.storage_dtype, "compressor": cfg.compressor,
+    capture = {"layers": list(settings.layers), "kinds": list(settings.kinds), "final_layer": FINAL_LAYER_RAW,
+               "top_k": settings.top_k, "storage_dtype": settings.storage_dtype, "compressor": cfg.compressor,
                "compression_level": cfg.compression_level}
     layout = {"chunk_tokens": cfg.chunk_tokens, "shard_tokens": cfg.shard_tokens, "groups": n_groups}
     fingerprint = dataset_fingerprint(examples, prompt)
-    probe = torch.tensor([[int(examples[0].input_ids[0])]], device=next(model.parameters()).device)
-    with torch.no_grad():
-        out = model.model(probe, output_hidden_states=True) if hasattr(model, "model") else None
-    last_is_normed = bool(out is not None and torch.equal(out.hidden_states[-1], out.last_hidden_state))
     teacher = {
         "id": str(config.teacher), "weights_sha256": weights_sha256(model), "dtype": str(model.dtype).replace("torch.", ""),
         "num_layers": model.config.num_hidden_layers, "hidden_size": model.config.hidden_size,
         "vocab_size": model.config.vocab_size, "architecture": type(model).__name__,
-        "last_hidden_state_is_normed": last_is_normed,
     }
     tok = {"sha256": tokenizer_sha256(tokenizer), "vocabulary_sha256": vocabulary_sha256(tokenizer),
            "vocab_size": len(tokenizer)}

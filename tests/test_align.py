@@ -19,7 +19,7 @@ from pkt_pipeline.config import load_config
 from pkt_pipeline.loader import CacheLoader
 from pkt_pipeline.losses import relation_loss
 from pkt_pipeline.methods import Method, available_methods, forward_student, get_method, register
-from pkt_pipeline.semantic_map import build_semantic_map
+from pkt_pipeline.semantic_map import attributed_pairing, build_semantic_map
 from pkt_pipeline.tiny_models import STUDENT_SHAPE, build_model, build_tokenizer
 from stages import align
 from tiny_data import extract_config
@@ -64,6 +64,21 @@ def test_semalign_logs_layer_and_kl_per_frontier_stage(tiny_pair, tiny_cache, tm
     assert [e["phase"] for e in entries] == ["layer 1"] * 3 + ["layer 2"] * 3
     for entry in entries:
         assert entry["loss"] == pytest.approx(entry["layer"] + entry["kl"], rel=1e-5)
+
+
+@pytest.mark.parametrize("schedule, multipliers", [("constant", [1, 1, 1]), ("linear", [1, 2 / 3, 1 / 3])])
+def test_each_frontier_stage_gets_its_learning_rate_schedule(tiny_pair, tiny_cache, tmp_path, schedule, multipliers):
+    """A short stage decayed to 0 trains on (s+1)/2 steps' worth of lr; `constant` (the default) on s."""
+    out = tmp_path / schedule
+    align.run(align_config(tiny_pair, tiny_cache, out, "semalign", "align.steps=6", "align.lr=0.002",
+                           f"align.semalign.phase_schedule={schedule}"), progress=False)
+    entries = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    for phase in ("layer 1", "layer 2"):
+        rates = [e["lr"] for e in entries if e["phase"] == phase]
+        assert rates == pytest.approx([0.002 * m for m in multipliers])
+    with pytest.raises(ValueError, match=r"phase_schedule must be one of \('linear', 'constant'\), got 'cosine'"):
+        align.run(align_config(tiny_pair, tiny_cache, tmp_path / "bad", "semalign",
+                               "align.semalign.phase_schedule=cosine"), progress=False)
 
 
 def test_only_the_frontier_layer_trains(tiny_pair, tiny_cache, tmp_path):
@@ -137,8 +152,11 @@ def test_report_map_writes_pairing_fidelity_and_cka(tiny_pair, tiny_cache, tmp_p
                         progress=False)
     report = json.loads((out / "map_report.json").read_text())
     assert report == summary["map_report"]
-    assert set(report["pairs"]) == {"1", "2"}
-    assert all(1 <= p <= 4 for p in report["pairs"].values())
+    cache = open_cache(tiny_cache)
+    assert report["pairs"] == dict(zip(["1", "2"], attributed_pairing(cache.attribution("contribution"), 2, window=2)))
+    by_output = align.run(align_config(tiny_pair, tiny_cache, tmp_path / "by-output", "semalign", "align.steps=2",
+                                       "align.semalign.pairing_score=output"), progress=False)
+    assert by_output["metrics"]["pairs"] == dict(zip(["1", "2"], attributed_pairing(cache.attribution("output"), 2, window=2)))
     for key in ("fidelity", "cka_before", "cka_after"):
         assert all(0.0 <= v <= 1.0 + 1e-6 for v in report[key].values()), report[key]
     assert report["cka_before"] != report["cka_after"]

@@ -28,11 +28,12 @@ def random_example(seed: int, vocab: int, length: int = T):
     return ids, supervised
 
 
-def reference_attribution(model, ids: torch.Tensor, supervised: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Independent (abs, signed) scores: hooks capture h_ℓ, loss by hand, ordinary backward.
+def reference_attribution(model, ids: torch.Tensor, supervised: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Independent scores {output, contribution} x {abs, signed}: hooks capture h_ℓ, loss by hand,
+    ordinary backward.
 
-    h_0 is the embedding output, h_1..h_{L-1} the outputs of decoder layers 0..L-2 and h_L the
-    output of the final norm (transformers 5 returns the normed state as hidden_states[-1]).
+    h_0 is the embedding output, h_1..h_L the outputs of decoder layers 0..L-1 (h_L before the final
+    norm, which transformers 5 applies to the hidden_states[-1] it returns).
     """
     captured: list[torch.Tensor] = []
 
@@ -42,7 +43,7 @@ def reference_attribution(model, ids: torch.Tensor, supervised: torch.Tensor) ->
         captured.append(tensor)
 
     inner = model.model
-    modules = [inner.embed_tokens, *inner.layers[:-1], inner.norm]
+    modules = [inner.embed_tokens, *inner.layers]
     handles = [module.register_forward_hook(keep) for module in modules]
     try:
         logits = model(input_ids=ids.unsqueeze(0)).logits[0]
@@ -52,25 +53,32 @@ def reference_attribution(model, ids: torch.Tensor, supervised: torch.Tensor) ->
     labels = torch.where(supervised, ids, torch.full_like(ids, -100))
     loss = F.cross_entropy(logits[:-1], labels[1:], ignore_index=-100)
     loss.backward()
-    abs_scores = torch.tensor([(h.grad * h).abs().sum().item() for h in captured], dtype=torch.float64)
-    signed_scores = torch.tensor([(h.grad * h).sum().item() for h in captured], dtype=torch.float64)
+    contributions = [captured[0], *(h - previous for h, previous in zip(captured[1:], captured[:-1]))]
+    scores = {}
+    for target, activations in (("output", captured), ("contribution", contributions)):
+        scores[target, "abs"] = torch.tensor([(h.grad * a).abs().sum().item() for h, a in zip(captured, activations)],
+                                             dtype=torch.float64)
+        scores[target, "signed"] = torch.tensor([(h.grad * a).sum().item() for h, a in zip(captured, activations)],
+                                                dtype=torch.float64)
     model.zero_grad(set_to_none=True)
-    return abs_scores, signed_scores
+    return scores
 
 
 def test_matches_independent_autograd(tiny_pair, teacher):
     reference_model = load_model(tiny_pair["teacher"], dtype="float32", device="cpu")
     ids, supervised = random_example(0, teacher.config.vocab_size)
-    expected_abs, expected_signed = reference_attribution(reference_model, ids, supervised)
+    expected = reference_attribution(reference_model, ids, supervised)
 
-    scores = layer_attribution(teacher, ids, supervised)
-    assert scores.dtype == torch.float64
-    assert scores.shape == (teacher.config.num_hidden_layers + 1,)
-    assert torch.all(scores > 0)
-    torch.testing.assert_close(scores, expected_abs, rtol=1e-6, atol=0)
-
-    signed = layer_attribution(teacher, ids, supervised, aggregation="signed")
-    torch.testing.assert_close(signed, expected_signed, rtol=1e-6, atol=1e-9)
+    for target in ("output", "contribution"):
+        scores = layer_attribution(teacher, ids, supervised, target=target)
+        assert scores.dtype == torch.float64
+        assert scores.shape == (teacher.config.num_hidden_layers + 1,)
+        assert torch.all(scores > 0)
+        torch.testing.assert_close(scores, expected[target, "abs"], rtol=1e-6, atol=0)
+        signed = layer_attribution(teacher, ids, supervised, aggregation="signed", target=target)
+        torch.testing.assert_close(signed, expected[target, "signed"], rtol=1e-6, atol=1e-9)
+    # h_0 is its own contribution.
+    assert expected["contribution", "abs"][0] == expected["output", "abs"][0]
 
 
 def test_signed_differs_and_is_bounded_by_abs(teacher):
@@ -155,6 +163,8 @@ def test_bad_inputs(teacher):
     ids, supervised = random_example(7, teacher.config.vocab_size)
     with pytest.raises(ValueError, match="unknown attribution aggregation 'mean'"):
         layer_attribution(teacher, ids, supervised, aggregation="mean")
+    with pytest.raises(ValueError, match="unknown attribution target 'input'"):
+        layer_attribution(teacher, ids, supervised, target="input")
     with pytest.raises(ValueError, match="no supervised token"):
         layer_attribution(teacher, ids, torch.zeros_like(supervised))
     only_first = torch.zeros_like(supervised)
@@ -180,13 +190,15 @@ def test_accumulate_sums_and_skips(teacher, caplog):
         scores, used = accumulate_attribution(teacher, examples, progress=False)
     assert used == 3
     assert "skipped 1 example" in caplog.text
-    assert isinstance(scores, np.ndarray) and scores.dtype == np.float64
-    expected = sum(layer_attribution(teacher, ids, sup) for ids, sup in pairs)
-    np.testing.assert_allclose(scores, expected.numpy(), rtol=1e-12)
+    assert set(scores) == {"output", "contribution"}
+    for target, values in scores.items():
+        assert isinstance(values, np.ndarray) and values.dtype == np.float64
+        expected = sum(layer_attribution(teacher, ids, sup, target=target) for ids, sup in pairs)
+        np.testing.assert_allclose(values, expected.numpy(), rtol=1e-12)
 
     signed, used = accumulate_attribution(teacher, iter(examples), aggregation="signed", progress=True)
     expected_signed = sum(layer_attribution(teacher, ids, sup, aggregation="signed") for ids, sup in pairs)
-    np.testing.assert_allclose(signed, expected_signed.numpy(), rtol=1e-12)
+    np.testing.assert_allclose(signed["output"], expected_signed.numpy(), rtol=1e-12)
 
     with pytest.raises(ValueError, match="no example with a supervised token"):
         accumulate_attribution(teacher, [examples[1]], progress=False)

@@ -20,6 +20,7 @@ import torch
 from pkt_pipeline.cache import CacheError, open_cache, verify_cache
 from pkt_pipeline.cache.layout import decode
 from pkt_pipeline.examples import load_examples
+from pkt_pipeline.loader import CacheLoader
 from pkt_pipeline.models import load_model, load_tokenizer
 from tiny_data import SMALL_LAYOUT, extract_config, write_dataset
 
@@ -49,21 +50,30 @@ def test_cached_activations_equal_plain_transformers(tiny_pair, dataset, extract
     examples, _ = load_examples(dataset, tokenizer, max_length=96)
     assert cache.index.column("example_id").to_pylist() == [e.example_id for e in examples]
     assert cache.layers == list(range(5))
+    # The reference residual stream: hidden_states up to L-1, and h_L caught by a hook on the last
+    # decoder layer (transformers' hidden_states[L] is after the final norm).
+    last_layer = []
+    model.model.layers[-1].register_forward_hook(lambda module, args, output: last_layer.append(output))
     for example in examples:
         ids = torch.from_numpy(example.input_ids.astype(np.int64))[None]
+        last_layer.clear()
         with torch.no_grad():
             out = model(ids, output_hidden_states=True)
+        stream = [*out.hidden_states[:-1], last_layer[0]]
         assert cache.content_hash(example.example_id) == example.content_hash
         assert np.array_equal(cache.tokens(example.example_id), example.input_ids)
         assert np.array_equal(cache.supervised(example.example_id), example.supervised)
         for layer in range(5):
-            reference = out.hidden_states[layer][0]
+            reference = stream[layer][0]
             cached = cache.hidden(layer, example.example_id)
             assert cached.dtype == torch.bfloat16
             torch.testing.assert_close(cached.float(), reference, rtol=1.6e-2, atol=1e-2)
             if layer:
                 torch.testing.assert_close(cache.delta(layer, example.example_id).float(),
-                                           reference - out.hidden_states[layer - 1][0], rtol=1.6e-2, atol=1e-2)
+                                           reference - stream[layer - 1][0], rtol=1.6e-2, atol=1e-2)
+        # The normed final state is one RMSNorm of the cached h_L away.
+        torch.testing.assert_close(model.model.norm(cache.hidden(4, example.example_id).float()),
+                                   out.hidden_states[-1][0], rtol=3e-2, atol=3e-2)
         values, indices = cache.topk(example.example_id)
         reference_logprobs = torch.log_softmax(out.logits[0].float(), -1)
         ref_values, ref_indices = reference_logprobs.topk(64, dim=-1)
@@ -81,6 +91,27 @@ def test_unknown_example_and_layer_are_named(extracted):
         cache.hidden(9, "ex000")
 
 
+def test_a_cache_with_a_normed_last_layer_is_refused_there(extracted, tmp_path):
+    """Caches written before `capture.final_layer` hold h_L after the final norm: their last layer,
+    and any delta of it, is refused with the way out; earlier layers still read. Nor do they hold
+    contribution attribution."""
+    old = tmp_path / "old"
+    shutil.copytree(extracted, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    del manifest["capture"]["final_layer"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    cache = open_cache(old)
+    torch.testing.assert_close(cache.hidden(3, "ex000"), open_cache(extracted).hidden(3, "ex000"))
+    for read in (lambda: cache.hidden(4, "ex000"), lambda: cache.delta(4, "ex000"),
+                 lambda: CacheLoader(cache, batch_size=2, layers=[4], kind="delta")):
+        with pytest.raises(CacheError, match=r"last layer \(4\) after the final norm.*pkt extract --overwrite"):
+            read()
+    shutil.rmtree(old / "attribution" / "contribution")
+    assert open_cache(old).attribution("output").shape == (5,)
+    with pytest.raises(CacheError, match="holds no contribution attribution .*re-extract it"):
+        open_cache(old).attribution("contribution")
+
+
 def test_incomplete_cache_is_refused(tmp_path):
     (tmp_path / "half").mkdir()
     (tmp_path / "half" / "run.json").write_text("{}")
@@ -89,23 +120,31 @@ def test_incomplete_cache_is_refused(tmp_path):
 
 
 def test_attribution_equals_independent_autograd(tiny_pair, dataset, extracted):
-    """Gradient x activation of the teacher's answer loss, by hand with retain_grad, summed over the extract split."""
+    """Gradient x activation (output h_l, contribution delta_l) of the teacher's answer loss, by hand with
+    retain_grad on the residual stream (h_L from a hook: hidden_states[L] is normed), summed over the extract split."""
     model = load_model(tiny_pair["teacher"], dtype="float32")
     tokenizer = load_tokenizer(tiny_pair["teacher"])
     examples, _ = load_examples(dataset.with_name("extract.jsonl"), tokenizer, max_length=96)
-    expected = np.zeros(5)
+    last_layer = []
+    model.model.layers[-1].register_forward_hook(lambda module, args, output: last_layer.append(output))
+    expected = {"output": np.zeros(5), "contribution": np.zeros(5)}
     for example in examples:
         ids = torch.from_numpy(example.input_ids.astype(np.int64))[None]
         labels = torch.where(torch.from_numpy(example.supervised)[None], ids, torch.full_like(ids, -100))
+        last_layer.clear()
         out = model(ids, output_hidden_states=True)
-        for state in out.hidden_states:
+        stream = [*out.hidden_states[:-1], last_layer[0]]
+        for state in stream:
             state.retain_grad()
         loss = torch.nn.functional.cross_entropy(out.logits[0, :-1], labels[0, 1:], ignore_index=-100)
         loss.backward()
-        expected += np.array([(s.grad * s).abs().sum().item() for s in out.hidden_states])
+        expected["output"] += np.array([(h.grad * h).abs().sum().item() for h in stream])
+        expected["contribution"] += np.array([(h.grad * (h - previous)).abs().sum().item()
+                                              for h, previous in zip(stream, [torch.zeros_like(stream[0]), *stream])])
         model.zero_grad()
     cache = open_cache(extracted)
-    np.testing.assert_allclose(cache.attribution(), expected, rtol=1e-5)
+    for target in ("output", "contribution"):
+        np.testing.assert_allclose(cache.attribution(target), expected[target], rtol=1e-5)
     assert cache.manifest["attribution"]["examples"] == 3
 
 
@@ -119,7 +158,7 @@ def test_teacher_head_and_manifest(tiny_pair, extracted):
     manifest = cache.manifest
     assert manifest["format_version"] == 1 and manifest["pkt_version"]
     assert manifest["teacher"]["num_layers"] == 4 and manifest["teacher"]["hidden_size"] == 64
-    assert manifest["teacher"]["last_hidden_state_is_normed"] is True
+    assert manifest["capture"]["final_layer"] == "raw"
     assert manifest["tokenizer"]["vocab_size"] == len(load_tokenizer(tiny_pair["teacher"]))
     assert manifest["counts"]["examples"] == 24 and manifest["counts"]["tokens"] == sum(cache.index.column("length").to_pylist())
     assert manifest["capture"]["top_k"] == 64 and manifest["prompt"]["format"] == "chat"
@@ -332,7 +371,8 @@ def test_torchrun_matches_single_process(tiny_pair, long_dataset, reference_run,
         for layer in multi.layers:
             torch.testing.assert_close(multi.hidden(layer, example_id), single.hidden(layer, example_id), rtol=0, atol=0)
         torch.testing.assert_close(multi.topk(example_id)[0], single.topk(example_id)[0])
-    np.testing.assert_allclose(multi.attribution(), single.attribution(), rtol=1e-6)
+    for target in ("output", "contribution"):
+        np.testing.assert_allclose(multi.attribution(target), single.attribution(target), rtol=1e-6)
     assert verify_cache(out) == []
 
 

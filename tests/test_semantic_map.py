@@ -222,6 +222,16 @@ def test_attributed_pairing_picks_the_peak_inside_the_window():
     assert attributed_pairing(scores, 4, window=1)[1] == 5
 
 
+def test_contribution_scores_spread_a_pairing_that_output_scores_pin_to_the_window_edge():
+    """A hand profile of a residual stream: each layer adds about as much (peaks at 3, 6, 10, 12), so the
+    stream's own score grows with depth. Ranked by output, every window's deep edge wins; ranked by
+    contribution, the peaks are found."""
+    contribution = np.array([1.0, 1, 1, 3, 1, 1, 3, 1, 1, 1, 3, 1, 3])
+    output = np.cumsum(contribution)
+    assert attributed_pairing(output, 4, window=2) == [5, 8, 11, 12]
+    assert attributed_pairing(contribution, 4, window=2) == [3, 6, 10, 12]
+
+
 def reference_pairing(scores: np.ndarray, student_layers: int, window: int) -> list[int]:
     """The attributed rule from its definition, written as a filter + stable sort."""
     teacher_layers = len(scores) - 1

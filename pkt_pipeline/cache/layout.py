@@ -11,9 +11,10 @@ example id to its rows.
     <cache>/index.parquet                  example_id, content_hash, offset, length, group, ...
     <cache>/ledger/group-000042.json       one per finished group, with its shard checksums
     <cache>/tokens, supervised             int32 / bool            [N]
-    <cache>/hidden/NN, delta/NN            bf16 bits (uint16) or fp16 [N, D], NN = layer
+    <cache>/hidden/NN, delta/NN            bf16 bits (uint16) or fp16 [N, D], NN = layer (h_L pre-norm)
     <cache>/topk/logprobs, topk/indices    float32 / int32         [N, k]
-    <cache>/attribution/scores             float64                 [L+1]
+    <cache>/attribution/scores             float64                 [L+1]  grad x output h_l
+    <cache>/attribution/contribution       float64                 [L+1]  grad x contribution delta_l
     <cache>/teacher/lm_head, final_norm    storage dtype           [V, D], [D]
     <cache>/manifest.json                  written last: its presence means the cache is complete
 """
@@ -31,6 +32,13 @@ RUN_FILE = "run.json"
 INDEX_FILE = "index.parquet"
 MANIFEST_FILE = "manifest.json"
 LEDGER_DIR = "ledger"
+
+FINAL_LAYER_RAW = "raw"
+"""`capture.final_layer` of a cache whose h_L is the last decoder layer's raw output (`pkt_pipeline.residual`).
+Caches written before the key existed hold h_L after the final norm; their last layer is refused."""
+
+ATTRIBUTION_KEYS = {"output": "attribution/scores", "contribution": "attribution/contribution"}
+"""The attribution array of each target (`pkt_pipeline.attribution`)."""
 
 STORAGE_DTYPES = ("bfloat16", "float16")
 COMPRESSORS = ("zstd", "blosc-lz4", "blosc-zstd", "none")

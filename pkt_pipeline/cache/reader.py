@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import torch
 import zarr
 
-from .layout import INDEX_FILE, MANIFEST_FILE, CacheError, decode, delta_key, hidden_key
+from .layout import ATTRIBUTION_KEYS, FINAL_LAYER_RAW, INDEX_FILE, MANIFEST_FILE, CacheError, decode, delta_key, hidden_key
 from .store import CacheFiles
 
 
@@ -130,6 +130,7 @@ class Cache:
         if layer < 1:
             raise ValueError("delta is defined for layers >= 1 (layer 0 is the embedding output)")
         if "delta" in self.manifest["capture"]["kinds"] and layer in self.layers:
+            self.check_final_layer(layer)
             start, stop = self.span(example_id)
             return decode(self.root[delta_key(layer)][start:stop], self.storage_dtype)
         if layer in self.layers and layer - 1 in self.layers:
@@ -144,9 +145,15 @@ class Cache:
         indices = torch.from_numpy(self.root["topk/indices"][start:stop].astype(np.int64))
         return values, indices
 
-    def attribution(self) -> np.ndarray:
-        """Layer Gradient x Activation score of each teacher layer 0..L."""
-        return self.root["attribution/scores"][...]
+    def attribution(self, target: str = "output") -> np.ndarray:
+        """Layer Gradient x Activation score of each teacher layer 0..L, of its output or its contribution."""
+        if target not in ATTRIBUTION_KEYS:
+            raise ValueError(f"attribution target must be one of {list(ATTRIBUTION_KEYS)}, got {target!r}")
+        key = ATTRIBUTION_KEYS[target]
+        if key not in self.root:
+            raise CacheError(f"the cache at {self.files.url} holds no {target} attribution (it predates it): "
+                             "re-extract it, or pair by `output` attribution or `proportional`ly")
+        return self.root[key][...]
 
     def teacher_head(self) -> dict:
         """What stage two needs of the teacher without loading it: LM head and final norm."""
@@ -170,6 +177,16 @@ class Cache:
     def _check_layer(self, layer: int, kind: str) -> None:
         if layer not in self.layers:
             raise CacheError(f"layer {layer} was not captured ({kind}); cached layers: {self.layers}")
+        self.check_final_layer(layer)
+
+    def check_final_layer(self, layer: int) -> None:
+        """Refuse the last layer of a cache whose h_L is the normed final state (`residual.py`): written
+        before pkt captured it raw, so its h_L and every delta of it are not the layer's output."""
+        if (layer == int(self.manifest["teacher"]["num_layers"])
+                and self.manifest["capture"].get("final_layer") != FINAL_LAYER_RAW):
+            raise CacheError(f"the cache at {self.files.url} holds the teacher's last layer ({layer}) after the final "
+                             "norm, not the layer's own output (the cache predates `capture.final_layer`): "
+                             "re-extract it with `pkt extract --overwrite`, or train on earlier layers")
 
     def __repr__(self) -> str:
         return f"<pkt cache {self.files.url}: {self.manifest['counts']['examples']} examples, teacher {self.manifest['teacher']['id']}>"

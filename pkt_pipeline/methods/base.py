@@ -7,15 +7,22 @@ one-phase baseline run on the same loop, data and budget, and comparisons stay f
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 from torch import nn
+from transformers import get_scheduler
 
 from ..cache import Cache
 from ..config import AlignConfig
 from ..loader import Batch
+from ..residual import forward_with_residual_stream
+
+
+LR_SCHEDULES = {"linear": "linear", "constant": "constant_with_warmup"}
+"""A phase's `lr_schedule` -> the transformers scheduler it names."""
 
 
 @dataclass(frozen=True)
@@ -28,6 +35,8 @@ class Phase:
     """Cached teacher layers the loader reads for this phase."""
     student_layer: int | None = None
     """The frontier layer (1..L_S) for layer-wise methods."""
+    lr_schedule: str = "linear"
+    """The learning rate over the phase, after the warm-up: `linear` decay to 0, or `constant`."""
 
 
 @dataclass
@@ -36,6 +45,7 @@ class StudentOutputs:
     model's compute at a 150k vocabulary; answers are a fraction of the tokens)."""
 
     hidden_states: tuple[torch.Tensor, ...] | None
+    """The residual stream h_0..h_L, [B, T, D] each; h_L is the last layer's raw (pre-norm) output."""
     logits: torch.Tensor
     """[N, V] at the positions of `positions`, in row-major order."""
     positions: torch.Tensor
@@ -90,6 +100,14 @@ class Method:
             names.update(dict.fromkeys(self.trainable(model, phase)))
         return list(names)
 
+    def optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        """A phase's optimizer: AdamW at `align.lr` and `align.weight_decay`, unless the method publishes another."""
+        return torch.optim.AdamW(params, lr=self.config.lr, weight_decay=self.config.weight_decay)
+
+    def scheduler(self, optimizer: torch.optim.Optimizer, phase: Phase) -> torch.optim.lr_scheduler.LRScheduler:
+        """A phase's learning-rate schedule: `phase_scheduler` with the configured warm-up."""
+        return phase_scheduler(optimizer, phase, warmup_steps(self.config, phase.steps))
+
     def loss(self, model: nn.Module, batch: Batch, phase: Phase) -> tuple[torch.Tensor, dict[str, float]]:
         """The scalar to minimise and its named parts (logged per step)."""
         raise NotImplementedError
@@ -106,6 +124,19 @@ class Method:
         return model
 
 
+def warmup_steps(config: AlignConfig, steps: int) -> int:
+    """Warm-up steps of a phase of `steps`: `align.warmup_steps`, else `align.warmup_ratio` of the phase."""
+    return min(steps, config.warmup_steps or math.ceil(config.warmup_ratio * steps))
+
+
+def phase_scheduler(optimizer: torch.optim.Optimizer, phase: Phase, warmup: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """Warm-up over `warmup` steps, then the phase's `lr_schedule` shape."""
+    if phase.lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"phase {phase.name!r}: lr_schedule must be one of {list(LR_SCHEDULES)}, got {phase.lr_schedule!r}")
+    return get_scheduler(LR_SCHEDULES[phase.lr_schedule], optimizer, num_warmup_steps=min(warmup, phase.steps),
+                         num_training_steps=max(phase.steps, 1))
+
+
 def next_token_positions(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """([B, T] positions whose next token is supervised, [N] those next-token ids)."""
     supervised_next = torch.zeros_like(batch.supervised)
@@ -118,8 +149,7 @@ def forward_student(model: nn.Module, batch: Batch, hidden_states: bool = False)
     """Run the student's decoder over the batch and its LM head at the supervised positions only."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     body, head = base.get_decoder(), base.get_output_embeddings()
-    out = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=hidden_states,
-               use_cache=False)
+    inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    out, states = forward_with_residual_stream(body, **inputs) if hidden_states else (body(**inputs), None)
     positions, targets = next_token_positions(batch)
-    return StudentOutputs(out.hidden_states if hidden_states else None, head(out.last_hidden_state[positions]),
-                          positions, targets)
+    return StudentOutputs(states, head(out.last_hidden_state[positions]), positions, targets)

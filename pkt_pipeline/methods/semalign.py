@@ -15,9 +15,10 @@ import torch
 from torch import nn
 
 from ..losses import cosine_loss, fisher_surrogate, label_cosine_loss, relation_loss
+from ..residual import decoder_of, layer_state
 from ..semantic_map import SemanticMap, attributed_pairing, build_semantic_map, proportional_pairing
 from . import register
-from .base import Method, Phase, forward_student
+from .base import LR_SCHEDULES, Method, Phase, forward_student
 from .kd import cached_topk_kl
 
 OBJECTIVES = ("v2", "v1")
@@ -37,7 +38,9 @@ class SemAlign(Method):
                                     (settings.layer_loss, LAYER_LOSSES, "layer_loss"),
                                     (settings.supervise, ("delta", "hidden"), "supervise"),
                                     (settings.pairing, ("attributed", "proportional"), "pairing"),
-                                    (settings.trainable, TRAINABLE, "trainable")):
+                                    (settings.pairing_score, ("contribution", "output"), "pairing_score"),
+                                    (settings.trainable, TRAINABLE, "trainable"),
+                                    (settings.phase_schedule, tuple(LR_SCHEDULES), "phase_schedule")):
             if value not in allowed:
                 raise ValueError(f"align.semalign.{key} must be one of {allowed}, got {value!r}")
         self.settings = settings
@@ -54,11 +57,11 @@ class SemAlign(Method):
 
     def setup(self, model: nn.Module) -> None:
         cache, settings = self.context.cache, self.settings
-        student_layers = _decoder(model).config.num_hidden_layers
+        student_layers = decoder_of(model).config.num_hidden_layers
         teacher_layers = int(cache.manifest["teacher"]["num_layers"])
         if settings.pairing == "attributed":
-            pairing = attributed_pairing(cache.attribution(), student_layers, settings.pairing_window,
-                                         settings.critical_layers)
+            pairing = attributed_pairing(cache.attribution(settings.pairing_score), student_layers,
+                                         settings.pairing_window, settings.critical_layers)
         else:
             pairing = proportional_pairing(teacher_layers, student_layers)
         chosen = settings.layers or list(range(1, student_layers + 1))
@@ -91,11 +94,12 @@ class SemAlign(Method):
                                  "or align.epochs, or set align.semalign.steps_per_layer")
             share, extra = divmod(total_steps, len(layers))
             steps = [share + (i < extra) for i in range(len(layers))]
-        return [Phase(f"layer {k}", n, (self.pairs[k],), student_layer=k) for k, n in zip(layers, steps)]
+        return [Phase(f"layer {k}", n, (self.pairs[k],), student_layer=k, lr_schedule=self.settings.phase_schedule)
+                for k, n in zip(layers, steps)]
 
     def trainable(self, model: nn.Module, phase: Phase) -> list[str]:
         layers = [phase.student_layer] if phase.student_layer is not None else list(self.pairs)
-        owned = {id(p) for k in layers for p in _decoder(model).layers[k - 1].parameters()}
+        owned = {id(p) for k in layers for p in decoder_of(model).layers[k - 1].parameters()}
         return [name for name, p in model.named_parameters()
                 if id(p) in owned and (not self.uses_lora or "lora_" in name)]
 
@@ -105,7 +109,7 @@ class SemAlign(Method):
         if self.settings.objective == "v1":
             return self._v1_loss(out, batch, mask)
         k, p = phase.student_layer, self.pairs[phase.student_layer]
-        student = _student_state(out.hidden_states, k, self.teacher_kind)
+        student = layer_state(out.hidden_states, k, self.teacher_kind)
         target = self.semantic_map.apply(batch.teacher[p])
         if self.settings.layer_loss == "relation":
             layer = relation_loss(student, target, mask, normalise_student=self.settings.normalise_student)
@@ -131,14 +135,3 @@ class SemAlign(Method):
         output = label_cosine_loss(out.logits, out.targets)
         return layer + output, {"layer": layer.item(), "label_cos": output.item()}
 
-
-def _decoder(model: nn.Module) -> nn.Module:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.get_decoder()
-
-
-def _student_state(hidden_states: tuple[torch.Tensor, ...], layer: int, kind: str) -> torch.Tensor:
-    """The student's residual contribution of `layer` (or its output), as the paired teacher array."""
-    if kind == "hidden":
-        return hidden_states[layer]
-    return hidden_states[layer] - hidden_states[layer - 1]
