@@ -33,10 +33,11 @@ import torch
 
 from pkt_pipeline.cache import CacheWriter
 from pkt_pipeline.cache.layout import assign_offsets, compressor, plan_groups
+from pkt_pipeline.datasets import resolve_data
 from pkt_pipeline.examples import load_examples
 from pkt_pipeline.extraction import CaptureSettings, capture_batch
 from pkt_pipeline.models import cpu_facts, load_model, load_tokenizer, resolve_device, resolve_dtype
-from stages.extract import array_specs, extract_groups, length_batches, resolve_data
+from stages.extract import array_specs, extract_groups, length_batches
 
 
 def random_model(shape: str, device, dtype):

@@ -6,6 +6,7 @@ Heavy imports (torch, transformers) happen inside the commands so `pkt --help` s
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import sys
 
@@ -252,9 +253,13 @@ def _print_map_report(report: dict) -> None:
               help="GSM8K/HumanEval/MBPP: items scored by reference NLL (containing the --limit generated ones).")
 @click.option("--no-generate", is_flag=True, help="GSM8K/HumanEval/MBPP: reference NLL only, no generation.")
 @click.option("--seed", type=int, default=None, help="Seed of that subset (default 0).")
+@click.option("--dev", "dev_data", multiple=True, metavar="SPLIT",
+              help="Score dev rows instead of test sets, for tuning: a transfer split or .jsonl with an optional "
+                   "slice, e.g. mmlu/align or gsm/train[512:] (repeatable).")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars (for logs).")
 @friendly_errors
-def evaluate(config_path, overrides, model, tasks, out, limit, nll_limit, no_generate, seed, no_progress) -> None:
+def evaluate(config_path, overrides, model, tasks, out, limit, nll_limit, no_generate, seed, dev_data,
+             no_progress) -> None:
     """Score MODEL (hub id, local dir, .gguf, or an `pkt align` output's model/ folder).
 
     \b
@@ -263,7 +268,8 @@ def evaluate(config_path, overrides, model, tasks, out, limit, nll_limit, no_gen
     MMLU by letter log-likelihood (0-shot), GSM8K by the final number (greedy), HumanEval and
     MBPP pass@1 with the code run in a sandbox (no network, time and memory limits); next to
     each accuracy a continuous metric (MMLU p_correct, the others' reference-solution NLL).
-    Items found in the transfer splits are dropped and counted. Writes OUT/metrics.json and
+    Items found in the transfer splits are dropped and counted. Choose hyperparameters with
+    --dev (transfer-split rows: reply NLL, MMLU p_correct), never on test sets. Writes OUT/metrics.json and
     OUT/items/<task>.jsonl (prompt, output, verdict, continuous values per item). A killed run
     resumes where it stopped (rerun the same command).
     """
@@ -274,6 +280,7 @@ def evaluate(config_path, overrides, model, tasks, out, limit, nll_limit, no_gen
     extra = [f"eval.{key}={value}" for key, value in (("tasks", tasks), ("out", out), ("limit", limit),
                                                         ("nll_limit", nll_limit), ("seed", seed)) if value is not None]
     extra += ["eval.generate=false"] if no_generate else []
+    extra += ["eval.tasks=[dev]", f"eval.dev_data={json.dumps(list(dev_data))}"] if dev_data else []
     config = load_config(config_path, [*overrides, *extra])
     if no_progress:
         hide_library_progress()

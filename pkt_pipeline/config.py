@@ -199,6 +199,8 @@ class SemAlignConfig:
     over its whole run)."""
     lambda_layer: float = 1.0
     lambda_out: float = 1.0
+    layer_tokens: str = "supervised"
+    """The tokens the layer term aligns: `supervised` or `answer` (see `align.output_tokens`)."""
     normalise_student: bool = True
     """Normalise student rows per token in the relation loss, as the teacher's are (scale-free on both sides)."""
     trainable: str = "lora"
@@ -280,6 +282,10 @@ class AlignConfig:
     steps: int = 0
     """Optimizer steps in all (overrides `epochs` when > 0)."""
     batch_size: int = 8
+    output_tokens: str = "supervised"
+    """The tokens the output losses (KL to the teacher, cross-entropy) see: the cache's `supervised` mask,
+    every token of an `extract.train_on_inputs` cache (as the papers trained MMLU), or the `answer` (reply)
+    tokens alone (on MMLU ~1% of them: the letter and its lead-in)."""
     micro_batch_size: int = 0
     """Examples per forward/backward: a batch is cut into micro-batches whose gradients add up to one
     update (the same step in less memory; micro-batches are weighted by their share of the examples).
@@ -312,7 +318,10 @@ class EvalConfig:
     """`pkt eval`: benchmark scores of one model."""
 
     tasks: list[str] = field(default_factory=lambda: ["mmlu"])
-    """Any of `mmlu`, `gsm8k`, `humaneval`, `mbpp`."""
+    """Any of `mmlu`, `gsm8k`, `humaneval`, `mbpp` (test sets: for reporting), and `dev` (for tuning)."""
+    dev_data: list[str] = field(default_factory=lambda: ["mmlu/align"])
+    """The `dev` task's rows: transfer splits or .jsonl files, each with an optional slice, e.g.
+    `gsm/train[512:]` (train rows past those a cache of 512 holds)."""
     out: str = "eval/model"
     limit: int = 0
     """Score a seeded random subset of this many items per task (after decontamination); 0 means all.

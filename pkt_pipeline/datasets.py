@@ -101,6 +101,19 @@ def find_transfer_split(task: str, split: str, data_dir: str | Path = "data") ->
                           "Set PKT_SHARED_DATA to a folder that holds transfer-splits/.")
 
 
+def resolve_data(reference: str, data_dir: str | Path = "data") -> Path:
+    """A jsonl path as given, or TASK/SPLIT of the transfer splits (e.g. `gsm/train`)."""
+    path = Path(reference)
+    if path.is_file():
+        return path
+    if path.suffix == ".jsonl" or path.exists():
+        raise FileNotFoundError(f"dataset not found: {path}")
+    parts = reference.split("/")
+    if len(parts) != 2:
+        raise FileNotFoundError(f"dataset not found: {reference} (give a .jsonl file or TASK/SPLIT, e.g. gsm/train)")
+    return find_transfer_split(parts[0], parts[1], data_dir)
+
+
 def transfer_split_files(data_dir: str | Path = "data") -> list[Path]:
     """Every reachable transfer split file, one per task/split (the first root wins, as above)."""
     found: dict[str, Path] = {}

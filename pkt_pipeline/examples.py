@@ -30,13 +30,15 @@ EXAMPLE_FORMAT_VERSION = 1
 
 @dataclass(frozen=True)
 class Example:
-    """One tokenised conversation; `supervised[t]` marks the positions the loss is computed on."""
+    """One tokenised conversation; `supervised[t]` marks the positions the loss is computed on,
+    `answer[t]` the reply tokens (the same unless `train_on_inputs` supervises every token)."""
 
     example_id: str
     content_hash: str
     input_ids: np.ndarray
     supervised: np.ndarray
     truncated: bool
+    answer: np.ndarray
 
 
 def _canonical_json(value) -> str:
@@ -123,18 +125,18 @@ def format_example(
         text, turns = _render_chat(messages, tokenizer, example_id)
     else:
         text, turns = _render_plain(messages, tokenizer, example_id)
-    input_ids, supervised = _tokenise_with_mask(text, turns, tokenizer, example_id)
-    if train_on_inputs:
-        supervised[:] = True
+    input_ids, answer = _tokenise_with_mask(text, turns, tokenizer, example_id)
+    supervised = np.ones_like(answer) if train_on_inputs else answer.copy()
     truncated = len(input_ids) > max_length
     if truncated:
-        input_ids, supervised = input_ids[:max_length], supervised[:max_length]
+        input_ids, supervised, answer = input_ids[:max_length], supervised[:max_length], answer[:max_length]
     return Example(
         example_id=example_id,
         content_hash=content_hash(messages),
         input_ids=input_ids,
         supervised=supervised,
         truncated=truncated,
+        answer=answer,
     )
 
 

@@ -98,6 +98,7 @@ def group_blocks(
         start = offset - group_start
         place("tokens", start, example.input_ids.astype(np.int32))
         place("supervised", start, example.supervised.astype(bool))
+        place("answer", start, example.answer.astype(bool))
         for key, tensor in tensors.items():
             if key.startswith("topk/"):
                 place(key, start, tensor.cpu().numpy())

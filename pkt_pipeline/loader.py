@@ -29,6 +29,9 @@ from .cache.layout import decode, delta_key, hidden_key
 
 KINDS = ("hidden", "delta")
 TOPK_KEYS = ("topk/logprobs", "topk/indices")
+TOKEN_MASKS = ("supervised", "answer")
+"""Which tokens a loss sees: the cache's `supervised` mask (every token under `extract.train_on_inputs`)
+or the `answer` (reply) tokens alone."""
 
 
 @dataclass
@@ -42,6 +45,18 @@ class Batch:
     teacher: dict[int, torch.Tensor]        # layer -> [B, T, D_T] in the storage dtype
     topk_logprobs: torch.Tensor | None      # [B, T, k] float32
     topk_indices: torch.Tensor | None       # [B, T, k] int64
+    answer: torch.Tensor | None = None      # [B, T] bool, the reply tokens (None: a cache from before it was stored)
+
+    def tokens_mask(self, tokens: str) -> torch.Tensor:
+        """[B, T] bool: the `supervised` tokens (the cache's loss mask) or the `answer` (reply) tokens."""
+        if tokens == "supervised":
+            return self.supervised
+        if tokens != "answer":
+            raise ValueError(f"tokens must be one of {TOKEN_MASKS}, got {tokens!r}")
+        if self.answer is None:
+            raise CacheError("this cache holds no answer mask (it predates it): re-extract it, or use the "
+                             "`supervised` tokens")
+        return self.answer
 
     def to(self, device: torch.device | str) -> Batch:
         def move(tensor: torch.Tensor | None) -> torch.Tensor | None:
@@ -49,7 +64,7 @@ class Batch:
 
         return Batch(self.example_ids, move(self.input_ids), move(self.attention_mask), move(self.supervised),
                      {layer: move(t) for layer, t in self.teacher.items()}, move(self.topk_logprobs),
-                     move(self.topk_indices))
+                     move(self.topk_indices), move(self.answer))
 
     @property
     def tokens(self) -> int:
@@ -70,7 +85,7 @@ class Batch:
 
             parts.append(Batch(self.example_ids[rows], cut(self.input_ids), cut(self.attention_mask),
                                cut(self.supervised), {layer: cut(t) for layer, t in self.teacher.items()},
-                               cut(self.topk_logprobs), cut(self.topk_indices)))
+                               cut(self.topk_logprobs), cut(self.topk_indices), cut(self.answer)))
         return parts
 
 
@@ -107,7 +122,8 @@ class CacheLoader:
         if topk and not self.cache.manifest["capture"].get("top_k"):
             raise CacheError(f"the cache at {self.cache.files.url} holds no top-k log-probs; pass topk=False")
         teacher_keys = [key for keys in self._sources.values() for key in keys]
-        self._keys = list(dict.fromkeys(["tokens", "supervised", *teacher_keys, *(TOPK_KEYS if topk else ())]))
+        answer = ["answer"] if self.cache.has_answer_mask else []
+        self._keys = list(dict.fromkeys(["tokens", "supervised", *answer, *teacher_keys, *(TOPK_KEYS if topk else ())]))
         self._select(examples)
         self._fingerprint = self._plan_fingerprint()
         self._epoch, self._done = 0, 0
@@ -302,6 +318,7 @@ class CacheLoader:
             teacher=teacher,
             topk_logprobs=pad(torch.from_numpy(flat["topk/logprobs"].astype(np.float32))) if self.topk else None,
             topk_indices=pad(torch.from_numpy(flat["topk/indices"].astype(np.int64))) if self.topk else None,
+            answer=pad(torch.from_numpy(flat["answer"].astype(bool))) if "answer" in flat else None,
         )
 
     def state_dict(self) -> dict:

@@ -1,4 +1,4 @@
-"""`pkt eval`: score one model on MMLU, GSM8K, HumanEval and MBPP.
+"""`pkt eval`: score one model on MMLU, GSM8K, HumanEval and MBPP, or on dev rows for tuning.
 
 Writes `OUT/metrics.json` ({task: {score, n, dropped, ...}}) and, per task, `OUT/items/<task>.jsonl`
 with one record a person can read per item (prompt, output, verdict). The prompts live in
@@ -15,6 +15,9 @@ with one record a person can read per item (prompt, output, verdict). The prompt
 - and for these three, continuous: `nll`, the teacher-forced mean NLL per token of the reference
   reply (`reference_nll.py`), on `eval.nll_limit` items (one forward each, so many more than are
   generated) that contain the `eval.limit` generated ones.
+
+- `dev`: rows of the transfer splits (`eval.dev_data`, e.g. `mmlu/align`), never test items: the NLL
+  of each reply and, for MMLU rows, p_correct (`dev.py`); hyperparameters are chosen on these.
 
 Accuracy is the headline, as in the papers; the continuous metrics are what separate two models at
 the item counts a CPU can afford. Every record keeps its item id and values, so any two runs can be
@@ -38,7 +41,7 @@ from pkt_pipeline.datasets import find_dataset
 from pkt_pipeline.evaluation.journal import Journal, model_fingerprint
 from pkt_pipeline.models import load_model, load_tokenizer, resolve_device
 
-TASKS = ("mmlu", "gsm8k", "humaneval", "mbpp")
+TASKS = ("mmlu", "gsm8k", "humaneval", "mbpp", "dev")
 
 
 def run(config: PktConfig, model_name: str, progress: bool = True, echo=print) -> dict:
@@ -47,7 +50,7 @@ def run(config: PktConfig, model_name: str, progress: bool = True, echo=print) -
     if unknown or not cfg.tasks:
         raise ValueError(f"eval.tasks must be a non-empty subset of {TASKS}; unknown: {unknown}")
     started = time.perf_counter()
-    items = {task: _load(task, config.assets.data_dir) for task in cfg.tasks}  # data errors before the model loads
+    items = {task: _load(task, config) for task in cfg.tasks}  # data errors before the model loads
     tokenizer = load_tokenizer(model_name, trust_remote_code=config.runtime.trust_remote_code)
     model = load_model(model_name, dtype=config.runtime.dtype, device=resolve_device(config.runtime.device),
                        trust_remote_code=config.runtime.trust_remote_code)
@@ -56,7 +59,8 @@ def run(config: PktConfig, model_name: str, progress: bool = True, echo=print) -
     items_dir.mkdir(parents=True, exist_ok=True)
     metrics: dict = {"model": model_name}
     for task in cfg.tasks:
-        task_items, dropped = _decontaminate(task, items[task], config.assets.data_dir) if cfg.decontaminate else (items[task], 0)
+        decontaminate = cfg.decontaminate and task != "dev"  # dev rows are transfer-split rows by definition
+        task_items, dropped = _decontaminate(task, items[task], config.assets.data_dir) if decontaminate else (items[task], 0)
         task_started = time.perf_counter()
         journal = Journal(out / ".journal" / f"{task}.jsonl", _fingerprint(model_name, task, config))
         if journal.resumed():
@@ -77,20 +81,24 @@ def run(config: PktConfig, model_name: str, progress: bool = True, echo=print) -
 
 def _fingerprint(model_name: str, task: str, config: PktConfig) -> dict:
     """What a task's item records depend on: the model's files, the dtype and the scoring settings
-    (not which items are chosen: a record is the same whichever subset it is part of)."""
-    scoring = {k: v for k, v in to_dict(config)["eval"].items() if k not in ("out", "tasks", "limit", "nll_limit", "generate", "seed")}
+    (not which items are chosen: a record is the same whichever subset, or dev rows, it is part of)."""
+    chosen = ("out", "tasks", "limit", "nll_limit", "generate", "seed", "dev_data")
+    scoring = {k: v for k, v in to_dict(config)["eval"].items() if k not in chosen}
     return {**model_fingerprint(model_name), "task": task, "dtype": str(config.runtime.dtype), "eval": scoring}
 
 
-def _load(task: str, data_dir: str) -> list:
-    from pkt_pipeline.evaluation import code_tasks, gsm8k, mmlu
+def _load(task: str, config: PktConfig) -> list:
+    from pkt_pipeline.evaluation import code_tasks, dev, gsm8k, mmlu
 
+    data_dir = config.assets.data_dir
     if task == "mmlu":
         return mmlu.load_mmlu(find_dataset("mmlu", data_dir))
     if task == "gsm8k":
         return gsm8k.load_gsm8k(find_dataset("gsm8k", data_dir) / "test.jsonl")
     if task == "humaneval":
         return code_tasks.load_humaneval(find_dataset("humaneval", data_dir))
+    if task == "dev":
+        return dev.load_dev_rows(config.eval.dev_data, data_dir)
     return code_tasks.load_mbpp(find_dataset("mbpp", data_dir))
 
 
@@ -240,5 +248,13 @@ def _generate_code(model, tokenizer, items, cfg: EvalConfig, progress: bool) -> 
             for item, prompt, output, verdict in zip(items, prompts, outputs, verdicts)]
 
 
+def _score_dev(model, tokenizer, items, cfg: EvalConfig, progress: bool, journal: Journal) -> list[dict]:
+    """Transfer-split dev rows (`evaluation/dev.py`): reply NLL, and p_correct where a row is MMLU's."""
+    from pkt_pipeline.evaluation.dev import score_dev
+
+    return journal.score("dev", _subset(items, cfg.limit, cfg.seed), lambda row: row.id, lambda chunk: score_dev(
+        model, tokenizer, chunk, batch_size=cfg.batch_size, progress=progress))
+
+
 GENERATORS = {"gsm8k": _generate_gsm8k, "humaneval": _generate_code, "mbpp": _generate_code}
-SCORERS = {"mmlu": _score_mmlu, **{task: partial(_score_generative, task=task) for task in GENERATORS}}
+SCORERS = {"mmlu": _score_mmlu, "dev": _score_dev, **{task: partial(_score_generative, task=task) for task in GENERATORS}}

@@ -40,7 +40,7 @@ from pkt_pipeline.cache.layout import (
     plan_groups,
 )
 from pkt_pipeline.config import ExtractConfig, PktConfig
-from pkt_pipeline.datasets import find_transfer_split
+from pkt_pipeline.datasets import resolve_data
 from pkt_pipeline.examples import PROMPT_FORMATS, dataset_fingerprint, load_examples
 from pkt_pipeline.extraction import (
     CAPTURE_KINDS,
@@ -58,19 +58,6 @@ from pkt_pipeline.teacher_extras import get_extra
 
 class Interrupted(RuntimeError):
     """Ctrl-C arrived; the group in flight was finished and the cache is consistent."""
-
-
-def resolve_data(reference: str, data_dir: str = "data") -> Path:
-    """A jsonl path as given, or TASK/SPLIT of the transfer splits (e.g. `gsm/train`)."""
-    path = Path(reference)
-    if path.is_file():
-        return path
-    if path.suffix == ".jsonl" or path.exists():
-        raise FileNotFoundError(f"dataset not found: {path}")
-    parts = reference.split("/")
-    if len(parts) != 2:
-        raise FileNotFoundError(f"dataset not found: {reference} (give a .jsonl file or TASK/SPLIT, e.g. gsm/train)")
-    return find_transfer_split(parts[0], parts[1], data_dir)
 
 
 def validate(cfg: ExtractConfig) -> None:
@@ -201,7 +188,7 @@ def array_specs(settings: CaptureSettings, width: int) -> list[ArraySpec]:
     """The token-major arrays a cache of these capture settings holds."""
     float_type = numpy_dtype(settings.storage_dtype)
     attrs = {"pkt_dtype": settings.storage_dtype}
-    specs = [ArraySpec("tokens", (), "int32"), ArraySpec("supervised", (), "bool")]
+    specs = [ArraySpec("tokens", (), "int32"), ArraySpec("supervised", (), "bool"), ArraySpec("answer", (), "bool")]
     for layer in settings.layers:
         if "hidden" in settings.kinds:
             specs.append(ArraySpec(hidden_key(layer), (width,), float_type, attrs))

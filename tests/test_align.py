@@ -81,6 +81,31 @@ def test_each_frontier_stage_gets_its_learning_rate_schedule(tiny_pair, tiny_cac
                                "align.semalign.phase_schedule=cosine"), progress=False)
 
 
+def test_output_losses_can_see_the_answer_tokens_alone(tiny_pair, tiny_dataset, tmp_path):
+    """A train_on_inputs cache supervises every token; `answer` scores the reply tokens only."""
+    from pkt_pipeline.models import load_model
+
+    from stages import extract
+
+    every_token = tmp_path / "every-token"
+    extract.run(extract_config(tiny_pair["teacher"], tiny_dataset, every_token, "extract.train_on_inputs=true",
+                               "extract.limit=8"), progress=False)
+    cache = open_cache(every_token)
+    batch = next(iter(CacheLoader(cache, batch_size=3, topk=False)))
+    model = load_model(tiny_pair["student"], dtype="float32")
+    every, answers = (forward_student(model, batch, tokens=tokens) for tokens in ("supervised", "answer"))
+    expected = [int(token) for row, example_id in enumerate(batch.example_ids)
+                for token, is_answer in zip(cache.tokens(example_id)[1:], cache.answer(example_id)[1:]) if is_answer]
+    assert answers.targets.tolist() == expected
+    assert 0 < len(expected) < len(every.targets) == int(batch.attention_mask[:, 1:].sum())
+    summary = align.run(align_config(tiny_pair, every_token, tmp_path / "kd", "kd", "align.steps=2",
+                                     "align.output_tokens=answer"), progress=False)
+    assert summary["action"] == "trained"
+    with pytest.raises(ValueError, match=r"align.semalign.layer_tokens must be one of \('supervised', 'answer'\)"):
+        align.run(align_config(tiny_pair, every_token, tmp_path / "bad", "semalign", "align.semalign.layer_tokens=reply"),
+                  progress=False)
+
+
 def test_only_the_frontier_layer_trains(tiny_pair, tiny_cache, tmp_path):
     out = tmp_path / "frontier"
     config = align_config(tiny_pair, tiny_cache, out, "semalign", "align.steps=4", "align.checkpoint_every=2")

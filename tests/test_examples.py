@@ -112,6 +112,8 @@ def test_train_on_inputs_supervises_every_token(tokenizer, prompt_format):
     assert example.supervised.all()
     plain = format_example(_row(), tokenizer, prompt_format)
     assert np.array_equal(example.input_ids, plain.input_ids)
+    # The reply tokens stay known, for losses that look at the answer alone.
+    assert np.array_equal(example.answer, plain.supervised) and np.array_equal(plain.answer, plain.supervised)
 
 
 def test_truncation_keeps_the_first_max_length_tokens(tokenizer):

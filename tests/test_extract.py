@@ -63,6 +63,7 @@ def test_cached_activations_equal_plain_transformers(tiny_pair, dataset, extract
         assert cache.content_hash(example.example_id) == example.content_hash
         assert np.array_equal(cache.tokens(example.example_id), example.input_ids)
         assert np.array_equal(cache.supervised(example.example_id), example.supervised)
+        assert np.array_equal(cache.answer(example.example_id), example.answer)
         for layer in range(5):
             reference = stream[layer][0]
             cached = cache.hidden(layer, example.example_id)
@@ -94,7 +95,7 @@ def test_unknown_example_and_layer_are_named(extracted):
 def test_a_cache_with_a_normed_last_layer_is_refused_there(extracted, tmp_path):
     """Caches written before `capture.final_layer` hold h_L after the final norm: their last layer,
     and any delta of it, is refused with the way out; earlier layers still read. Nor do they hold
-    contribution attribution."""
+    the answer mask or contribution attribution."""
     old = tmp_path / "old"
     shutil.copytree(extracted, old)
     manifest = json.loads((old / "manifest.json").read_text())
@@ -106,6 +107,10 @@ def test_a_cache_with_a_normed_last_layer_is_refused_there(extracted, tmp_path):
                  lambda: CacheLoader(cache, batch_size=2, layers=[4], kind="delta")):
         with pytest.raises(CacheError, match=r"last layer \(4\) after the final norm.*pkt extract --overwrite"):
             read()
+    shutil.rmtree(old / "answer")
+    assert not open_cache(old).has_answer_mask and next(iter(CacheLoader(old, batch_size=2, layers=[3]))).answer is None
+    with pytest.raises(CacheError, match="holds no answer mask .*re-extract it"):
+        open_cache(old).answer("ex000")
     shutil.rmtree(old / "attribution" / "contribution")
     assert open_cache(old).attribution("output").shape == (5,)
     with pytest.raises(CacheError, match="holds no contribution attribution .*re-extract it"):

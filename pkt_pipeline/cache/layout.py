@@ -10,7 +10,7 @@ example id to its rows.
     <cache>/run.json                       identity of the run: teacher, data, settings
     <cache>/index.parquet                  example_id, content_hash, offset, length, group, ...
     <cache>/ledger/group-000042.json       one per finished group, with its shard checksums
-    <cache>/tokens, supervised             int32 / bool            [N]
+    <cache>/tokens, supervised, answer     int32 / bool / bool     [N]  (answer: the reply tokens)
     <cache>/hidden/NN, delta/NN            bf16 bits (uint16) or fp16 [N, D], NN = layer (h_L pre-norm)
     <cache>/topk/logprobs, topk/indices    float32 / int32         [N, k]
     <cache>/attribution/scores             float64                 [L+1]  grad x output h_l

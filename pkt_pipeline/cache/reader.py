@@ -115,6 +115,18 @@ class Cache:
         start, stop = self.span(example_id)
         return self.root["tokens"][start:stop]
 
+    @cached_property
+    def has_answer_mask(self) -> bool:
+        """Whether the cache stores `answer`, the reply tokens (caches from before it did not)."""
+        return "answer" in self.root
+
+    def answer(self, example_id: str) -> np.ndarray:
+        """[T] bool, the example's reply tokens whatever `train_on_inputs` made `supervised`."""
+        if not self.has_answer_mask:
+            raise CacheError(f"the cache at {self.files.url} holds no answer mask (it predates it): re-extract it")
+        start, stop = self.span(example_id)
+        return self.root["answer"][start:stop].astype(bool)
+
     def supervised(self, example_id: str) -> np.ndarray:
         start, stop = self.span(example_id)
         return self.root["supervised"][start:stop].astype(bool)

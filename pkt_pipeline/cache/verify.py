@@ -52,7 +52,7 @@ def cache_info(path: str | os.PathLike, storage_options: dict | None = None) -> 
     sizes = {key: files.size(key) for key, checksum in manifest["checksums"].items() if checksum is not None}
     stored = sum(sizes.values())
     teacher_bytes = sum(size for key, size in sizes.items() if key.startswith("teacher/"))
-    token_major = ("hidden/", "delta/", "topk/", "tokens/", "supervised/")
+    token_major = ("hidden/", "delta/", "topk/", "tokens/", "supervised/", "answer/")
     activation_bytes = sum(size for key, size in sizes.items() if key.startswith(token_major))
     return {
         "path": files.url,

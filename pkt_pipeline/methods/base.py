@@ -15,9 +15,9 @@ import torch
 from torch import nn
 from transformers import get_scheduler
 
-from ..cache import Cache
+from ..cache import Cache, CacheError
 from ..config import AlignConfig
-from ..loader import Batch
+from ..loader import TOKEN_MASKS, Batch
 from ..residual import forward_with_residual_stream
 
 
@@ -49,7 +49,7 @@ class StudentOutputs:
     logits: torch.Tensor
     """[N, V] at the positions of `positions`, in row-major order."""
     positions: torch.Tensor
-    """[B, T] bool: the positions whose next token is supervised."""
+    """[B, T] bool: the positions whose next token is scored (`tokens` of `forward_student`)."""
     targets: torch.Tensor
     """[N] the next-token ids at those positions."""
 
@@ -81,6 +81,10 @@ class Method:
     def __init__(self, context: AlignContext):
         self.context = context
         self.config = context.config
+        if self.config.output_tokens not in TOKEN_MASKS:
+            raise ValueError(f"align.output_tokens must be one of {TOKEN_MASKS}, got {self.config.output_tokens!r}")
+        if self.config.output_tokens == "answer":
+            require_answer_mask(context.cache, "align.output_tokens")
 
     def setup(self, model: nn.Module) -> None:
         """Called once with the (LoRA-wrapped) student before training, e.g. to build fixed maps."""
@@ -124,6 +128,13 @@ class Method:
         return model
 
 
+def require_answer_mask(cache: Cache, setting: str) -> None:
+    """Refuse, before any training, a setting that needs the answer mask on a cache that lacks it."""
+    if not cache.has_answer_mask:
+        raise CacheError(f"{setting}=answer needs the answer mask, which the cache at {cache.files.url} predates: "
+                         "re-extract it (`pkt extract --overwrite`), or use `supervised`")
+
+
 def warmup_steps(config: AlignConfig, steps: int) -> int:
     """Warm-up steps of a phase of `steps`: `align.warmup_steps`, else `align.warmup_ratio` of the phase."""
     return min(steps, config.warmup_steps or math.ceil(config.warmup_ratio * steps))
@@ -137,19 +148,21 @@ def phase_scheduler(optimizer: torch.optim.Optimizer, phase: Phase, warmup: int)
                          num_training_steps=max(phase.steps, 1))
 
 
-def next_token_positions(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """([B, T] positions whose next token is supervised, [N] those next-token ids)."""
-    supervised_next = torch.zeros_like(batch.supervised)
-    supervised_next[:, :-1] = batch.supervised[:, 1:] & batch.attention_mask[:, 1:].bool()
+def next_token_positions(batch: Batch, tokens: str = "supervised") -> tuple[torch.Tensor, torch.Tensor]:
+    """([B, T] positions whose next token is one of `tokens` (`Batch.tokens_mask`), [N] those next-token ids)."""
+    scored = batch.tokens_mask(tokens)
+    supervised_next = torch.zeros_like(scored)
+    supervised_next[:, :-1] = scored[:, 1:] & batch.attention_mask[:, 1:].bool()
     targets = batch.input_ids[:, 1:][supervised_next[:, :-1]]
     return supervised_next, targets
 
 
-def forward_student(model: nn.Module, batch: Batch, hidden_states: bool = False) -> StudentOutputs:
-    """Run the student's decoder over the batch and its LM head at the supervised positions only."""
+def forward_student(model: nn.Module, batch: Batch, hidden_states: bool = False,
+                    tokens: str = "supervised") -> StudentOutputs:
+    """Run the student's decoder over the batch and its LM head only where the next token is one of `tokens`."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     body, head = base.get_decoder(), base.get_output_embeddings()
     inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
     out, states = forward_with_residual_stream(body, **inputs) if hidden_states else (body(**inputs), None)
-    positions, targets = next_token_positions(batch)
+    positions, targets = next_token_positions(batch, tokens)
     return StudentOutputs(states, head(out.last_hidden_state[positions]), positions, targets)

@@ -15,7 +15,7 @@ class OfflineKD(Method):
 
     def loss(self, model, batch, phase):
         settings = self.config.kd
-        out = forward_student(model, batch)
+        out = forward_student(model, batch, tokens=self.config.output_tokens)
         kl = cached_topk_kl(out, batch, settings.mode, settings.temperature)
         parts = {"kl": kl.item()}
         total = kl
@@ -27,7 +27,7 @@ class OfflineKD(Method):
 
 
 def cached_topk_kl(out, batch, mode: str, temperature: float):
-    """KL(teacher || student) at the supervised positions, from the cache's top-k log-probs."""
+    """KL(teacher || student) at the positions `out` scored, from the cache's top-k log-probs."""
     positions = out.positions
     return topk_kl(out.logits[None], batch.topk_logprobs[positions][None], batch.topk_indices[positions][None],
                    positions.new_ones(1, int(positions.sum())), mode=mode, temperature=temperature)

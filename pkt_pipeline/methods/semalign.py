@@ -15,10 +15,11 @@ import torch
 from torch import nn
 
 from ..losses import cosine_loss, fisher_surrogate, label_cosine_loss, relation_loss
+from ..loader import TOKEN_MASKS
 from ..residual import decoder_of, layer_state
 from ..semantic_map import SemanticMap, attributed_pairing, build_semantic_map, proportional_pairing
 from . import register
-from .base import LR_SCHEDULES, Method, Phase, forward_student
+from .base import LR_SCHEDULES, Method, Phase, forward_student, require_answer_mask
 from .kd import cached_topk_kl
 
 OBJECTIVES = ("v2", "v1")
@@ -40,9 +41,12 @@ class SemAlign(Method):
                                     (settings.pairing, ("attributed", "proportional"), "pairing"),
                                     (settings.pairing_score, ("contribution", "output"), "pairing_score"),
                                     (settings.trainable, TRAINABLE, "trainable"),
-                                    (settings.phase_schedule, tuple(LR_SCHEDULES), "phase_schedule")):
+                                    (settings.phase_schedule, tuple(LR_SCHEDULES), "phase_schedule"),
+                                    (settings.layer_tokens, TOKEN_MASKS, "layer_tokens")):
             if value not in allowed:
                 raise ValueError(f"align.semalign.{key} must be one of {allowed}, got {value!r}")
+        if settings.layer_tokens == "answer":
+            require_answer_mask(context.cache, "align.semalign.layer_tokens")
         self.settings = settings
         self.semantic_map: SemanticMap | None = None
         self.pairs: dict[int, int] = {}
@@ -104,8 +108,8 @@ class SemAlign(Method):
                 if id(p) in owned and (not self.uses_lora or "lora_" in name)]
 
     def loss(self, model, batch, phase):
-        out = forward_student(model, batch, hidden_states=True)
-        mask = batch.supervised & batch.attention_mask.bool()
+        out = forward_student(model, batch, hidden_states=True, tokens=self.config.output_tokens)
+        mask = batch.tokens_mask(self.settings.layer_tokens) & batch.attention_mask.bool()
         if self.settings.objective == "v1":
             return self._v1_loss(out, batch, mask)
         k, p = phase.student_layer, self.pairs[phase.student_layer]

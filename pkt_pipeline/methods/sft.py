@@ -13,6 +13,6 @@ class LoraSFT(Method):
     name = "lora-sft"
 
     def loss(self, model, batch, phase):
-        out = forward_student(model, batch)
+        out = forward_student(model, batch, tokens=self.config.output_tokens)
         ce = cross_entropy(out.logits, out.targets)
         return ce, {"ce": ce.item()}
