@@ -368,7 +368,9 @@ class PktConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     methods: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Per-method overrides of the `align` section, e.g. `methods: {kd: {lr: 1.0e-4}}`: applied when
-    that method runs, so a DVC stage per method depends on its own section only."""
+    that method runs, so a DVC stage per method depends on its own section only. A section may name a
+    variant of a registered method (`pkt align --method` takes the variant's name):
+    `methods: {semalign-kl-only: {method: semalign, semalign: {lambda_layer: 0.0}}}`."""
 
 
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = (), recipe: str = "") -> PktConfig:
@@ -411,7 +413,7 @@ def for_method(config: PktConfig, method: str) -> PktConfig:
     if not isinstance(overrides, dict):
         raise ConfigError(f"methods.{method} must be a mapping of align keys, got {overrides!r}")
     _deep_update(raw["align"], overrides)
-    raw["align"]["method"] = method
+    raw["align"]["method"] = overrides.get("method", method)  # a variant names the method it configures
     return _build(PktConfig, raw, prefix="", source=f"methods.{method}")
 
 

@@ -47,7 +47,8 @@ def check_vocabulary(cache, tokenizer, student: str) -> None:
 
 
 def run(config: PktConfig, progress: bool = True, echo=print) -> dict:
-    config = for_method(config, config.align.method)
+    requested = config.align.method  # a registered method, or a variant of one (`methods:` in the config)
+    config = for_method(config, requested)
     cfg = config.align
     started = time.perf_counter()
     method_class = get_method(cfg.method)
@@ -101,7 +102,7 @@ def run(config: PktConfig, progress: bool = True, echo=print) -> dict:
     log = read_log(out)
     saved["loss_curves"] = str(plot_training_log(log, out / "loss_curves.png",
                                                  f"{method.name}: {config.student} from {cfg.cache}"))
-    metrics = {"method": method.name, "student": config.student, "cache": cfg.cache,
+    metrics = {"method": method.name, **({"variant": requested} if requested != method.name else {}), "student": config.student, "cache": cfg.cache,
                "teacher": cache.manifest["teacher"]["id"], "steps": summary["steps"],
                "phases": phase_summaries(log), "seconds": round(time.perf_counter() - started, 1),
                "train_seconds": summary["seconds"], "tokens_per_second": summary["tokens_per_second"],

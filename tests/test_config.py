@@ -65,3 +65,12 @@ def test_method_sections_override_align_for_that_method_only():
     assert (semalign.align.lr, semalign.align.kd.ce_weight) == (0.001, 0.0)
     with pytest.raises(ConfigError, match=r"methods\.kd: unknown key 'align\.lrr'; did you mean 'align\.lr'"):
         load_config(overrides=["methods={kd: {lrr: 1}}"])
+
+
+def test_a_method_section_can_be_a_named_variant_of_a_method():
+    from pkt_pipeline.config import for_method
+
+    config = load_config(overrides=["methods={semalign-kl-only: {method: semalign, semalign: {lambda_layer: 0.0}}}"])
+    variant = for_method(config, "semalign-kl-only")
+    assert (variant.align.method, variant.align.semalign.lambda_layer) == ("semalign", 0.0)
+    assert for_method(config, "semalign").align.semalign.lambda_layer == 1.0
