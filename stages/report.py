@@ -35,7 +35,9 @@ TASKS = ("mmlu", "gsm8k", "humaneval", "mbpp")
 RESOLUTION_TARGET = 0.015
 """The paired half-width a transfer benchmark aims for on a % metric (1.5 points); the resolution table
 says how many items would reach it, from the spread this run measured."""
-DEFAULT_COMPARISONS = (("semalign", "kd"), ("semalign", "lora-sft"), ("kd", "lora-sft"))
+DEFAULT_COMPARISONS = (("semalign", "kd"), ("semalign", "lora-sft"), ("kd", "lora-sft"),
+                       ("semalign", "semalign-kl-only"))
+"""The comparisons the papers argue about, and the ablation that says whether SemAlign's layer term helps."""
 
 
 @dataclass(frozen=True)
@@ -100,8 +102,8 @@ def gap_closed(method: float, student: float, teacher: float) -> float | None:
 
 def run(eval_dir: str | Path, out: str | Path, runs_dir: str | Path = "runs", metrics_dir: str | Path = "metrics",
         echo=print, comparisons: list[tuple[str, str]] | None = None) -> dict:
-    """Build the report; `comparisons` are (A, B) method pairs for A − B (default: semalign−kd,
-    semalign−lora-sft, kd−lora-sft), skipped where either is absent."""
+    """Build the report; `comparisons` are (A, B) method pairs for A − B (default: DEFAULT_COMPARISONS),
+    skipped where either is absent."""
     eval_dir, out = Path(eval_dir), Path(out)
     scores = {path.parent.name: json.loads(path.read_text()) for path in sorted(eval_dir.glob("*/metrics.json"))}
     missing = [name for name in REFERENCES if name not in scores]
