@@ -77,6 +77,14 @@ def config_options(command):
     )(command)
 
 
+def recipe_option(command):
+    return click.option(
+        "--recipe", default="", metavar="NAME",
+        help="Layer a named recipe over the config (before --set): `published` runs the Seeking and LaTen "
+             "baselines at their published settings (pkt_pipeline/recipes.py).",
+    )(command)
+
+
 @click.group(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="pkt")
 @click.option("-v", "--verbose", is_flag=True, help="Log what pkt does in detail.")
@@ -145,6 +153,7 @@ def assets_list(pins) -> None:
 
 @main.command("extract")
 @config_options
+@recipe_option
 @click.option("--teacher", default=None, help="Teacher model: hub id, local HF directory or .gguf file.")
 @click.option("--data", default=None, help="Examples: a .jsonl of chat `messages`, or TASK/SPLIT of the transfer splits (gsm/train).")
 @click.option("--out", default=None, help="Cache folder or fsspec URL to write (default: cache/teacher).")
@@ -154,7 +163,7 @@ def assets_list(pins) -> None:
                    "Adds to a complete cache without re-extracting it.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars (for logs).")
 @friendly_errors
-def extract(config_path, overrides, teacher, data, out, overwrite, extras, no_progress) -> None:
+def extract(config_path, overrides, recipe, teacher, data, out, overwrite, extras, no_progress) -> None:
     """Stage one: run the teacher once over task data and write the activation cache.
 
     \b
@@ -175,7 +184,7 @@ def extract(config_path, overrides, teacher, data, out, overwrite, extras, no_pr
              (("teacher", teacher), ("extract.data", data), ("extract.out", out)) if value]
     if overwrite:
         extra.append("extract.overwrite=true")
-    config = load_config(config_path, [*overrides, *extra])
+    config = load_config(config_path, [*overrides, *extra], recipe)
     config.extract.extras = sorted({*config.extract.extras, *extras})
     summary = run_stage(stage, stage.Interrupted, config, no_progress)
     if summary["action"] == "extras added":
@@ -187,6 +196,7 @@ def extract(config_path, overrides, teacher, data, out, overwrite, extras, no_pr
 
 @main.command("align")
 @config_options
+@recipe_option
 @click.option("--cache", "cache_path", default=None, help="Cache folder or fsspec URL written by `pkt extract`.")
 @click.option("--student", default=None, help="Student model: hub id, local HF directory or .gguf file.")
 @click.option("--method", default=None, help="semalign (default), lora-sft, kd, ...; see --list-methods.")
@@ -196,7 +206,7 @@ def extract(config_path, overrides, teacher, data, out, overwrite, extras, no_pr
 @click.option("--list-methods", is_flag=True, help="Print the registered methods and exit.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars (for logs).")
 @friendly_errors
-def align(config_path, overrides, cache_path, student, method, out, report_map, overwrite, list_methods,
+def align(config_path, overrides, recipe, cache_path, student, method, out, report_map, overwrite, list_methods,
           no_progress) -> None:
     """Stage two: train the student from the cache alone (the teacher is never loaded).
 
@@ -223,7 +233,8 @@ def align(config_path, overrides, cache_path, student, method, out, report_map, 
     extra = [f"{key}={value}" for key, value in (("align.cache", cache_path), ("student", student),
                                                   ("align.method", method), ("align.out", out)) if value]
     extra += [f"align.{flag}=true" for flag, on in (("report_map", report_map), ("overwrite", overwrite)) if on]
-    summary = run_stage(stage, stage.TrainingInterrupted, load_config(config_path, [*overrides, *extra]), no_progress)
+    config = load_config(config_path, [*overrides, *extra], recipe)
+    summary = run_stage(stage, stage.TrainingInterrupted, config, no_progress)
     if summary["action"] == "trained":
         metrics = summary["metrics"]
         for phase, values in metrics["phases"].items():
@@ -362,14 +373,15 @@ def cache_verify_command(path) -> None:
 
 @main.command("config")
 @config_options
+@recipe_option
 @friendly_errors
-def show_config(config_path, overrides) -> None:
+def show_config(config_path, overrides, recipe) -> None:
     """Print the fully resolved config (defaults + file + overrides) as YAML."""
     import yaml
 
     from .config import load_config, to_dict
 
-    click.echo(yaml.safe_dump(to_dict(load_config(config_path, overrides)), sort_keys=False), nl=False)
+    click.echo(yaml.safe_dump(to_dict(load_config(config_path, overrides, recipe)), sort_keys=False), nl=False)
 
 
 if __name__ == "__main__":

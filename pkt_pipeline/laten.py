@@ -33,7 +33,8 @@ attention neurons (columns of o) and int(rate · KV_S·hd_S) value neurons (rows
 training step) and one injection example (drawn from the cached data), and caches, under
 `extras/laten/`, their selected teacher rows/columns, layers, neurons and scores, plus the token ids
 and answer masks of those examples and of the align split, so that stage two trains from the cache
-alone. Only the student's *shape* is read here (`AutoConfig`), never its weights.
+alone; the provenance records the extract split's size, the published schedule's length. Only the
+student's *shape* is read here (`AutoConfig`), never its weights.
 """
 
 from __future__ import annotations
@@ -473,6 +474,7 @@ class LatenExtra(TeacherExtra):
             "readout_tail_mass": readout.largest_tail_mass,
             "data": {role: str(path) for role, path in paths.items()}, "prompt": prompt,
             "locate": [e.example_id for e, _ in located[:-1]], "inject": located[-1][0].example_id,
+            "extract_examples": len(loaded["extract"]),
             "align": [e.example_id for e in align],
         }
         return ExtraOutput(arrays, provenance)

@@ -3,9 +3,12 @@ and the stage-one extra `pkt extract --with seeking` that caches it.
 
 **Sensitivity.** For a weight θ and seed examples x, S = Σ_x |θ ⊙ ∇_θ L(x)|, with L(x) the teacher's
 mean cross-entropy over the supervised next tokens of x (the HF label convention, as in
-`attribution.py`: logits at t-1 predict the supervised token at t). Each example has its own
-backward pass, since the absolute value is taken per example. Only the 2-D weights of the LoRA
-targets (`align.lora.target_modules`, up/down/v/o by default) of each decoder layer are scored.
+`attribution.py`: logits at t-1 predict the supervised token at t). Which tokens are supervised is
+`extract.seeking.sensitivity_tokens`: the answer's only by default, as published
+(`loss_on_output=True`), even when the cache supervises every token (`extract.train_on_inputs`).
+Each example has its own backward pass, since the absolute value is taken per example. Only the 2-D
+weights of the LoRA targets (`align.lora.target_modules`, up/down/v/o by default) of each decoder
+layer are scored.
 
 **Selection.** A teacher layer's score is the sum of S over those weights; the top L_S layers
 (L_S = the student's depth) are kept in depth order, and the i-th kept teacher layer feeds student
@@ -43,6 +46,8 @@ from .teacher_extras import ExtraOutput, TeacherExtra, register_extra
 log = logging.getLogger(__name__)
 
 EXTRA = "seeking"
+SENSITIVITY_TOKENS = ("answer", "supervised")
+"""`extract.seeking.sensitivity_tokens`: the replies only (published), or the cache's supervision mask."""
 WeightKey = tuple[int, str]
 """(0-based decoder layer, module name), e.g. (3, "up_proj")."""
 
@@ -300,6 +305,21 @@ def check_pair(teacher_layers: int, teacher_shapes: dict[str, tuple[int, int]], 
                              "only shrinks weights, so the student must not be wider than the teacher")
 
 
+def seed_examples(config: PktConfig, data_path: Path, tokenizer) -> list:
+    """The first `extract.seeking.seed_examples` cached examples, supervised where the sensitivity's loss is:
+    on the answers (`sensitivity_tokens: answer`) or as the cache supervises them (`supervised`)."""
+    settings, cfg = config.extract.seeking, config.extract
+    if settings.sensitivity_tokens not in SENSITIVITY_TOKENS:
+        raise ValueError(f"extract.seeking.sensitivity_tokens must be one of {list(SENSITIVITY_TOKENS)}, "
+                         f"got {settings.sensitivity_tokens!r}")
+    # The cache holds only the first `extract.limit` rows: seed examples come from those.
+    limits = [n for n in (settings.seed_examples, cfg.limit) if n > 0]
+    every_token = settings.sensitivity_tokens == "supervised" and cfg.train_on_inputs
+    examples, _ = load_examples(data_path, tokenizer, cfg.prompt_format, cfg.max_length, every_token,
+                                limit=min(limits) if limits else None)
+    return examples
+
+
 def student_config_of(config: PktConfig):
     """The student's config (never its weights: stage one does not load the student)."""
     from transformers import AutoConfig
@@ -314,13 +334,14 @@ def student_config_of(config: PktConfig):
 class SeekingExtra(TeacherExtra):
     """`pkt extract --with seeking`: LoRA factors of the teacher's most sensitive blocks, for the student.
 
-    Reads the seed examples from the cached data (`extract.seeking.seed_examples`, first N), the
-    student's shape from its config (`student`), the modules and default rank from `align.lora`."""
+    Reads the seed examples from the cached data (`extract.seeking.seed_examples`, first N, masked by
+    `extract.seeking.sensitivity_tokens`), the student's shape from its config (`student`), the modules
+    and default rank from `align.lora`."""
 
     name = EXTRA
 
     def compute(self, teacher, tokenizer, config: PktConfig, data_path: Path, progress: bool) -> ExtraOutput:
-        settings, cfg = config.extract.seeking, config.extract
+        settings = config.extract.seeking
         if settings.seed_examples < 0:
             raise ValueError(f"extract.seeking.seed_examples must be >= 0, got {settings.seed_examples}")
         if settings.rank < 0:
@@ -331,11 +352,7 @@ class SeekingExtra(TeacherExtra):
         for module, shape in shapes.items():
             if rank > min(shape):
                 raise ValueError(f"extract.seeking.rank {rank} exceeds the student's {module} {shape}; lower it")
-        # The cache holds only the first `extract.limit` rows: seed examples come from those.
-        limits = [n for n in (settings.seed_examples, cfg.limit) if n > 0]
-        limit = min(limits) if limits else None
-        examples, _ = load_examples(data_path, tokenizer, cfg.prompt_format, cfg.max_length, cfg.train_on_inputs,
-                                    limit=limit)
+        examples = seed_examples(config, data_path, tokenizer)
         result, sensitive = extract_factors(teacher, examples, depth, shapes, rank, progress)
         provenance = {
             "teacher_layers": result.teacher_layers,
@@ -344,6 +361,7 @@ class SeekingExtra(TeacherExtra):
             "rank": rank,
             "factors": "B = U_r S_r [out, r], A = V_r^T [r, in], unscaled: B @ A is the block's rank-r SVD",
             "seed_examples": sensitive.examples,
+            "sensitivity_tokens": settings.sensitivity_tokens,
             "skipped_examples": sensitive.skipped,
             "data": str(data_path),
             "student": {"id": str(config.student), "layers": depth,

@@ -1,5 +1,6 @@
 """LaTen on the tiny pair: its scores against a written-out forward, gradients into the translator
-only, the saved model carrying the injected deltas, and the two stages end to end through `pkt`."""
+only, its published optimizer and schedule, the saved model carrying the injected deltas (a
+non-vanishing edit at the published recipe), and the two stages end to end through `pkt`."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from pkt_pipeline.cache import CacheError, open_cache
-from pkt_pipeline.config import LatenExtractConfig, load_config
+from pkt_pipeline.config import LatenExtractConfig, for_method, load_config
 from pkt_pipeline.examples import format_example
 from pkt_pipeline.laten import ModelShape, Readout, answer_target, check_settings, locate, neuron_counts
 from pkt_pipeline.methods import AlignContext, get_method
@@ -29,13 +30,16 @@ from tiny_data import SMALL_LAYOUT, extract_config, write_dataset
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 LOCATE = 3
+EXTRACT_SPLIT = 5
+PUBLISHED_EXTRACT_SPLIT = 20
+"""Examples in the published MMLU/GSM8K extract splits: the published one-cycle schedule's length."""
 
 
 @pytest.fixture(scope="module")
 def laten_data(tmp_path_factory) -> Path:
     """A task folder as the transfer splits lay it out: train, extract and align."""
     folder = tmp_path_factory.mktemp("laten-data")
-    write_dataset(folder / "extract.jsonl", 5, seed=11)
+    write_dataset(folder / "extract.jsonl", EXTRACT_SPLIT, seed=11)
     write_dataset(folder / "align.jsonl", 20, seed=12)
     return write_dataset(folder / "train.jsonl", 12, seed=13)
 
@@ -49,16 +53,27 @@ def laten_cache(tiny_pair, laten_data, tmp_path_factory) -> Path:
     return out
 
 
-def make_method(tiny_pair, cache: Path, *overrides: str, student: Path | None = None):
+def make_method(tiny_pair, cache: Path, *overrides: str, student: Path | None = None, recipe: str = ""):
     """A LaTen method set up on a fresh float32 student, as `pkt align` builds it."""
     student = student or tiny_pair["student"]
-    config = load_config(overrides=[f"student={student}", f"align.cache={cache}", "align.method=laten",
-                                    "runtime.dtype=float32", *overrides])
+    config = load_config(overrides=[f"student={student}", f"align.cache={cache}", "runtime.dtype=float32", *overrides],
+                         recipe=recipe)
+    align = for_method(config, "laten").align
     model = load_model(student, dtype="float32", device="cpu")
-    torch.manual_seed(config.align.seed)
-    method = get_method("laten")(AlignContext(open_cache(cache), config.align, load_tokenizer(student)))
+    torch.manual_seed(align.seed)
+    method = get_method("laten")(AlignContext(open_cache(cache), align, load_tokenizer(student)))
     method.setup(model)
-    return method, model, config.align
+    return method, model, align
+
+
+def train_method(method, model, cfg, out: Path) -> list[dict]:
+    """Train as `pkt align` does (its step budget, the method's loader); returns the per-step log."""
+    from pkt_pipeline.training import read_log
+
+    phases = method.phases(steps_for(cfg, len(method.loader(None, cfg.seed))), model.config.num_hidden_layers)
+    out.mkdir()
+    train(model, method, phases, lambda phase: method.loader(phase, cfg.seed), cfg, out, progress=False)
+    return read_log(out)
 
 
 # --- the scores, against a forward written out from the weights --------------------------------------------
@@ -228,6 +243,7 @@ def test_extra_holds_the_teacher_rows_of_the_located_neurons(tiny_pair, laten_ca
     student = ModelShape.of(AutoConfig.from_pretrained(tiny_pair["student"]))
     counts = neuron_counts(student, 0.1)
     assert provenance["counts"] == counts and len(provenance["locate"]) == LOCATE
+    assert provenance["extract_examples"] == EXTRACT_SPLIT  # the published schedule's length
     assert provenance["data"]["inject"].endswith("train.jsonl") and len(provenance["align"]) == 20
     assert arrays["vectors/up_proj"].shape == (LOCATE + 1, student.layers, counts["mlp"], 64)
     assert arrays["vectors/v_proj"].shape == (LOCATE + 1, student.layers, counts["v"], 64)
@@ -270,7 +286,9 @@ def test_only_the_translator_gets_gradients(tiny_pair, laten_cache):
     assert len(batch.example_ids) == 16 and batch.example_ids[0].startswith("0/locate:0:")
     loss, parts = method.loss(model, batch, phase)
     loss.backward()
-    assert parts["lm"] > 0 and parts["mse"] > 0 and loss.item() == pytest.approx(parts["lm"] + 1000 * parts["mse"])
+    # The published objective sums the 16 examples' losses (parts are per example).
+    assert parts["lm"] > 0 and parts["mse"] > 0
+    assert loss.item() == pytest.approx(16 * (parts["lm"] + 1000 * parts["mse"]))
     for name, parameter in model.named_parameters():
         if name in names:
             assert parameter.grad is not None and torch.isfinite(parameter.grad).all(), name
@@ -314,12 +332,111 @@ def test_micro_batches_give_the_whole_batch_gradient(tiny_pair, laten_cache):
             torch.testing.assert_close(other[name], grads[0][name], rtol=1e-4, atol=1e-10)
 
 
+def one_cycle(peak: float, total: int, step: int, pct_start: float = 0.1, div: float = 25.0,
+              final_div: float = 1.0) -> float:
+    """torch's one-cycle rate (cos) at `step`, written out: half-cosine from peak/div up to peak, reached at
+    step pct_start * total - 1, then half-cosine down to peak / (div * final_div) at the last step."""
+    start, end, turn = peak / div, peak / (div * final_div), pct_start * total - 1
+    if step <= turn:
+        return peak + (start - peak) * (1 + math.cos(math.pi * step / turn)) / 2
+    return end + (peak - end) * (1 + math.cos(math.pi * (step - turn) / (total - 1 - turn))) / 2
+
+
+def test_the_optimizer_and_schedule_are_the_published_ones(tiny_pair, laten_cache, tmp_path):
+    """AdamW with weight decay 0.05 and betas (0.9, 0.95), and torch's one-cycle schedule over one step per
+    extract example, each value read from `align.laten`; the trainer logs the schedule's rates."""
+    method, model, cfg = make_method(tiny_pair, laten_cache, "align.lr=0.002", "align.checkpoint_every=1000")
+    params = list(method.injection.translator.parameters())
+    optimizer = method.optimizer(params)
+    assert type(optimizer) is torch.optim.AdamW
+    assert optimizer.defaults["weight_decay"] == 0.05 and optimizer.defaults["betas"] == (0.9, 0.95)
+    scheduler = method.scheduler(optimizer, method.phases(LOCATE, 2)[0])
+    assert type(scheduler) is torch.optim.lr_scheduler.OneCycleLR
+    assert scheduler.total_steps == EXTRACT_SPLIT  # the extract split's size, not the 3 located
+    trained = train_method(method, model, cfg, tmp_path / "run")
+    expected = [one_cycle(0.002, EXTRACT_SPLIT, step) for step in range(LOCATE)]
+    assert [entry["lr"] for entry in trained] == pytest.approx(expected)
+
+    other, _, _ = make_method(tiny_pair, laten_cache, "align.laten.weight_decay=0.1", "align.laten.betas=[0.8, 0.99]",
+                              "align.laten.schedule_steps=20", "align.laten.div_factor=10", "align.lr=0.001")
+    optimizer = other.optimizer(params)
+    assert optimizer.defaults["weight_decay"] == 0.1 and optimizer.defaults["betas"] == (0.8, 0.99)
+    scheduler = other.scheduler(optimizer, other.phases(LOCATE, 2)[0])
+    assert scheduler.total_steps == 20
+    rates, beta1 = [], []
+    for _ in range(3):
+        rates.append(scheduler.get_last_lr()[0])
+        beta1.append(optimizer.param_groups[0]["betas"][0])
+        optimizer.step()
+        scheduler.step()
+    # The published shape on 20 steps: the peak/div start, the peak at step 1, then the cosine fall; beta1
+    # cycles against it between torch's 0.95 and 0.85, whatever beta1 was configured (as published).
+    assert rates == pytest.approx([1e-4, 1e-3, one_cycle(1e-3, 20, 2, div=10)])
+    assert beta1[:2] == pytest.approx([0.95, 0.85]) and optimizer.param_groups[0]["betas"][1] == 0.99
+    other.settings.cycle_momentum = False
+    optimizer = other.optimizer(params)
+    other.scheduler(optimizer, other.phases(LOCATE, 2)[0])
+    assert optimizer.param_groups[0]["betas"] == (0.8, 0.99)
+
+
+def test_bad_schedule_settings_are_refused_naming_the_key(tiny_pair, laten_cache):
+    with pytest.raises(ValueError, match=r"align\.laten\.anneal_strategy must be one of \['cos', 'linear'\], "
+                                         r"got 'square'"):
+        make_method(tiny_pair, laten_cache, "align.laten.anneal_strategy=square")
+    with pytest.raises(ValueError, match=r"align\.laten\.betas must be two numbers in \[0, 1\), got \[0\.9\]"):
+        make_method(tiny_pair, laten_cache, "align.laten.betas=[0.9]")
+    method, _, _ = make_method(tiny_pair, laten_cache, "align.steps=8")
+    with pytest.raises(ValueError, match="one-cycle schedule spans 5 steps but this run takes 8"):
+        method.scheduler(method.optimizer(list(method.injection.translator.parameters())), method.phases(8, 2)[0])
+
+
+@pytest.fixture(scope="module")
+def recipe_cache(tiny_pair, tmp_path_factory) -> Path:
+    """Stage one at the published recipe, on a task laid out as the published MMLU splits (20 extract examples)."""
+    folder = tmp_path_factory.mktemp("laten-recipe")
+    write_dataset(folder / "extract.jsonl", PUBLISHED_EXTRACT_SPLIT, seed=21)
+    write_dataset(folder / "align.jsonl", 16, seed=22)
+    data = write_dataset(folder / "train.jsonl", 4, seed=23)
+    out = folder / "cache"
+    config = load_config(overrides=[f"teacher={tiny_pair['teacher']}", f"student={tiny_pair['student']}",
+                                    f"extract.data={data}", f"extract.out={out}", "runtime.dtype=float32",
+                                    *SMALL_LAYOUT, "extract.extras=[laten]"], recipe="published")
+    extract_stage.run(config, progress=False, echo=lambda *_: None)
+    return out
+
+
+def test_a_run_at_the_published_recipe_makes_a_non_vanishing_edit(tiny_pair, recipe_cache, tmp_path):
+    """Eight translator steps (the evaluated checkpoint) of 16 examples on the 20-step schedule: every edited
+    weight moves by at least 1e-6 of its norm. That is 8x float32's relative spacing (1.2e-7), so the saved
+    float32 weights carry the edit, and at least 100x the edit of the untrained translator (N(0, 1e-5)
+    weights: ~1e-9 relative), which is what a translator that never learned — no gradient, hooks not
+    firing — would leave. (Measured: 8e-6 to 6e-5; the tiny width keeps it small, see
+    pkt_pipeline/methods/laten.py.)"""
+    provenance = open_cache(recipe_cache).manifest["extras"]["laten"]
+    assert provenance["settings"]["readout_vocab"] == 0 and provenance["extract_examples"] == PUBLISHED_EXTRACT_SPLIT
+    method, model, cfg = make_method(tiny_pair, recipe_cache, "align.checkpoint_every=1000", recipe="published")
+    assert (method.examples.steps, method.schedule_length(), method.step_examples) == (8, 20, 16)
+    original = {name: value.clone() for name, value in model.state_dict().items() if not name.startswith("laten.")}
+    untrained, neurons = method.injected_deltas()
+
+    trained = train_method(method, model, cfg, tmp_path / "run")
+    assert [entry["lr"] for entry in trained] == pytest.approx([one_cycle(3e-4, 20, k) for k in range(8)])
+    assert all(math.isfinite(entry["loss"]) for entry in trained)
+    state = method.finalize(model).state_dict()
+    for module, delta in untrained.items():
+        parent = "mlp" if module in ("up_proj", "down_proj") else "self_attn"
+        for layer in range(delta.shape[0]):
+            name = f"model.layers.{layer}.{parent}.{module}.weight"
+            scale = original[name].norm()
+            change = ((state[name] - original[name]).norm() / scale).item()
+            start = (delta[layer].norm() / scale).item()  # the neurons are distinct: this is the edit's norm
+            assert change >= 1e-6 and change >= 100 * start, (name, change, start)
+
+
 def test_saved_model_carries_the_injected_deltas(tiny_pair, laten_cache, tmp_path):
     method, model, cfg = make_method(tiny_pair, laten_cache, "align.lr=0.05", "align.checkpoint_every=1000")
     original = {name: value.clone() for name, value in model.state_dict().items() if not name.startswith("laten.")}
-    phases = method.phases(steps_for(cfg, len(method.loader(None, cfg.seed))), 2)
-    (tmp_path / "run").mkdir()
-    train(model, method, phases, lambda phase: method.loader(phase, cfg.seed), cfg, tmp_path / "run", progress=False)
+    train_method(method, model, cfg, tmp_path / "run")
     student_state = {name: value.clone() for name, value in model.state_dict().items() if not name.startswith("laten.")}
     assert all(torch.equal(student_state[name], original[name]) for name in original)  # training left them alone
 

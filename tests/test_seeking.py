@@ -1,5 +1,6 @@
-"""Seeking on the tiny pair: the sensitivity, block search and SVD factors against independent
-computations, an unchanged start model, and `pkt extract --with seeking` + `pkt align --method seeking`."""
+"""Seeking on the tiny pair: the sensitivity (on the answers only, as published), block search and SVD
+factors against independent computations, an unchanged start model, and `pkt extract --with seeking` +
+`pkt align --method seeking`."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from pkt_pipeline.examples import load_examples
 from pkt_pipeline.methods import AlignContext
 from pkt_pipeline.methods.seeking import Seeking, lora_modules
 from pkt_pipeline.models import load_model, load_tokenizer
-from pkt_pipeline.seeking import best_subblock, lora_factors, select_layers, sensitivity
+from pkt_pipeline.seeking import SeekingExtra, best_subblock, lora_factors, seed_examples, select_layers, sensitivity
 from pkt_pipeline.tiny_models import STUDENT_SHAPE, TEACHER_SHAPE
 from stages import align
 from tiny_data import SMALL_LAYOUT
@@ -92,6 +93,50 @@ def test_sensitivity_matches_a_plain_autograd_loop(tiny_pair, tiny_dataset):
         torch.testing.assert_close(result.scores[key], value.detach(), rtol=1e-4, atol=1e-9)
     # the call leaves the model as it found it: every parameter trainable again, no gradient of its own
     assert all(p.requires_grad and p.grad is None for p in teacher.parameters())
+
+
+def test_the_extra_scores_the_answer_tokens_only_even_when_the_cache_supervises_all(tiny_pair, tiny_dataset):
+    """Published: the sensitivity's loss covers the replies (`loss_on_output=True`). With every token
+    supervised in the cache (`extract.train_on_inputs`, as for MMLU), the extra's layer sensitivity must
+    equal a plain autograd loop over the answer tokens, and differ from one over every token."""
+    tokenizer = load_tokenizer(tiny_pair["teacher"])
+    teacher = load_model(tiny_pair["teacher"], dtype="float32")
+
+    def config(*extra: str):
+        return load_config(overrides=[f"teacher={tiny_pair['teacher']}", f"student={tiny_pair['student']}",
+                                      "extract.train_on_inputs=true", "extract.seeking.seed_examples=3", *extra])
+
+    answers, _ = load_examples(tiny_dataset, tokenizer, limit=3)
+    every, _ = load_examples(tiny_dataset, tokenizer, train_on_inputs=True, limit=3)
+    assert all(e.supervised.all() for e in every) and not any(e.supervised.all() for e in answers)
+    chosen = seed_examples(config(), tiny_dataset, tokenizer)
+    assert [e.supervised.tolist() for e in chosen] == [e.supervised.tolist() for e in answers]
+    chosen = seed_examples(config("extract.seeking.sensitivity_tokens=supervised"), tiny_dataset, tokenizer)
+    assert [e.supervised.tolist() for e in chosen] == [e.supervised.tolist() for e in every]
+
+    def layer_totals(examples) -> np.ndarray:
+        totals = np.zeros(TEACHER_SHAPE.layers)
+        for example in examples:
+            ids = torch.from_numpy(example.input_ids.astype(np.int64))[None]
+            labels = torch.where(torch.from_numpy(example.supervised)[None], ids, -100)
+            teacher.zero_grad(set_to_none=True)
+            teacher(input_ids=ids, labels=labels).loss.backward()
+            for layer, module in itertools.product(range(TEACHER_SHAPE.layers), MODULES):
+                weight = module_weight(teacher, layer, module)
+                totals[layer] += (weight * weight.grad).abs().sum().item()
+        teacher.zero_grad(set_to_none=True)
+        return totals
+
+    output = SeekingExtra().compute(teacher, tokenizer, config(), tiny_dataset, progress=False)
+    assert output.provenance["sensitivity_tokens"] == "answer" and output.provenance["seed_examples"] == 3
+    scored = np.asarray(output.provenance["layer_sensitivity"])
+    np.testing.assert_allclose(scored, layer_totals(answers), rtol=1e-4)
+    assert not np.allclose(scored, layer_totals(every), rtol=1e-2)
+
+    with pytest.raises(ValueError, match=r"extract\.seeking\.sensitivity_tokens must be one of "
+                                         r"\['answer', 'supervised'\], got 'prompt'"):
+        SeekingExtra().compute(teacher, tokenizer, config("extract.seeking.sensitivity_tokens=prompt"), tiny_dataset,
+                               progress=False)
 
 
 def test_best_subblock_equals_a_brute_force_search():
@@ -180,6 +225,7 @@ def test_extract_then_align_end_to_end(tiny_pair, seeking_cache, tmp_path):
     totals = provenance["layer_sensitivity"]
     assert min(totals[i] for i in chosen) >= max(totals[i] for i in range(4) if i not in chosen)
     assert provenance["rank"] == 16 and provenance["seed_examples"] == 24 and provenance["modules"] == list(MODULES)
+    assert provenance["sensitivity_tokens"] == "answer"
     assert provenance["student"]["shapes"]["up_proj"] == [STUDENT_SHAPE.intermediate, STUDENT_SHAPE.hidden]
     factors = open_cache(cache_dir).extra("seeking")
     assert factors["layers.1.down_proj.lora_B"].shape == (STUDENT_SHAPE.hidden, 16)
@@ -213,6 +259,28 @@ def test_extract_then_align_end_to_end(tiny_pair, seeking_cache, tmp_path):
         merged_logits = merged(ids).logits
     torch.testing.assert_close(with_adapter, merged_logits, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(merged_logits, untrained, atol=1e-3)
+
+
+def test_align_at_the_published_recipe(tiny_pair, seeking_cache, tmp_path):
+    """`--recipe published`: batches of 64 (the 24 cached examples: one a pass) cut into micro-batches of 8,
+    3 passes, 3% warm-up then linear decay from 3e-4, LoRA r = alpha = 16 with dropout 0.05."""
+    cache_dir, extracted = seeking_cache
+    assert extracted.exit_code == 0, extracted.output
+    out = tmp_path / "seeking"
+    result = run_pkt("align", "--cache", str(cache_dir), "--student", str(tiny_pair["student"]), "--method", "seeking",
+                     "--out", str(out), "--recipe", "published", "--set", "runtime.dtype=float32")
+    assert result.exit_code == 0, result.output
+    assert "3 steps in 1 phase(s) over 24 cached examples, batch 64, 8 example(s) per forward" in result.output
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    # ceil(0.03 x 3) = 1 warm-up step (from 0, as transformers' schedule), then linear decay to 0.
+    assert [entry["lr"] for entry in log] == pytest.approx([0.0, 3e-4, 1.5e-4])
+    recorded = json.loads((out / "run.json").read_text())["align"]
+    assert (recorded["lr"], recorded["batch_size"], recorded["micro_batch_size"]) == (3e-4, 64, 8)
+    assert recorded["epochs"] == 3
+    assert (recorded["warmup_ratio"], recorded["lora"]["r"], recorded["lora"]["alpha"]) == (0.03, 16, 16)
+    adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    # The saved adapter folds the start in at rank 2r with alpha doubled: the same scaling of 1.
+    assert (adapter["r"], adapter["lora_alpha"], adapter["lora_dropout"]) == (32, 32, 0.05)
 
 
 def test_bad_inputs_are_refused_with_clear_errors(tiny_pair, tiny_dataset, tiny_cache, seeking_cache, tmp_path):

@@ -9,18 +9,41 @@ teacher's top layers and neurons and their weight rows/columns. Here:
 2. each step takes one located example: the translator maps its teacher vectors to student width,
    and forward hooks on the student's own up/down/v/o modules add them at the student's top
    neurons (rank r of the teacher to rank r of the student) — exactly W' = W + delta, without
-   materialising W'. The loss is the mean per-example LM loss on that example and `align_examples`
-   seeded alignment examples, plus `mse_weight` x the mean square of the translated vectors (per
-   module kind, summed, as published). Only the translator trains; the student stays frozen;
+   materialising W'. Each of the step's examples (the located one and `align_examples` seeded
+   alignment examples) contributes its mean token LM loss plus `mse_weight` x the mean square of the
+   translated vectors (per module kind, summed), and the step's loss is their *sum*, as published
+   (each example backpropagates its own loss; the gradients add up). Only the translator trains;
+   the student stays frozen. The optimizer is AdamW and the schedule torch's one-cycle, as published,
+   with every value from `align.laten` (`LatenConfig`); the schedule spans one step per example of the
+   extract split, and training stops after the located ones: the published checkpoint part-way along it;
 3. finalize: the injection example's translated vectors are written into the student's weights,
    which are what `model/` holds. (The published training script keeps only the translator; its
    inference script does this injection, with one train-split example's neurons.)
+
+The published recipe, each value with its source, is `pkt_pipeline/recipes.py` (`--recipe published`).
+
+How large the edit gets is the method's, not a defect. The translator starts at N(0, init_std) in both
+layers, so its output starts near init_std^2 x |v| x width (~1e-10 on the tiny pair: 1e-9 of the edited
+weights' norm). Adam then moves every translator weight by about the rate per step, and the output,
+two sums over the width, grows faster than the width: with the published recipe (8 steps of 16
+examples on the 20-step schedule) on random pairs of student width 32 / 128 / 512 (teacher twice as
+wide) the edited weights moved by 8e-6–6e-5 / 1e-4–5e-4 / 1e-3–3e-3 of their norm. The tiny pair (32)
+is at the bottom of that range; pkt's old 3-step budget there gave 5e-7–4e-6 (issue 13 saw ~1e-7).
+What was checked and found right: the gradient reaches every translator weight, through the hooks only;
+the hooks equal editing the weights; the saved float32 weights carry the translated deltas at exactly
+the located neurons (tests/test_laten.py). One pkt departure did shrink the edit: the step's per-example
+losses were averaged, not summed as published, so every gradient was 16x smaller, and in the first
+steps (~1e-8 per weight) Adam's eps of 1e-8 then damps the update (up to 2x less edit on the tiny pair);
+the loss is now the published sum. An edit this small only survives evaluation in float32: loaded in
+bf16 (what `runtime.dtype: auto` picks on a GPU or a bf16 CPU), W + delta rounds back to W wherever
+delta is under ~0.2-0.4% of W.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Iterator
 
 import numpy as np
@@ -29,12 +52,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..cache import CacheError
+from ..config import LatenConfig
 from ..laten import MODULE_KIND, ROW_MODULES, ModelShape, Readout, locate, module_of
 from ..loader import Batch
 from . import register
 from .base import Method, Phase, forward_student
 
 SUBMODULE = "laten"
+ANNEAL_STRATEGIES = ("cos", "linear")
+log = logging.getLogger(__name__)
 
 
 class Translator(nn.Module):
@@ -204,19 +230,15 @@ class LaTen(Method):
 
     def __init__(self, context):
         super().__init__(context)
-        settings = self.config.laten
-        for key, ok in (("align_examples", settings.align_examples >= 0), ("mse_weight", settings.mse_weight >= 0),
-                        ("hidden_size", settings.hidden_size >= 0), ("init_std", settings.init_std > 0)):
-            if not ok:
-                bound = "> 0" if key == "init_std" else ">= 0"
-                raise ValueError(f"align.laten.{key} must be {bound}, got {getattr(settings, key)}")
-        self.settings = settings
+        self.settings = check_settings(self.config.laten)
         self.arrays = context.cache.extra("laten")
         self.provenance = context.cache.manifest["extras"]["laten"]
         self.modules: list[str] = list(self.provenance["modules"])
         self.examples = LatenExamples(self.arrays, self.provenance)
         if self.examples.steps == 0:
             raise CacheError("the cache's laten extra located no example to train on; re-extract it")
+        self.step_examples = 1 + min(self.settings.align_examples, len(self.examples.align))
+        """Examples in every step: the located one and the alignment examples drawn with it."""
 
     def setup(self, model: nn.Module) -> None:
         shape = ModelShape.of(model.config)
@@ -245,6 +267,35 @@ class LaTen(Method):
     def loader(self, phase: Phase, seed: int) -> LatenBatches:
         return LatenBatches(self.examples, self.settings.align_examples, seed)
 
+    def optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        """AdamW at `align.lr` with LaTen's own weight decay and betas (`align.laten`)."""
+        return torch.optim.AdamW(params, lr=self.config.lr, weight_decay=self.settings.weight_decay,
+                                 betas=tuple(self.settings.betas))
+
+    def scheduler(self, optimizer: torch.optim.Optimizer, phase: Phase) -> torch.optim.lr_scheduler.LRScheduler:
+        """torch's one-cycle schedule peaking at `align.lr`, over `schedule_length` steps."""
+        total = self.schedule_length()
+        if phase.steps > total:
+            raise ValueError(f"LaTen's one-cycle schedule spans {total} steps but this run takes {phase.steps}; "
+                             "lower align.steps/align.epochs or lengthen align.laten.schedule_steps")
+        settings = self.settings
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=self.config.lr, total_steps=total, pct_start=settings.pct_start,
+            anneal_strategy=settings.anneal_strategy, div_factor=settings.div_factor,
+            final_div_factor=settings.final_div_factor, cycle_momentum=settings.cycle_momentum)
+
+    def schedule_length(self) -> int:
+        """`align.laten.schedule_steps`, else one step per example of the extract split (as published)."""
+        if self.settings.schedule_steps:
+            return self.settings.schedule_steps
+        recorded = self.provenance.get("extract_examples")
+        if recorded is None:
+            log.warning("this cache's laten extra predates the record of the extract split's size; the one-cycle "
+                        "schedule spans the %d located examples instead (re-extract it for the published length)",
+                        self.examples.steps)
+            return self.examples.steps
+        return int(recorded)
+
     def trainable(self, model: nn.Module, phase: Phase) -> list[str]:
         return [name for name, _ in model.named_parameters() if name.startswith(f"{SUBMODULE}.translator.")]
 
@@ -262,7 +313,10 @@ class LaTen(Method):
             self.injection.deactivate()
         lm = per_example_cross_entropy(out.logits, out.targets, out.positions)
         mse = sum(delta.pow(2).mean() for delta in deltas.values())
-        return lm + self.settings.mse_weight * mse, {"lm": lm.item(), "mse": mse.item()}
+        # The trainer weights a micro-batch by its share of the step's examples; the published objective
+        # sums the examples' losses, so the mean is scaled back up to that sum.
+        per_example = lm + self.settings.mse_weight * mse
+        return self.step_examples * per_example, {"lm": lm.item(), "mse": mse.item()}
 
     def injected_deltas(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """The final edit: the injection example's translated vectors and the student neurons they go to."""
@@ -277,6 +331,28 @@ class LaTen(Method):
         model = model.float()
         NeuronInjection.bake(model, deltas, neurons)
         return model
+
+
+def check_settings(settings: LatenConfig) -> LatenConfig:
+    """Refuse bad `align.laten` values before any work, naming the key."""
+    betas = settings.betas
+    checks = [
+        ("align_examples", settings.align_examples >= 0, ">= 0"),
+        ("mse_weight", settings.mse_weight >= 0, ">= 0"),
+        ("hidden_size", settings.hidden_size >= 0, ">= 0"),
+        ("init_std", settings.init_std > 0, "> 0"),
+        ("weight_decay", settings.weight_decay >= 0, ">= 0"),
+        ("betas", len(betas) == 2 and all(0 <= beta < 1 for beta in betas), "two numbers in [0, 1)"),
+        ("schedule_steps", settings.schedule_steps >= 0, ">= 0 (0: one per extract example)"),
+        ("pct_start", 0 <= settings.pct_start < 1, "in [0, 1)"),
+        ("div_factor", settings.div_factor > 0, "> 0"),
+        ("final_div_factor", settings.final_div_factor > 0, "> 0"),
+        ("anneal_strategy", settings.anneal_strategy in ANNEAL_STRATEGIES, f"one of {list(ANNEAL_STRATEGIES)}"),
+    ]
+    for key, ok, bound in checks:
+        if not ok:
+            raise ValueError(f"align.laten.{key} must be {bound}, got {getattr(settings, key)!r}")
+    return settings
 
 
 def per_example_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

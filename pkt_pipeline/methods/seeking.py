@@ -19,6 +19,14 @@ lora_alpha doubled (same scaling), i.e. W + s·(BA - B0A0). `adapter/` therefore
 original student (`PeftModel.from_pretrained(student, adapter)`), and its `adapter_config.json` says
 r = 2·align.lora.r. With a bf16 base the round trip W' + s·B0A0 is exact only up to bf16 rounding, as
 any merge into bf16 weights is.
+
+Budget and recipe. Under pkt's default config Seeking trains on the budget every method shares (the
+`align` section of configs/default.yaml: its lr, batch, steps and LoRA alpha), which is not how it
+was published. The published recipe of both stages — lr, batch (reached by micro-batches), epochs,
+warm-up, LoRA r/alpha/dropout, and the sensitivity's seed examples and answer-only loss — is
+`--recipe published`, every value with the file of the published code it comes from in
+`pkt_pipeline/recipes.py`. It matters more here than for lora-sft: B0 carries the block's singular
+values, so a rate tuned for a zero-started LoRA moves this start by far more.
 """
 
 from __future__ import annotations
