@@ -31,7 +31,7 @@ from pathlib import Path
 
 REFERENCES = ("teacher", "student")
 Z95 = 1.959964
-TASKS = ("mmlu", "gsm8k", "humaneval", "mbpp")
+TASKS = ("mmlu", "gsm8k", "humaneval", "mbpp", "dev")
 RESOLUTION_TARGET = 0.015
 """The paired half-width a transfer benchmark aims for on a % metric (1.5 points); the resolution table
 says how many items would reach it, from the spread this run measured."""
@@ -49,8 +49,13 @@ class Metric:
 
 
 ACCURACY = Metric("accuracy", "correct", True, True)
-CONTINUOUS = {"mmlu": Metric("p_correct", "p_correct", True, True),
-              **{task: Metric("nll", "nll", False, False) for task in ("gsm8k", "humaneval", "mbpp")}}
+P_CORRECT, NLL = Metric("p_correct", "p_correct", True, True), Metric("nll", "nll", False, False)
+CONTINUOUS = {"mmlu": (P_CORRECT,), "gsm8k": (NLL,), "humaneval": (NLL,), "mbpp": (NLL,), "dev": (P_CORRECT, NLL)}
+"""Each task's continuous metrics; `dev` rows (`pkt eval --dev`) carry the reply NLL and, MMLU's, p_correct."""
+
+
+def metrics_of(task: str) -> tuple[Metric, ...]:
+    return (ACCURACY, *CONTINUOUS[task])
 
 
 def score_half_width(score: float, n: int) -> float | None:
@@ -114,7 +119,7 @@ def run(eval_dir: str | Path, out: str | Path, runs_dir: str | Path = "runs", me
     tasks = [task for task in TASKS if task in scores["student"]]
     methods = [name for name in scores if name not in REFERENCES]
     values = {(name, task, metric.key): item_values(eval_dir, name, task, metric.key)
-              for name in scores for task in tasks for metric in (ACCURACY, CONTINUOUS[task])}
+              for name in scores for task in tasks for metric in metrics_of(task)}
     rows = []
     for name in [*REFERENCES, *methods]:
         row = {"name": name, "scores": {}}
@@ -122,7 +127,7 @@ def run(eval_dir: str | Path, out: str | Path, runs_dir: str | Path = "runs", me
             if task not in scores[name]:
                 continue
             row["scores"][task] = {metric.name: _cell(scores, values, name, task, metric)
-                                   for metric in (ACCURACY, CONTINUOUS[task])}
+                                   for metric in metrics_of(task)}
             row["scores"][task] = {k: v for k, v in row["scores"][task].items() if v is not None}
         rows.append(row)
     pairs = [(a, b) for a, b in (comparisons if comparisons is not None else DEFAULT_COMPARISONS)
@@ -130,7 +135,7 @@ def run(eval_dir: str | Path, out: str | Path, runs_dir: str | Path = "runs", me
     compared = []
     for a, b in pairs:
         for task in tasks:
-            for metric in (ACCURACY, CONTINUOUS[task]):
+            for metric in metrics_of(task):
                 difference = paired_difference(values[(a, task, metric.key)], values[(b, task, metric.key)])
                 if difference:
                     compared.append({"a": a, "b": b, "task": task, "metric": metric.name, **difference})
@@ -184,7 +189,7 @@ def _resolution(rows: list[dict], tasks: list[str]) -> list[dict]:
     the paired 95% half-width of model − student: the smallest change this run resolves."""
     resolution = []
     for task in tasks:
-        for metric in (ACCURACY, CONTINUOUS[task]):
+        for metric in metrics_of(task):
             cells = {row["name"]: row["scores"].get(task, {}).get(metric.name) for row in rows}
             halves = [c["delta_half_width_95"] for name, c in cells.items()
                       if c and c.get("delta_half_width_95") is not None and name not in REFERENCES]
@@ -212,7 +217,7 @@ def _cost(metrics: dict) -> dict:
 
 
 def _metric(task: str, name: str) -> Metric:
-    return ACCURACY if name == ACCURACY.name else CONTINUOUS[task]
+    return next(metric for metric in metrics_of(task) if metric.name == name)
 
 
 def _number(metric: Metric, value: float, signed: bool = False) -> str:
@@ -223,7 +228,7 @@ def _number(metric: Metric, value: float, signed: bool = False) -> str:
 def _markdown(report: dict) -> str:
     lines = []
     for task in report["tasks"]:
-        metrics = [ACCURACY, CONTINUOUS[task]]
+        metrics = list(metrics_of(task))
         present = [m for m in metrics if any(m.name in row["scores"].get(task, {}) for row in report["rows"])]
         lines += [f"### {task}", "", "| model | " + " | ".join(
             f"{m.name}{' (%)' if m.percent else ' (nats/token, lower is better)'} | change from student | gap closed"
@@ -275,7 +280,7 @@ def _chart(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [(task, metric) for task in report["tasks"] for metric in (ACCURACY, CONTINUOUS[task])
+    panels = [(task, metric) for task in report["tasks"] for metric in metrics_of(task)
               if any(metric.name in row["scores"].get(task, {}) for row in report["rows"])]
     rows = report["rows"]
     figure, axes = plt.subplots(1, max(len(panels), 1), figsize=(max(4.5, 0.5 * len(rows)) * max(len(panels), 1), 3.6),

@@ -105,3 +105,23 @@ def test_cli_report_refuses_a_malformed_comparison(tmp_path):
 
     result = CliRunner().invoke(main, ["report", "--eval-dir", str(tmp_path), "--compare", "semalign-kd"])
     assert result.exit_code != 0 and "not of the form A:B" in result.output
+
+
+def test_dev_rows_are_reported_by_p_correct_and_nll_paired(tmp_path):
+    """`pkt eval --dev` records: MMLU rows carry p_correct, every row its reply NLL; both get paired changes."""
+    def write_dev(name: str, p_correct: list[float], nll: list[float]) -> None:
+        (tmp_path / "eval" / name / "items").mkdir(parents=True)
+        records = [{"id": f"r{i}", "nll": v, **({"p_correct": p, "correct": p > 0.5} if p is not None else {})}
+                   for i, (p, v) in enumerate(zip(p_correct, nll))]
+        (tmp_path / "eval" / name / "items" / "dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        (tmp_path / "eval" / name / "metrics.json").write_text(json.dumps({"dev": {"n": 2}}))
+
+    write_dev("teacher", [0.8, 0.9, None], [0.5, 0.6, 0.7])
+    write_dev("student", [0.3, 0.4, None], [1.5, 1.6, 1.7])
+    write_dev("kd", [0.4, 0.6, None], [1.0, 1.2, 1.2])
+    result = report.run(tmp_path / "eval", tmp_path / "report", tmp_path / "runs", tmp_path / "metrics", echo=lambda *_: None)
+    kd = next(row for row in result["rows"] if row["name"] == "kd")["scores"]["dev"]
+    assert kd["p_correct"]["n"] == 2 and kd["p_correct"]["delta"] == pytest.approx(0.15)
+    assert kd["nll"]["n"] == 3 and kd["nll"]["delta"] == pytest.approx(-1.4 / 3)
+    assert kd["nll"]["gap_closed"] == pytest.approx((1.4 / 3) / 1.0)
+    assert "### dev" in (tmp_path / "report" / "report.md").read_text()
