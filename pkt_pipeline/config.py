@@ -184,6 +184,9 @@ class SemAlignConfig:
     pairing: str = "attributed"
     """`attributed` (highest attribution in a window around the proportional layer) or `proportional`."""
     pairing_window: int = 2
+    pairing_distinct: bool = True
+    """Attributed pairing gives every student layer its own teacher layer (strictly increasing) when the
+    teacher is at least as deep; off, neighbours may share one (the METHOD.md rule: non-decreasing)."""
     pairing_score: str = "contribution"
     """The attribution `attributed` pairing ranks by: each layer's `contribution` (grad x delta_l), or its
     `output` (grad x h_l, which grows with depth, so the window's deep edge wins)."""

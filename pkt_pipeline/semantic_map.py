@@ -128,9 +128,15 @@ def proportional_pairing(teacher_layers: int, student_layers: int) -> list[int]:
 
 
 def attributed_pairing(scores: np.ndarray | list[float], student_layers: int, window: int = 2,
-                       critical: int = 0) -> list[int]:
+                       critical: int = 0, distinct: bool = False) -> list[int]:
     """pairs[k-1] = p(k): the highest-scored teacher layer within +-`window` of the proportional one,
     never shallower than p(k-1) (ties: the proportional layer, then the shallower).
+
+    `distinct` (for a teacher at least as deep as the student): p strictly increasing, each pick
+    leaving a layer for every student layer after it, so no two student layers share a teacher layer
+    and the scores decide which L_T - L_S teacher layers are skipped. Without it a smooth score
+    profile (real attribution rises or falls steadily with depth) pins every window's pick to the
+    same edge and neighbouring student layers collapse onto one teacher layer.
 
     `scores` are the attribution of teacher layers 0..L_T; layer 0 (embeddings) is never paired.
     `critical` > 0 (v1): each of that many top-scored teacher layers that no student layer got is
@@ -150,10 +156,14 @@ def attributed_pairing(scores: np.ndarray | list[float], student_layers: int, wi
     if not 0 <= critical <= min(teacher_layers, student_layers):
         raise ValueError(f"critical layers must be in 0..min(L_T, L_S) = 0..{min(teacher_layers, student_layers)}, "
                          f"got {critical}")
+    if distinct and teacher_layers < student_layers:
+        raise ValueError(f"distinct pairing needs a teacher at least as deep as the student, got L_T = {teacher_layers} "
+                         f"< L_S = {student_layers}")
     pairs: list[int] = []
-    for base in proportional_pairing(teacher_layers, student_layers):
-        low = max(base - window, pairs[-1] if pairs else 1, 1)
-        high = min(base + window, teacher_layers)
+    for k, base in enumerate(proportional_pairing(teacher_layers, student_layers), 1):
+        previous = pairs[-1] if pairs else 0
+        low = max(base - window, previous + 1 if distinct else previous, 1)
+        high = min(base + window, teacher_layers - (student_layers - k) if distinct else teacher_layers)
         pairs.append(min(range(low, high + 1), key=lambda layer: (-scores[layer], layer != base, layer)))
     ranked = sorted(range(1, teacher_layers + 1), key=lambda layer: (-scores[layer], layer))
     placed: set[int] = set()

@@ -178,10 +178,12 @@ def test_report_map_writes_pairing_fidelity_and_cka(tiny_pair, tiny_cache, tmp_p
     report = json.loads((out / "map_report.json").read_text())
     assert report == summary["map_report"]
     cache = open_cache(tiny_cache)
-    assert report["pairs"] == dict(zip(["1", "2"], attributed_pairing(cache.attribution("contribution"), 2, window=2)))
+    assert report["pairs"] == dict(zip(["1", "2"], attributed_pairing(cache.attribution("contribution"), 2, window=2,
+                                                                      distinct=True)))
     by_output = align.run(align_config(tiny_pair, tiny_cache, tmp_path / "by-output", "semalign", "align.steps=2",
                                        "align.semalign.pairing_score=output"), progress=False)
-    assert by_output["metrics"]["pairs"] == dict(zip(["1", "2"], attributed_pairing(cache.attribution("output"), 2, window=2)))
+    assert by_output["metrics"]["pairs"] == dict(zip(["1", "2"], attributed_pairing(cache.attribution("output"), 2,
+                                                                                    window=2, distinct=True)))
     for key in ("fidelity", "cka_before", "cka_after"):
         assert all(0.0 <= v <= 1.0 + 1e-6 for v in report[key].values()), report[key]
     assert report["cka_before"] != report["cka_after"]

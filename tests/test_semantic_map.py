@@ -232,6 +232,28 @@ def test_contribution_scores_spread_a_pairing_that_output_scores_pin_to_the_wind
     assert attributed_pairing(contribution, 4, window=2) == [3, 6, 10, 12]
 
 
+def test_distinct_pairing_gives_each_student_layer_its_own_teacher_layer():
+    """The MMLU cache's contribution profile (Qwen2.5-Coder-1.5B, 16 examples) falls over the first
+    layers: non-decreasing picks pile onto layer 1; distinct ones skip the least-contributing layers."""
+    contribution = np.array([0.933, 1.0, 0.76, 0.753, 0.62, 0.643, 0.533, 0.533, 0.53, 0.516, 0.481, 0.482, 0.528,
+                             0.471, 0.481, 0.433, 0.46, 0.465, 0.49, 0.533, 0.569, 0.514, 0.56, 0.542, 0.521, 0.503,
+                             0.486, 0.734, 0.891])
+    assert attributed_pairing(contribution, 24, window=2)[:4] == [1, 1, 1, 2]
+    assert attributed_pairing(contribution, 24, window=2, distinct=True) == [
+        1, 2, 3, 5, 6, 7, 8, 9, 12, 13, 14, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28]
+    rng = np.random.default_rng(1)
+    for _ in range(300):
+        student_layers = int(rng.integers(1, 30))
+        teacher_layers = student_layers + int(rng.integers(0, 20))
+        window = int(rng.integers(0, 5))
+        pairs = attributed_pairing(rng.random(teacher_layers + 1), student_layers, window, distinct=True)
+        proportional = proportional_pairing(teacher_layers, student_layers)
+        assert all(a < b for a, b in zip(pairs, pairs[1:])) and 1 <= pairs[0] and pairs[-1] <= teacher_layers
+        assert all(abs(p - base) <= window for p, base in zip(pairs, proportional))
+    with pytest.raises(ValueError, match="distinct pairing needs a teacher at least as deep as the student"):
+        attributed_pairing(np.ones(5), 6, distinct=True)
+
+
 def reference_pairing(scores: np.ndarray, student_layers: int, window: int) -> list[int]:
     """The attributed rule from its definition, written as a filter + stable sort."""
     teacher_layers = len(scores) - 1

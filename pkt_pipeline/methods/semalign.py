@@ -65,7 +65,8 @@ class SemAlign(Method):
         teacher_layers = int(cache.manifest["teacher"]["num_layers"])
         if settings.pairing == "attributed":
             pairing = attributed_pairing(cache.attribution(settings.pairing_score), student_layers,
-                                         settings.pairing_window, settings.critical_layers)
+                                         settings.pairing_window, settings.critical_layers,
+                                         distinct=settings.pairing_distinct and teacher_layers >= student_layers)
         else:
             pairing = proportional_pairing(teacher_layers, student_layers)
         chosen = settings.layers or list(range(1, student_layers + 1))
