@@ -127,9 +127,9 @@ def test_only_the_frontier_layer_trains(tiny_pair, tiny_cache, tmp_path):
 @pytest.mark.parametrize("options", [
     ["align.semalign.objective=v1"],
     ["align.semalign.layer_loss=fisher"],
-    ["align.semalign.recompose=lstsq", "align.semalign.map_space=post_norm", "align.semalign.pairing=proportional",
+    ["align.semalign.recompose=transpose", "align.semalign.map_space=post_norm", "align.semalign.pairing=proportional",
      "align.semalign.supervise=hidden", "align.kd.mode=renormalise", "align.kd.temperature=2.0"],
-], ids=["v1", "fisher", "lstsq-postnorm-proportional-hidden"])
+], ids=["v1", "fisher", "transpose-postnorm-proportional-hidden"])
 def test_semalign_options_train(tiny_pair, tiny_cache, tmp_path, options):
     out = tmp_path / "options"
     align.run(align_config(tiny_pair, tiny_cache, out, "semalign", "align.steps=12", *options), progress=False)
