@@ -318,25 +318,26 @@ def test_resume_after_kill_9_matches_an_uninterrupted_run(tiny_pair, tiny_cache,
         torch.testing.assert_close(value, expected[name], atol=0, rtol=0)
 
 
-def test_ctrl_c_saves_a_checkpoint_and_exits_130(tiny_pair, tiny_cache, tmp_path):
-    out = tmp_path / "interrupted"
+def _interrupted_run(tiny_pair, tiny_cache, out: Path) -> str:
+    """A long align stopped by Ctrl-C after its second logged step; its stderr."""
     process = cli_align(tiny_pair, tiny_cache, out, "align.steps=200", "align.checkpoint_every=1000")
     _wait_for_log(out, 2, process)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr
-    assert "checkpoint saved" in stderr
+    return stderr
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_130(tiny_pair, tiny_cache, tmp_path):
+    out = tmp_path / "interrupted"
+    assert "checkpoint saved" in _interrupted_run(tiny_pair, tiny_cache, out)
     state = torch.load(out / "checkpoint" / "state.pt", weights_only=False)
     assert state["position"]["global_step"] == len((out / "train_log.jsonl").read_text().splitlines())
 
 
 def test_a_kill_between_the_checkpoint_renames_resumes_from_the_previous_checkpoint(tiny_pair, tiny_cache, tmp_path):
     out = tmp_path / "swapping"
-    process = cli_align(tiny_pair, tiny_cache, out, "align.steps=200", "align.checkpoint_every=1000")
-    _wait_for_log(out, 2, process)
-    process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 130, stderr
+    _interrupted_run(tiny_pair, tiny_cache, out)
     step = torch.load(out / "checkpoint" / "state.pt", weights_only=False)["position"]["global_step"]
     # What a kill between the save's two renames leaves: the old checkpoint moved aside, the new one unfinished.
     (out / "checkpoint").rename(out / "checkpoint.previous")

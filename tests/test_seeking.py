@@ -60,6 +60,21 @@ def seeking_cache(tiny_pair, tiny_dataset, tiny_cache, tmp_path_factory):
     return out, result
 
 
+
+def reference_sensitivity(teacher, examples) -> dict[tuple[int, str], torch.Tensor]:
+    """|W * dL/dW| summed over `examples`, per (layer, module), by plain autograd on the supervised tokens."""
+    expected: dict[tuple[int, str], torch.Tensor] = {}
+    for example in examples:
+        ids = torch.from_numpy(example.input_ids.astype(np.int64))[None]
+        labels = torch.where(torch.from_numpy(example.supervised)[None], ids, -100)
+        teacher.zero_grad(set_to_none=True)
+        teacher(input_ids=ids, labels=labels).loss.backward()
+        for layer, module in itertools.product(range(TEACHER_SHAPE.layers), MODULES):
+            weight = module_weight(teacher, layer, module)
+            expected[(layer, module)] = expected.get((layer, module), 0) + (weight * weight.grad).abs().detach()
+    teacher.zero_grad(set_to_none=True)
+    return expected
+
 def test_sensitivity_matches_a_plain_autograd_loop(tiny_pair, tiny_dataset):
     teacher = load_model(tiny_pair["teacher"], dtype="float32")
     tokenizer = load_tokenizer(tiny_pair["teacher"])
@@ -76,16 +91,7 @@ def test_sensitivity_matches_a_plain_autograd_loop(tiny_pair, tiny_dataset):
     assert held.grad is sentinel
     held.grad = None
 
-    expected = {}
-    for example in examples:
-        ids = torch.from_numpy(example.input_ids.astype(np.int64))[None]
-        labels = torch.where(torch.from_numpy(example.supervised)[None], ids, -100)
-        teacher.zero_grad(set_to_none=True)
-        teacher(input_ids=ids, labels=labels).loss.backward()
-        for layer, module in itertools.product(range(TEACHER_SHAPE.layers), MODULES):
-            weight = module_weight(teacher, layer, module)
-            expected[(layer, module)] = expected.get((layer, module), 0) + (weight * weight.grad).abs()
-    teacher.zero_grad(set_to_none=True)
+    expected = reference_sensitivity(teacher, examples)
 
     assert (result.examples, result.skipped) == (4, 1)
     assert set(result.scores) == set(expected)
@@ -116,15 +122,8 @@ def test_the_extra_scores_the_answer_tokens_only_even_when_the_cache_supervises_
 
     def layer_totals(examples) -> np.ndarray:
         totals = np.zeros(TEACHER_SHAPE.layers)
-        for example in examples:
-            ids = torch.from_numpy(example.input_ids.astype(np.int64))[None]
-            labels = torch.where(torch.from_numpy(example.supervised)[None], ids, -100)
-            teacher.zero_grad(set_to_none=True)
-            teacher(input_ids=ids, labels=labels).loss.backward()
-            for layer, module in itertools.product(range(TEACHER_SHAPE.layers), MODULES):
-                weight = module_weight(teacher, layer, module)
-                totals[layer] += (weight * weight.grad).abs().sum().item()
-        teacher.zero_grad(set_to_none=True)
+        for (layer, _), value in reference_sensitivity(teacher, examples).items():
+            totals[layer] += value.sum().item()
         return totals
 
     output = SeekingExtra().compute(teacher, tokenizer, config(), tiny_dataset, progress=False)
