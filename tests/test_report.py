@@ -39,10 +39,21 @@ def test_report_computes_change_and_gap_closed(tmp_path):
     assert report.gap_closed(0.3, 0.3, 0.3) is None
 
 
-def test_report_needs_teacher_and_student(tmp_path):
-    write_eval(tmp_path / "eval", "student", mmlu=0.3)
-    with pytest.raises(FileNotFoundError, match="lacks teacher/metrics.json"):
+def test_report_needs_the_student(tmp_path):
+    write_eval(tmp_path / "eval", "teacher", mmlu=0.5)
+    with pytest.raises(FileNotFoundError, match="lacks student/metrics.json"):
         report.run(tmp_path / "eval", tmp_path / "report")
+
+
+def test_report_without_the_teacher_pairs_changes_and_leaves_the_gap_blank(tmp_path):
+    write_eval(tmp_path / "eval", "student", mmlu=0.30)
+    write_eval(tmp_path / "eval", "kd", mmlu=0.40)
+    write_items(tmp_path / "eval", "student", "mmlu", [i % 10 < 3 for i in range(100)])
+    write_items(tmp_path / "eval", "kd", "mmlu", [i % 10 < 4 for i in range(100)])
+    result = report.run(tmp_path / "eval", tmp_path / "report", echo=lambda *_: None)
+    kd = next(row for row in result["rows"] if row["name"] == "kd")["scores"]["mmlu"]["accuracy"]
+    assert kd["delta"] == pytest.approx(0.10) and kd["delta_interval_95"] is not None and kd["gap_closed"] is None
+    assert "gap closed needs `pkt eval TEACHER" in (tmp_path / "report" / "report.md").read_text()
 
 
 def test_change_interval_is_paired_over_the_same_items(tmp_path):
