@@ -87,7 +87,8 @@ def test_restored_process_creation_cannot_act_outside(tmp_path):
         f"if pid == 0:\n    posix.close(posix.open({str(marker)!r}, posix.O_CREAT | posix.O_WRONLY))\n    posix._exit(0)\n"
         "assert posix.waitpid(pid, 0)[1] == 0",
     ):
-        _escape_failed(source)
+        detail = _escape_failed(source)
+        assert detail.startswith("AssertionError"), detail  # it ran, and what it ran was refused
     assert not marker.exists()
 
 

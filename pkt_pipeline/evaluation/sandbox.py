@@ -101,9 +101,11 @@ def _searchable(path):
 def _cover(mount, bind, tmpfs_flags):
     # Empty tmpfs over the folders where other programs keep sockets and scratch files (a read-only
     # mount does not stop connect() on a socket file) and, as nobody, over each folder it could not
-    # enter on the way to the interpreter's imports (pyenv, conda under a 0700 home): the import
+    # enter on the way to the interpreter (pyenv, conda under a 0700 home): the interpreter's
     # folders are then bound back in, and the rest of that home stays out of sight.
-    entries = sorted({os.path.realpath(p) for p in sys.path if p and os.path.exists(p)})
+    # Whole prefixes, not only sys.path: extension modules load shared libraries from <prefix>/lib.
+    roots = (*sys.path, sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix)
+    entries = sorted({os.path.realpath(p) for p in roots if p and os.path.exists(p)})
     covered = {f for f in ("/run", "/tmp", "/var/tmp", "/dev/shm") if os.path.isdir(f) and not os.path.islink(f)}
     for entry in entries if _mode == "setuid" else ():
         parts = entry.split(os.sep)
