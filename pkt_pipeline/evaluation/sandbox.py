@@ -1,36 +1,43 @@
-"""Run model-written programs (HumanEval / MBPP checks) in a limited child process.
+"""Run model-written programs (HumanEval / MBPP checks) in an isolated child process.
 
-Each program runs in a fresh `python -I` child (no PYTHON* variables, no user site) inside a new,
-empty temporary working directory that is deleted afterwards, with stdin at /dev/null, an
-environment reduced to PATH/HOME/TMPDIR/LANG and single-threaded BLAS, and:
+The boundary is the kernel's, not Python's. Each program runs under util-linux `unshare` in new
+mount, PID, network, IPC and UTS namespaces, where the child, before it runs any of the program:
 
-- limits: RLIMIT_AS and RLIMIT_DATA (memory_mb; a large allocation raises MemoryError),
-  RLIMIT_CPU (the timeout plus a second), RLIMIT_FSIZE (16 MiB per written file), no core dumps;
-- a wall-clock timeout that SIGKILLs the whole process group (the child starts its own session);
-  the group is killed after every run, so nothing the program left behind survives it;
-- stdout and stderr read concurrently and only their last 8 KiB kept, so a program that prints
-  gigabytes costs no memory here;
-- no network: when `unshare` works on this machine (probed once per process) the child runs in new
-  network and PID namespaces, so it sees only a down loopback device and everything it started dies
-  with it; in every case the child's socket constructors raise PermissionError;
-- a reliability guard, installed after the harness has done its own imports: process creation
-  (fork, exec*, spawn*, posix_spawn, os.system, os.popen, subprocess, multiprocessing's fork_exec),
-  signalling (kill, killpg), file removal / renaming / permission and ownership changes,
-  chdir/chroot, setuid & co., shutil.rmtree/move/chown and `help` raise PermissionError, and
-  `ctypes`, `resource`, `psutil`, `joblib`, `tkinter`, `ipdb` cannot be imported;
-- writes (open / io.open / os.open with a write flag) are refused outside the working directory;
-- a program passes only when it exits 0 *and* the harness reached its end, so `sys.exit(0)` or
-  `os._exit(0)` before the asserts counts as a failure.
+- makes every mount read-only (and nosuid) in its private mount table, and mounts a tmpfs of
+  DISK_QUOTA bytes as its work folder, the only writable place (all its processes share the quota);
+- mounts a /proc of its own PID namespace, so no other process (nor its environment) is visible;
+- runs as SANDBOX_UID (nobody) when we are root, with no supplementary groups, so it holds no
+  capability and reads only what any user may read; when we are not root it runs in an
+  unprivileged user namespace and drops every capability it has there (bounding set included);
+  no_new_privs is set either way, so no setuid binary gives anything back;
+- gets RLIMIT_NPROC = PROCESS_LIMIT (the kernel counts per uid, threads included), RLIMIT_AS and
+  RLIMIT_DATA (memory_mb; a large allocation raises MemoryError), RLIMIT_CPU (the timeout plus a
+  second), RLIMIT_FSIZE (16 MiB per file), RLIMIT_NOFILE 256 and no core dumps;
+- sees only a loopback device that is down, so there is no network at all;
+- gets an environment of PATH/HOME/TMPDIR/LANG and single-threaded BLAS, nothing of ours.
 
-What is NOT protected. This stops accidents (a wrong loop, a stray `os.remove`, a test that hits
-the network), not a determined attacker: the guard is plain Python and can be undone from inside
-(e.g. through `object.__subclasses__()` or by reaching the original classes); the process runs as
-the same user as us, so when that user is root it could still write anywhere by going around the
-guard, and RLIMIT_NPROC is not set because the kernel ignores it for root; reading files is
-allowed everywhere. Without `unshare` there is no network namespace and no PID namespace, so only
-the socket guard and the process-group kill remain. Inside the PID namespace the program is its
-own init, so a signal it raises at itself with the default action is ignored (faults the kernel
-raises, such as a real segfault, still kill it). For untrusted code use a container or VM.
+An interpreter under a private home (pyenv in /root, mode 0700) stays importable as nobody: that
+home is covered by an empty tmpfs into which only the interpreter's import folders are bound.
+
+Around that: a fresh `python -I` child (no PYTHON* variables, no user site), stdin at /dev/null,
+a wall-clock timeout that SIGKILLs the whole process group, and everything in the PID namespace
+dies with the program; stdout and stderr are read concurrently and only their last 8 KiB kept;
+a program passes only when it exits 0 *and* the harness reached its end, so `sys.exit(0)` or
+`os._exit(0)` before the asserts counts as a failure. The Python-level guard (process creation,
+signalling, file removal, writes outside the work folder, sockets, `ctypes` refused) is still
+installed, to stop accidents with a clear message; it is not what keeps the program in.
+
+When the namespaces cannot be built (no `unshare`, no user namespaces for a non-root user, a
+container that forbids mounts), `run_program` raises SandboxUnavailable saying why, before
+running anything. PKT_SANDBOX_WEAK=1 runs the programs anyway with the Python-level guard only,
+as root if we are root, with a loud warning: that guard can be undone from inside (re-importing
+`posix`, `_io.open`), so use it only for code you trust.
+
+Not covered: total memory is bounded per process (RLIMIT_AS), not per sandbox, so PROCESS_LIMIT
+processes can use that much each (a cgroup would bound the sum); PROCESS_LIMIT is shared by
+all sandboxes running at once as nobody. Inside the PID namespace the program is its own init,
+so a signal it raises at itself with the default action is ignored (faults the kernel raises,
+such as a real segfault, still kill it).
 """
 
 from __future__ import annotations
@@ -57,28 +64,139 @@ from tqdm.auto import tqdm
 log = logging.getLogger(__name__)
 
 Status = Literal["passed", "failed", "timeout", "memory", "error"]
+Mode = Literal["setuid", "userns", "weak"]
 
 FILE_SIZE_LIMIT = 16 << 20
 OUTPUT_TAIL = 8 << 10
 DETAIL_CHARS = 300
+SANDBOX_UID = 65534  # nobody: who the program runs as when we are root
+# RLIMIT_NPROC, counted by the kernel per uid (threads included) over all sandboxes running at once.
+PROCESS_LIMIT = 32
+DISK_QUOTA = 64 << 20  # the work folder's tmpfs: all the program and its children may write
+NAMESPACES = ("--mount", "--pid", "--net", "--ipc", "--uts", "--fork", "--kill-child")
+WEAK_ENV = "PKT_SANDBOX_WEAK"
+# How the child reports that it could not build the sandbox (written out in _GUARD).
+SETUP_FAILED = 125
+SETUP_MESSAGE = "pkt sandbox setup failed"
 
-# Runs in the child before the program. `_PKT` (limits and nonce) is prepended by run_program.
-_GUARD = r'''
+# Runs in the child before the program. `_PKT` (mode, limits and nonce) is prepended by `_run`.
+# In the namespace modes it starts as root of its mount namespace: it builds the file-system view,
+# sets the limits, gives up root, and only then installs the Python-level guard and runs the program.
+_GUARD = r"""
 import builtins, faulthandler, io, os, posix, resource, shutil, socket, subprocess, sys
 import _posixsubprocess, _socket
 
-_memory, _cpu, _fsize, _nonce = _PKT
+_mode, _memory, _cpu, _fsize, _nproc, _quota, _uid, _nonce = _PKT
+with open("program.py", encoding="utf-8") as _f:
+    _source = _f.read()
+_root = os.getcwd()
+
+
+def _searchable(path):
+    st = os.stat(path)
+    bit = 0o100 if st.st_uid == _uid else 0o010 if st.st_gid == _uid else 0o001
+    return bool(st.st_mode & bit)
+
+
+def _cover(mount, bind, tmpfs_flags):
+    # Empty tmpfs over the folders where other programs keep sockets and scratch files (a read-only
+    # mount does not stop connect() on a socket file) and, as nobody, over each folder it could not
+    # enter on the way to the interpreter (pyenv, conda under a 0700 home): the interpreter's
+    # folders are then bound back in, and the rest of that home stays out of sight.
+    # Whole prefixes, not only sys.path: extension modules load shared libraries from <prefix>/lib.
+    roots = (*sys.path, sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix)
+    entries = sorted({os.path.realpath(p) for p in roots if p and os.path.exists(p)})
+    covered = {f for f in ("/run", "/tmp", "/var/tmp", "/dev/shm") if os.path.isdir(f) and not os.path.islink(f)}
+    for entry in entries if _mode == "setuid" else ():
+        parts = entry.split(os.sep)
+        closed = [os.sep.join(parts[:d]) for d in range(2, len(parts)) if not _searchable(os.sep.join(parts[:d]))]
+        covered.update(closed[:1])
+    inside = lambda path, folders: any(path == f or path.startswith(f + os.sep) for f in folders)
+    covered = {f for f in covered if not inside(os.path.dirname(f), covered)}
+    kept = {}
+    for entry in entries:
+        if inside(entry, covered) and not inside(entry, kept):
+            kept[entry] = os.open(entry, os.O_PATH)
+    for folder in sorted(covered):
+        mount(b"tmpfs", folder.encode(), b"tmpfs", tmpfs_flags, b"size=64k,mode=0755")
+    for entry, fd in kept.items():
+        if os.path.isdir(f"/proc/self/fd/{fd}"):
+            os.makedirs(entry, 0o755, exist_ok=True)
+        else:
+            os.makedirs(os.path.dirname(entry), 0o755, exist_ok=True)
+            open(entry, "x").close()
+        mount(f"/proc/self/fd/{fd}".encode(), entry.encode(), None, bind)
+        os.close(fd)
+    os.makedirs(_root, 0o700, exist_ok=True)  # the work folder's mount point, if it was covered
+
+
+def _isolate():
+    import ctypes, re
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p)
+    RDONLY, NOSUID, NODEV, NOEXEC, REMOUNT, BIND, REC, PRIVATE = 1, 2, 4, 8, 32, 4096, 16384, 1 << 18
+    KEPT = {"nodev": NODEV, "noexec": NOEXEC, "noatime": 1024, "nodiratime": 2048, "relatime": 1 << 21}
+
+    def mount(source, target, fstype, flags, data=None):
+        if libc.mount(source, target, fstype, flags, data) != 0:
+            error = ctypes.get_errno()
+            raise OSError(error, f"mount {os.fsdecode(target)}: {os.strerror(error)}")
+
+    def prctl(*args):
+        if libc.prctl(*(ctypes.c_ulong(a) for a in args)) != 0:
+            error = ctypes.get_errno()
+            raise OSError(error, f"prctl{args}: {os.strerror(error)}")
+
+    mount(None, b"/", None, REC | PRIVATE)
+    _cover(mount, BIND | REC, NOSUID | NODEV | NOEXEC)
+    # Every mount read-only and nosuid, keeping the flags a bind remount would otherwise clear
+    # (and that a user namespace may not clear); mountinfo escapes blanks in paths as octal.
+    with open("/proc/self/mountinfo", "rb") as f:
+        mounts = [line.split()[4:6] for line in f]
+    for target, options in mounts:
+        target = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), target)
+        kept = sum(KEPT.get(o, 0) for o in options.decode().split(","))
+        mount(None, target, None, REMOUNT | BIND | RDONLY | NOSUID | kept)
+    # A /proc of the new PID namespace on top of the host's: only this program's processes.
+    mount(b"proc", b"/proc", b"proc", NOSUID | NODEV | NOEXEC)
+    options = f"size={_quota},nr_inodes=4096,mode=0700,uid={_uid},gid={_uid}".encode()
+    mount(b"tmpfs", _root.encode(), b"tmpfs", NOSUID | NODEV | NOEXEC, options)
+    os.chdir(_root)
+    with open("program.py", "w", encoding="utf-8") as f:
+        f.write(_source)
+    os.chown("program.py", _uid, _uid)
+    if _mode == "setuid":
+        os.setgroups([])
+        os.setresgid(_uid, _uid, _uid)
+        os.setresuid(_uid, _uid, _uid)  # from root to another uid: every capability goes too
+    else:  # root of a user namespace: keep the uid, drop the capabilities it holds there
+        for cap in range(64):
+            try:
+                prctl(24, cap)  # PR_CAPBSET_DROP
+            except OSError:
+                break
+        header, data = (ctypes.c_uint32 * 2)(0x20080522, 0), (ctypes.c_uint32 * 6)()
+        if libc.capset(header, data) != 0:
+            raise OSError(ctypes.get_errno(), "capset")
+    prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS
+
+
+if _mode != "weak":
+    try:
+        _isolate()
+    except Exception as exc:
+        sys.stderr.write(f"pkt sandbox setup failed: {exc}\n")
+        os._exit(125)
+
 for _limit, _soft, _hard in (
     (resource.RLIMIT_AS, _memory, _memory), (resource.RLIMIT_DATA, _memory, _memory),
     (resource.RLIMIT_CPU, _cpu, _cpu + 1), (resource.RLIMIT_FSIZE, _fsize, _fsize),
-    (resource.RLIMIT_CORE, 0, 0),
-):
+    (resource.RLIMIT_CORE, 0, 0), (resource.RLIMIT_NOFILE, 256, 256),
+) + (((resource.RLIMIT_NPROC, _nproc, _nproc),) if _mode != "weak" else ()):
     resource.setrlimit(_limit, (_soft, _hard))
 faulthandler.disable()
-
-with open("program.py", encoding="utf-8") as _f:
-    _source = _f.read()
-_write, _root = os.write, os.path.realpath(os.getcwd())
+_write = os.write
 
 
 def _refuse(name):
@@ -150,7 +268,7 @@ for _name in ("ctypes", "_ctypes", "resource", "psutil", "joblib", "tkinter", "i
 exec(compile(_source, "program.py", "exec"), {"__name__": "__main__", "__builtins__": builtins})
 sys.stdout.flush()
 _write(1, ("\n" + _nonce + "\n").encode())
-'''
+"""
 
 
 @dataclass(frozen=True)
@@ -162,32 +280,56 @@ class Verdict:
     detail: str = ""
 
 
-@functools.lru_cache(maxsize=1)
-def namespace_command() -> tuple[str, ...]:
-    """The `unshare` prefix that gives the child no network (and its own PID space), or () when none works.
+class SandboxUnavailable(ValueError):
+    """This machine cannot build the sandbox (a ValueError, so the CLI prints it as one line)."""
 
-    Probed once per process by running a trivial child, because whether namespaces may be created
-    depends on the machine (root or not, container seccomp profile, sysctls), not on the code.
-    """
-    unshare = shutil.which("unshare")
-    if unshare is None:
-        log.warning("unshare not found: sandboxed programs keep the network namespace (socket guard only)")
+
+def _prefix(mode: Mode) -> tuple[str, ...]:
+    if mode == "weak":
         return ()
-    base = (unshare,) if os.geteuid() == 0 else (unshare, "--map-root-user")
-    for extra in (("--net", "--pid", "--fork", "--kill-child"), ("--net",)):
-        command = (*base, *extra)
-        try:
-            probe = subprocess.run(
-                [*command, sys.executable, "-I", "-c", "pass"],
-                stdin=subprocess.DEVNULL, capture_output=True, timeout=30,
-            )
-        except (OSError, subprocess.TimeoutExpired):
-            continue
-        if probe.returncode == 0:
-            log.info("sandboxed programs run under %s", " ".join(command))
-            return command
-    log.warning("unshare cannot create namespaces here: sandboxed programs rely on the socket guard only")
-    return ()
+    user = ("--user", "--map-root-user") if mode == "userns" else ()
+    return (shutil.which("unshare") or "unshare", *user, *NAMESPACES)
+
+
+@functools.lru_cache(maxsize=1)
+def sandbox_mode() -> Mode:
+    """How programs are isolated here: "setuid" (root: namespaces, then the sandbox uid), "userns"
+    (not root: an unprivileged user namespace, whose root then drops its capabilities), or "weak"
+    (no namespaces; only when PKT_SANDBOX_WEAK=1 asks for it).
+
+    Probed once per process by running a trivial program through the whole setup, because what
+    works depends on the machine (root or not, container seccomp profile, sysctls), not on the code.
+    Raises SandboxUnavailable when no mode works and the weak one was not asked for.
+    """
+    reasons = []
+    if shutil.which("unshare") is None:
+        reasons.append("unshare not found on PATH (it comes with util-linux)")
+    else:
+        # Root uses no user namespace: there RLIMIT_NPROC would not bind (the kernel exempts root's uid).
+        mode: Mode = "setuid" if os.geteuid() == 0 else "userns"
+        verdict = _run(mode, "pass", 30.0, 1024)
+        if verdict.passed:
+            log.info("sandboxed programs run under %s", " ".join(_prefix(mode)))
+            return mode
+        reasons.append(f"{mode} mode: {verdict.detail or verdict.status}")
+    if os.environ.get(WEAK_ENV) == "1":
+        log.warning(
+            "%s=1: model-written code runs with Python-level guards only, which are NOT a security boundary "
+            "(%s)", WEAK_ENV, "; ".join(reasons),
+        )
+        return "weak"
+    raise SandboxUnavailable(
+        f"the sandbox cannot isolate model-written code on this machine ({'; '.join(reasons)}). It needs "
+        "util-linux `unshare` and mount, PID and network namespaces: run as root, or allow unprivileged user "
+        "namespaces (sysctl user.max_user_namespaces > 0, kernel.unprivileged_userns_clone=1, and on Ubuntu "
+        f"kernel.apparmor_restrict_unprivileged_userns=0). To run it anyway with only Python-level guards, "
+        f"which are NOT a security boundary, set {WEAK_ENV}=1."
+    )
+
+
+def namespace_command() -> tuple[str, ...]:
+    """The `unshare` prefix the programs run under (empty in the weak mode)."""
+    return _prefix(sandbox_mode())
 
 
 def _child_env(workdir: str) -> dict[str, str]:
@@ -257,11 +399,17 @@ def _verdict(returncode: int, timed_out: bool, finished: bool, stderr: str, time
 
 def run_program(source: str, timeout_s: float = 10.0, memory_mb: int = 1024) -> Verdict:
     """Run `source` as a Python program in the sandbox; passed means it exited cleanly."""
+    return _run(sandbox_mode(), source, timeout_s, memory_mb)
+
+
+def _run(mode: Mode, source: str, timeout_s: float, memory_mb: int) -> Verdict:
     nonce = secrets.token_hex(16)
-    limits = (memory_mb << 20, math.ceil(timeout_s) + 1, FILE_SIZE_LIMIT, nonce)
+    uid = SANDBOX_UID if mode == "setuid" else 0
+    params = (mode, memory_mb << 20, math.ceil(timeout_s) + 1, FILE_SIZE_LIMIT, PROCESS_LIMIT, DISK_QUOTA, uid, nonce)
+    # Only the mount point and program.py's way in: the program's own folder is a tmpfs mounted on it.
     with tempfile.TemporaryDirectory(prefix="pkt-sandbox-", ignore_cleanup_errors=True) as workdir:
         Path(workdir, "program.py").write_text(source, encoding="utf-8")
-        command = [*namespace_command(), sys.executable, "-I", "-c", f"_PKT = {limits!r}\n{_GUARD}"]
+        command = [*_prefix(mode), sys.executable, "-I", "-c", f"_PKT = {params!r}\n{_GUARD}"]
         try:
             proc = subprocess.Popen(
                 command, cwd=workdir, env=_child_env(workdir), stdin=subprocess.DEVNULL,
@@ -281,6 +429,8 @@ def run_program(source: str, timeout_s: float = 10.0, memory_mb: int = 1024) -> 
         out, err = stdout.text(), stderr.text()
         proc.stdout.close()
         proc.stderr.close()
+    if returncode == SETUP_FAILED and SETUP_MESSAGE in err:
+        return Verdict(False, "error", _last_line(err))
     return _verdict(returncode, timed_out, nonce in out, err, timeout_s)
 
 
@@ -294,7 +444,7 @@ def run_programs(
 ) -> list[Verdict]:
     """`run_program` over many sources on a thread pool; verdicts come back in input order."""
     sources = list(sources)
-    namespace_command()  # probe once, before the threads race to do it
+    sandbox_mode()  # probe once (or refuse), before the threads race to do it
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         futures = [pool.submit(run_program, s, timeout_s, memory_mb) for s in sources]
         for future in tqdm(futures, desc=desc, unit="prog", disable=not progress):
