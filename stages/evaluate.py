@@ -11,7 +11,8 @@ with one record a person can read per item (prompt, output, verdict). The prompt
   next prompt takes its slot, as soon as it ends (EOS, `max_new_tokens`, or its task's stop rule:
   the code block closed, the GSM8K answer paragraph finished);
 - HumanEval and MBPP (task_ids 11-510), pass@1 with greedy decoding, the code run only in the
-  sandbox (`sandbox.py`: no network namespace, memory/CPU/file limits, process-group kill);
+  sandbox (`sandbox.py`: its own mount, PID and network namespaces, a read-only file system with a
+  size-capped tmpfs work folder, an unprivileged uid, process/memory/CPU/file limits);
 - and for these three, continuous: `nll`, the teacher-forced mean NLL per token of the reference
   reply (`reference_nll.py`), on `eval.nll_limit` items (one forward each, so many more than are
   generated) that contain the `eval.limit` generated ones.
@@ -51,6 +52,10 @@ def run(config: PktConfig, model_name: str, progress: bool = True, echo=print) -
         raise ValueError(f"eval.tasks must be a non-empty subset of {TASKS}; unknown: {unknown}")
     started = time.perf_counter()
     items = {task: _load(task, config) for task in cfg.tasks}  # data errors before the model loads
+    if {"humaneval", "mbpp"} & set(cfg.tasks):
+        from pkt_pipeline.evaluation.sandbox import sandbox_mode
+
+        sandbox_mode()  # a machine that cannot sandbox code says so now, not after an hour of generation
     tokenizer = load_tokenizer(model_name, trust_remote_code=config.runtime.trust_remote_code)
     model = load_model(model_name, dtype=config.runtime.dtype, device=resolve_device(config.runtime.device),
                        trust_remote_code=config.runtime.trust_remote_code)

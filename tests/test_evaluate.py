@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -157,3 +158,16 @@ def test_a_killed_eval_resumes_from_its_journal(tiny_pair, data_dir, tmp_path, m
     evaluate.run(load_config(overrides=overrides + [f"eval.out={out}", "eval.chat=false"]), str(tiny_pair["student"]),
                  progress=False)
     assert sum(counted) == 5
+
+
+def test_a_machine_that_cannot_sandbox_code_is_told_before_the_model_loads(data_dir, tmp_path):
+    """Without `unshare` the code tasks cannot run safely: `pkt eval` stops before loading the model
+    (here a path that does not exist, so reaching the load would give another error) and hours of generation."""
+    env = {**os.environ, "PATH": "/nonexistent"}
+    env.pop("PKT_SANDBOX_WEAK", None)
+    result = subprocess.run([sys.executable, "-m", "pkt_pipeline.cli", "eval", str(tmp_path / "no-model"),
+                             "--set", f"assets.data_dir={data_dir}", "--set", "eval.tasks=[humaneval]",
+                             "--set", f"eval.out={tmp_path / 'out'}"],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "unshare not found on PATH" in result.stderr and "no-model" not in result.stderr
