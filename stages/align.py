@@ -115,22 +115,50 @@ def run(config: PktConfig, progress: bool = True, echo=print) -> dict:
 
 
 def _prepare_out(out: Path, record: dict, overwrite: bool) -> str:
-    """'done', 'resume' or 'fresh'; refuses a folder holding a different run unless overwriting."""
+    """'done', 'resume' or 'fresh'; refuses a folder holding a different run unless overwriting.
+
+    `--overwrite` replaces only a pkt align run (its `run.json` record) holding nothing else; a
+    folder pkt did not write is refused as it is, however the command was given.
+    """
+    from pkt_pipeline.training import CHECKPOINT, LOG_FILE
+
+    # what pkt align writes in --out, each also with a suffix (`checkpoint.tmp`, a log's temporary)
+    ours = (RUN_FILE, "model", "adapter", "metrics.json", LOG_FILE, "loss_curves.png", "map_report.json", CHECKPOINT)
     run_file = out / RUN_FILE
-    if run_file.exists() and not overwrite:
-        previous = json.loads(run_file.read_text())
+    previous = _align_record(run_file)
+    if previous is not None and not overwrite:
         if previous != record:
             changed = sorted(k for k in record if previous.get(k) != record[k])
             raise ValueError(f"{out} holds another run (it differs in {', '.join(changed)}); choose another "
                              "--out or pass --overwrite")
         return "done" if (out / "metrics.json").exists() else "resume"
-    if out.exists() and overwrite:
-        shutil.rmtree(out)
-    elif out.exists() and any(out.iterdir()):
-        raise ValueError(f"{out} is not empty and holds no pkt align run; choose another --out or pass --overwrite")
+    entries = sorted(out.iterdir()) if out.is_dir() else []
+    if entries and previous is None:
+        raise ValueError(f"{out} is not empty and holds no pkt align run (no {RUN_FILE} of pkt align); pkt neither "
+                         "writes into nor deletes a folder it did not make: choose another --out")
+    foreign = [p.name for p in entries if not any(p.name == n or p.name.startswith(n + ".") for n in ours)]
+    if foreign:
+        raise ValueError(f"{out} holds files pkt align did not write ({', '.join(foreign)}); pkt will not delete "
+                         "them: move them out of it, or choose another --out")
+    for entry in entries:
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
     out.mkdir(parents=True, exist_ok=True)
-    run_file.write_text(json.dumps(record, indent=2) + "\n")
+    partial = run_file.with_name(RUN_FILE + ".partial")
+    partial.write_text(json.dumps(record, indent=2) + "\n")
+    partial.replace(run_file)  # whole or absent: a torn record would make the folder look foreign
     return "fresh"
+
+
+def _align_record(run_file: Path) -> dict | None:
+    """The run record pkt align wrote in this folder, or None (absent, unreadable, or someone else's run.json)."""
+    try:
+        record = json.loads(run_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return record if isinstance(record, dict) and {"pkt_version", "cache_identity", "align"} <= record.keys() else None
 
 
 def _with_lora(model, settings):

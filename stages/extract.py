@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from pkt_pipeline import __version__
 from pkt_pipeline.attribution import TARGETS, accumulate_attribution
-from pkt_pipeline.cache import ArraySpec, CacheError, CacheWriter
+from pkt_pipeline.cache import ArraySpec, CacheError, CacheWriter, WriterLock
 from pkt_pipeline.cache.layout import (
     ATTRIBUTION_KEYS,
     FINAL_LAYER_RAW,
@@ -87,6 +87,17 @@ def distributed_context() -> tuple[int, int]:
 
 
 def run(config: PktConfig, progress: bool = True, echo=print) -> dict:
+    """Extract under the cache's writer lock, taken before the teacher loads and released however the run ends.
+
+    Under torchrun rank 0 holds it for all ranks; a second writer is refused, naming the holder.
+    """
+    if int(os.environ.get("RANK", "0")) != 0:
+        return _run(config, progress, echo)
+    with WriterLock.acquire(config.extract.out):
+        return _run(config, progress, echo)
+
+
+def _run(config: PktConfig, progress: bool = True, echo=print) -> dict:
     cfg = config.extract
     validate(cfg)
     rank, world = distributed_context()
@@ -131,6 +142,7 @@ def run(config: PktConfig, progress: bool = True, echo=print) -> dict:
     _barrier(world)
     if rank != 0:
         writer = CacheWriter.open(*writer_args, create=False)
+    timings: dict[str, float] = {}  # the extras' run times: in the summary, never in the manifest (reproducible)
     if writer.files.exists("manifest.json"):
         manifest = writer.files.read_json("manifest.json")
         missing = [name for name in cfg.extras if name not in manifest.get("extras", {})]
@@ -140,10 +152,10 @@ def run(config: PktConfig, progress: bool = True, echo=print) -> dict:
         if rank == 0:
             echo(f"{cfg.out} is complete; adding the teacher extras {', '.join(missing)}")
             extras = {**manifest.get("extras", {}),
-                      **_run_extras(missing, writer, model, tokenizer, config, data_path, codec, progress)}
+                      **_run_extras(missing, writer, model, tokenizer, config, data_path, codec, progress, timings)}
             manifest = writer.finalize({"attribution": manifest.get("attribution", {}), "extras": extras})
         return {"out": cfg.out, "action": "extras added", "extras": missing, "stored_bytes": manifest["stored_bytes"],
-                "seconds": round(time.perf_counter() - started, 1)}
+                "extras_seconds": timings, "seconds": round(time.perf_counter() - started, 1)}
 
     todo = [g for g in range(rank, len(groups), world) if g not in writer.finished_groups()]
     if len(todo) < len(range(rank, len(groups), world)):
@@ -161,7 +173,7 @@ def run(config: PktConfig, progress: bool = True, echo=print) -> dict:
                     "aggregation": cfg.attribution_aggregation, "target": target, "examples": n_used,
                     "data": str(attribution_path)})
             _write_teacher_head(writer, model, settings.storage_dtype, codec)
-            extras = _run_extras(cfg.extras, writer, model, tokenizer, config, data_path, codec, progress)
+            extras = _run_extras(cfg.extras, writer, model, tokenizer, config, data_path, codec, progress, timings)
         _barrier(world)
         if rank == 0:
             manifest = writer.finalize({"attribution": {"aggregation": cfg.attribution_aggregation, "examples": n_used},
@@ -169,6 +181,7 @@ def run(config: PktConfig, progress: bool = True, echo=print) -> dict:
             summary["stored_bytes"] = manifest["stored_bytes"]
     except OSError as exc:
         raise _write_failed(writer, exc) from exc
+    summary["extras_seconds"] = timings
     summary["seconds"] = round(time.perf_counter() - started, 1)
     summary["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
     if cfg.metrics and rank == 0:
@@ -303,8 +316,10 @@ def _write_teacher_head(writer: CacheWriter, model, storage_dtype: str, codec) -
 
 
 def _run_extras(names: list[str], writer: CacheWriter, model, tokenizer, config: PktConfig, data_path: Path, codec,
-                progress: bool) -> dict[str, dict]:
-    """Run each requested teacher extra and store its arrays; returns {name: provenance} for the manifest."""
+                progress: bool, timings: dict[str, float] | None = None) -> dict[str, dict]:
+    """Run each requested teacher extra and store its arrays; returns {name: provenance} for the manifest.
+
+    Each extra's run time goes to `timings`, not to its provenance: the manifest must not vary between runs."""
     provenance = {}
     for name in names:
         started = time.perf_counter()
@@ -313,7 +328,9 @@ def _run_extras(names: list[str], writer: CacheWriter, model, tokenizer, config:
             rows = max(1, (16 << 20) // max(1, data[:1].nbytes)) if data.ndim else 1
             chunks = (min(rows, data.shape[0]), *data.shape[1:]) if data.ndim else ()
             writer.write_array(f"extras/{name}/{key}", data, chunks=chunks, codec=codec, attributes={})
-        provenance[name] = {**output.provenance, "seconds": round(time.perf_counter() - started, 1)}
+        provenance[name] = output.provenance
+        if timings is not None:
+            timings[name] = round(time.perf_counter() - started, 1)
     return provenance
 
 

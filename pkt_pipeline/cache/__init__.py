@@ -2,7 +2,8 @@
 
 from .layout import CacheError
 from .reader import Cache, open_cache
-from .store import ArraySpec, CacheFiles, CacheWriter
+from .store import ArraySpec, CacheFiles, CacheWriter, WriterLock
 from .verify import cache_info, verify_cache
 
-__all__ = ["ArraySpec", "Cache", "CacheError", "CacheFiles", "CacheWriter", "cache_info", "open_cache", "verify_cache"]
+__all__ = ["ArraySpec", "Cache", "CacheError", "CacheFiles", "CacheWriter", "WriterLock", "cache_info", "open_cache",
+           "verify_cache"]

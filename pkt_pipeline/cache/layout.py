@@ -6,9 +6,11 @@ fill one zarr shard (`shard_tokens` rows, zero-padded at the end), so a writer a
 whole shards and two writers never touch the same file. The index table (parquet) maps each
 example id to its rows.
 
+    <cache>/run.json                       identity of the run: teacher, data, settings (written first)
     <cache>/zarr.json                      zarr group; attribute pkt_format
-    <cache>/run.json                       identity of the run: teacher, data, settings
     <cache>/index.parquet                  example_id, content_hash, offset, length, group, ...
+                                           (written last when the layout is made: the layout is whole)
+    <cache>/writer.lock                    while a writer runs: its pid and host (`store.WriterLock`)
     <cache>/ledger/group-000042.json       one per finished group, with its shard checksums
     <cache>/tokens, supervised, answer     int32 / bool / bool     [N]  (answer: the reply tokens)
     <cache>/hidden/NN, delta/NN            bf16 bits (uint16) or fp16 [N, D], NN = layer (h_L pre-norm)
@@ -32,6 +34,21 @@ RUN_FILE = "run.json"
 INDEX_FILE = "index.parquet"
 MANIFEST_FILE = "manifest.json"
 LEDGER_DIR = "ledger"
+LOCK_FILE = "writer.lock"
+ZARR_GROUP_FILE = "zarr.json"
+PARTIAL = ".partial"
+"""Infix of a file being written (`<key>.partial-<pid>`), renamed into place when whole."""
+
+TOP_LEVEL_ENTRIES = frozenset({
+    RUN_FILE, ZARR_GROUP_FILE, INDEX_FILE, MANIFEST_FILE, LEDGER_DIR, LOCK_FILE,
+    "tokens", "supervised", "answer", "hidden", "delta", "topk", "attribution", "teacher", "extras",
+})
+"""Every name pkt writes at the top of a cache folder: anything else there is someone else's."""
+
+
+def is_layout_entry(name: str) -> bool:
+    """Whether a top-level name in a cache folder is one pkt writes (or a write of one cut short)."""
+    return name.split(PARTIAL, 1)[0] in TOP_LEVEL_ENTRIES
 
 FINAL_LAYER_RAW = "raw"
 """`capture.final_layer` of a cache whose h_L is the last decoder layer's raw output (`pkt_pipeline.residual`).
