@@ -337,7 +337,7 @@ class LatenConfig(Checked):
     def __post_init__(self) -> None:
         super().__post_init__()
         if len(self.betas) != 2:
-            raise InvalidValue("betas", f"must be two numbers (beta1, beta2), got {self.betas!r}")
+            raise InvalidValue("betas", f"must be two numbers in [0, 1), got {self.betas!r}")
 
 
 @dataclass

@@ -100,7 +100,7 @@ def test_a_method_section_can_be_a_named_variant_of_a_method():
         ("align.semalign.layers=[1, 0]", r"align\.semalign\.layers must be >= 1, got \[1, 0\]"),
         ("align.kd.temperature=0", r"align\.kd\.temperature must be > 0, got 0\.0"),
         ("align.laten.betas=[0.9, 1.0]", r"align\.laten\.betas must be in \[0, 1\), got \[0\.9, 1\.0\]"),
-        ("align.laten.betas=[0.9]", r"align\.laten\.betas must be two numbers \(beta1, beta2\), got \[0\.9\]"),
+        ("align.laten.betas=[0.9]", r"align\.laten\.betas must be two numbers in \[0, 1\), got \[0\.9\]"),
         ("align.laten.pct_start=1", r"align\.laten\.pct_start must be in \[0, 1\), got 1\.0"),
         ("align.loader.prefetch=0", r"align\.loader\.prefetch must be >= 1, got 0"),
         ("extract.chunk_tokens=0", r"extract\.chunk_tokens must be >= 1, got 0"),
