@@ -48,22 +48,31 @@ def friendly_errors(command):
     return wrapper
 
 
+INTERRUPTED_EXIT = 130
+"""The exit status of a Ctrl-C, as a shell reports a process killed by SIGINT."""
+
+
 def hide_library_progress() -> None:
-    """--no-progress also silences transformers' own bars (weight loading), for clean logs."""
+    """--no-progress also silences the libraries' own bars (weight loading, downloads, GGUF conversion:
+    `models.load_model` honours the same switch), for clean logs."""
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
+    hf_logging.disable_progress_bar()  # also huggingface_hub's download bars
 
 
-def run_stage(stage, interrupted: type[Exception], config, no_progress: bool) -> dict:
-    """Run a stage module; an interruption it reports (state saved) exits 130, as after SIGINT."""
+def run_stage(stage, config, no_progress: bool, *args, interrupted: type[Exception] | tuple = ()) -> dict:
+    """Run a stage module (`stage.run(config, *args, ...)`). An interruption it reports (state saved) exits
+    130, and so does a Ctrl-C anywhere else (loading, attribution, the teacher extras): every stage keeps
+    what it finished (ledger, checkpoint, journal), so the same command resumes."""
     if no_progress:
         hide_library_progress()
     try:
-        return stage.run(config, progress=not no_progress, echo=click.echo)
+        return stage.run(config, *args, progress=not no_progress, echo=click.echo)
     except interrupted as exc:
         click.echo(str(exc), err=True)
-        sys.exit(130)
+    except KeyboardInterrupt:
+        click.echo("interrupted: what was finished is kept; rerun the same command to resume", err=True)
+    sys.exit(INTERRUPTED_EXIT)
 
 
 def config_options(command):
@@ -132,7 +141,7 @@ def assets_fetch(config_path, overrides, models, pins, models_dir, data_dir, no_
     extra += [f"assets.{key}={value}" for key, value in
               (("pins", pins), ("models_dir", models_dir), ("data_dir", data_dir)) if value]
     config = load_config(config_path, [*overrides, *extra])
-    summary = stage.run(config, progress=not no_progress, echo=click.echo)
+    summary = run_stage(stage, config, no_progress)
     click.echo(f"done in {summary['seconds']} s; summary in {config.assets.models_dir}/assets.json")
 
 
@@ -155,6 +164,8 @@ def assets_list(pins) -> None:
 @config_options
 @recipe_option
 @click.option("--teacher", default=None, help="Teacher model: hub id, local HF directory or .gguf file.")
+@click.option("--student", default=None,
+              help="Student model, whose shape `--with laten` and `--with seeking` read (never its weights).")
 @click.option("--data", default=None, help="Examples: a .jsonl of chat `messages`, or TASK/SPLIT of the transfer splits (gsm/train).")
 @click.option("--out", default=None, help="Cache folder or fsspec URL to write (default: cache/teacher).")
 @click.option("--overwrite", is_flag=True, help="Replace a cache of another teacher, data set or settings at --out.")
@@ -163,7 +174,7 @@ def assets_list(pins) -> None:
                    "Adds to a complete cache without re-extracting it.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars (for logs).")
 @friendly_errors
-def extract(config_path, overrides, recipe, teacher, data, out, overwrite, extras, no_progress) -> None:
+def extract(config_path, overrides, recipe, teacher, student, data, out, overwrite, extras, no_progress) -> None:
     """Stage one: run the teacher once over task data and write the activation cache.
 
     \b
@@ -181,12 +192,12 @@ def extract(config_path, overrides, recipe, teacher, data, out, overwrite, extra
     from .config import load_config
 
     extra = [f"{key}={value}" for key, value in
-             (("teacher", teacher), ("extract.data", data), ("extract.out", out)) if value]
+             (("teacher", teacher), ("student", student), ("extract.data", data), ("extract.out", out)) if value]
     if overwrite:
         extra.append("extract.overwrite=true")
     config = load_config(config_path, [*overrides, *extra], recipe)
     config.extract.extras = sorted({*config.extract.extras, *extras})
-    summary = run_stage(stage, stage.Interrupted, config, no_progress)
+    summary = run_stage(stage, config, no_progress, interrupted=stage.Interrupted)
     if summary["action"] == "extras added":
         click.echo(f"added {', '.join(summary['extras'])} to {summary['out']} in {summary['seconds']} s")
     if summary["action"] == "extracted":
@@ -234,7 +245,7 @@ def align(config_path, overrides, recipe, cache_path, student, method, out, repo
                                                   ("align.method", method), ("align.out", out)) if value]
     extra += [f"align.{flag}=true" for flag, on in (("report_map", report_map), ("overwrite", overwrite)) if on]
     config = load_config(config_path, [*overrides, *extra], recipe)
-    summary = run_stage(stage, stage.TrainingInterrupted, config, no_progress)
+    summary = run_stage(stage, config, no_progress, interrupted=stage.TrainingInterrupted)
     if summary["action"] == "trained":
         metrics = summary["metrics"]
         for phase, values in metrics["phases"].items():
@@ -293,9 +304,7 @@ def evaluate(config_path, overrides, model, tasks, out, limit, nll_limit, no_gen
     extra += ["eval.generate=false"] if no_generate else []
     extra += ["eval.tasks=[dev]", f"eval.dev_data={json.dumps(list(dev_data))}"] if dev_data else []
     config = load_config(config_path, [*overrides, *extra])
-    if no_progress:
-        hide_library_progress()
-    metrics = stage.run(config, model, progress=not no_progress, echo=click.echo)
+    metrics = run_stage(stage, config, no_progress, model)
     click.echo(f"wrote {config.eval.out}/metrics.json in {metrics['seconds']} s")
 
 

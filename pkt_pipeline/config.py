@@ -9,17 +9,71 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
 
 class ConfigError(ValueError):
     """A config file or override that does not match `PktConfig`."""
+
+
+class InvalidValue(ConfigError):
+    """A section's key holds a value outside its range; `_build` adds the section's dotted prefix."""
+
+    def __init__(self, key: str, reason: str):
+        super().__init__(f"{key} {reason}")
+        self.key, self.reason = key, reason
+
+
+@dataclass(frozen=True)
+class Range:
+    """The numbers a key admits. NaN never is, infinity only where it means "no limit" (`unbounded`)."""
+
+    low: float
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    unbounded: bool = False
+
+    def admits(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return self.unbounded and value == math.inf
+        above = value > self.low if self.low_open else value >= self.low
+        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return above and below
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}{' (or .inf)' if self.unbounded else ''}"
+        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+POSITIVE = Range(0, low_open=True)
+NON_NEGATIVE = Range(0)
+AT_LEAST_ONE = Range(1)
+FRACTION = Range(0, 1, high_open=True)
+"""[0, 1): a share of something that must leave some of it (warm-up, dropout, AdamW's betas)."""
+
+
+class Checked:
+    """Base of the config sections: each key named in `RANGES` is checked on construction (every element
+    of a list key), so a bad number is refused when the config loads, not as a crash or a silently
+    wrong run hours later (a negative `max_grad_norm` flips the gradient)."""
+
+    RANGES: ClassVar[dict[str, Range]] = {}
+
+    def __post_init__(self) -> None:
+        for key, allowed in self.RANGES.items():
+            value = getattr(self, key)
+            for item in value if isinstance(value, list) else [value]:
+                if item is not None and not allowed.admits(item):
+                    raise InvalidValue(key, f"must be {allowed}, got {value!r}")
 
 
 @dataclass
@@ -51,12 +105,15 @@ class AssetsConfig:
 
 
 @dataclass
-class LatenExtractConfig:
+class LatenExtractConfig(Checked):
     """LaTen's teacher side (`pkt extract --with laten`, METHOD.md section 2): locate the teacher's layers
     and neurons per example and cache the selected rows/columns. The defaults below that say "published"
     are the published ones (Tan et al., ACL 2025, github.com/Trae1ounG/Neural_Incompatibility); the
     whole published recipe, with the file each value comes from, is `pkt_pipeline/recipes.py`
     (`--recipe published`)."""
+
+    RANGES = dict(locate_examples=NON_NEGATIVE, transfer_rate=Range(0, 1, low_open=True), readout_vocab=NON_NEGATIVE,
+                  seed=NON_NEGATIVE)
 
     extract_data: str = ""
     """Locating examples (.jsonl or TASK/SPLIT); empty means `extract.jsonl` beside the cached data."""
@@ -89,13 +146,15 @@ class LatenExtractConfig:
 
 
 @dataclass
-class SeekingConfig:
+class SeekingConfig(Checked):
     """Seeking's teacher side (`pkt extract --with seeking`, METHOD.md section 2; Zhong et al., ICLR 2024,
     github.com/maszhongming/ParaKnowTransfer): per-weight sensitivity on seed examples, the top L_S
     teacher layers, the student-shaped block of highest sensitivity in each `align.lora.target_modules`
     weight, and its rank-r SVD as LoRA factors. Stage two (`pkt align --method seeking`) starts the
     student's LoRA from them and fine-tunes as lora-sft does. The published recipe of both stages, with
     the file each value comes from, is `pkt_pipeline/recipes.py` (`--recipe published`)."""
+
+    RANGES = dict(seed_examples=NON_NEGATIVE, rank=NON_NEGATIVE)
 
     seed_examples: int = 32
     """Sensitivity is summed over the first N examples of the cached data (published: 32); 0 means all."""
@@ -109,8 +168,11 @@ class SeekingConfig:
 
 
 @dataclass
-class ExtractConfig:
+class ExtractConfig(Checked):
     """Stage one: what `pkt extract` runs the teacher over and what it caches."""
+
+    RANGES = dict(attribution_examples=NON_NEGATIVE, max_length=Range(2), limit=NON_NEGATIVE, layers=NON_NEGATIVE,
+                  top_k=AT_LEAST_ONE, batch_size=AT_LEAST_ONE, chunk_tokens=AT_LEAST_ONE, shard_tokens=AT_LEAST_ONE)
 
     data: str = "mmlu/train"
     """Examples to cache: a .jsonl of chat `messages`, or TASK/SPLIT of the transfer splits (e.g. gsm/train)."""
@@ -158,8 +220,10 @@ class ExtractConfig:
 
 
 @dataclass
-class LoraSettings:
+class LoraSettings(Checked):
     """The LoRA adapters every method trains (the papers: r=16 on up/down/v/o)."""
+
+    RANGES = dict(r=AT_LEAST_ONE, alpha=POSITIVE, dropout=FRACTION)
 
     r: int = 16
     alpha: int = 32
@@ -168,8 +232,11 @@ class LoraSettings:
 
 
 @dataclass
-class SemAlignConfig:
+class SemAlignConfig(Checked):
     """SemAlign (METHOD.md section 1). Every open point of the paper is a key here."""
+
+    RANGES = dict(pairing_window=NON_NEGATIVE, critical_layers=NON_NEGATIVE, layers=AT_LEAST_ONE,
+                  steps_per_layer=NON_NEGATIVE, lambda_layer=NON_NEGATIVE, lambda_out=NON_NEGATIVE)
 
     objective: str = "v2"
     """`v2`: frontier schedule, one layer trainable at a time (default); `v1`: single phase, cosine losses."""
@@ -214,8 +281,10 @@ class SemAlignConfig:
 
 
 @dataclass
-class KDConfig:
+class KDConfig(Checked):
     """Offline logit distillation from the cached teacher top-k (also SemAlign's output term)."""
+
+    RANGES = dict(temperature=POSITIVE, ce_weight=NON_NEGATIVE)
 
     mode: str = "rest"
     """`rest`: the k cached tokens plus one bucket of the remaining mass; `renormalise`: both renormalised over the k."""
@@ -225,7 +294,7 @@ class KDConfig:
 
 
 @dataclass
-class LatenConfig:
+class LatenConfig(Checked):
     """LaTen's student side (METHOD.md section 2): train only the translator hypernetwork, one step per
     located example, then write the translated deltas into the student. The learning rate is
     `align.lr` (the peak of the one-cycle schedule); the step count is one epoch over the located
@@ -233,6 +302,10 @@ class LatenConfig:
     `align.weight_decay` and the `align.warmup_*` keys are not used (a step is the located example plus
     `align_examples` alignment examples; the optimizer and schedule are LaTen's own, below). Every
     default here is the published value; the recipe with its sources is `pkt_pipeline/recipes.py`."""
+
+    RANGES = dict(align_examples=NON_NEGATIVE, mse_weight=NON_NEGATIVE, hidden_size=NON_NEGATIVE, init_std=POSITIVE,
+                  weight_decay=NON_NEGATIVE, betas=FRACTION, schedule_steps=NON_NEGATIVE, pct_start=FRACTION,
+                  div_factor=POSITIVE, final_div_factor=POSITIVE)
 
     align_examples: int = 15
     """Alignment examples drawn (seeded) per step to go with the located one (published: 15 + 1)."""
@@ -261,10 +334,17 @@ class LatenConfig:
     """Cycle beta1 inversely to the rate between torch's 0.85 and 0.95 (torch's default, which the
     published code keeps: its beta1 of 0.9 is overridden from the first step)."""
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if len(self.betas) != 2:
+            raise InvalidValue("betas", f"must be two numbers in [0, 1), got {self.betas!r}")
+
 
 @dataclass
-class LoaderConfig:
+class LoaderConfig(Checked):
     """How stage two streams the cache."""
+
+    RANGES = dict(shuffle_buffer=AT_LEAST_ONE, prefetch=AT_LEAST_ONE, read_workers=AT_LEAST_ONE)
 
     shuffle_buffer: int = 64
     """Examples held to shuffle and to batch by similar length."""
@@ -275,8 +355,13 @@ class LoaderConfig:
 
 
 @dataclass
-class AlignConfig:
+class AlignConfig(Checked):
     """Stage two: `pkt align` trains the student from the cache alone."""
+
+    RANGES = dict(epochs=POSITIVE, steps=NON_NEGATIVE, batch_size=AT_LEAST_ONE, micro_batch_size=NON_NEGATIVE, lr=POSITIVE,
+                  weight_decay=NON_NEGATIVE, warmup_steps=NON_NEGATIVE, warmup_ratio=FRACTION,
+                  max_grad_norm=Range(0, low_open=True, unbounded=True),
+                  seed=NON_NEGATIVE, checkpoint_every=AT_LEAST_ONE, diagnostic_examples=AT_LEAST_ONE)
 
     cache: str = "cache/teacher"
     """Cache folder or fsspec URL written by `pkt extract`."""
@@ -303,6 +388,7 @@ class AlignConfig:
     warmup_ratio: float = 0.0
     """Warm-up as a fraction of each phase's steps (transformers' convention; Seeking published 0.03)."""
     max_grad_norm: float = 1.0
+    """Clip the gradient's norm to this (`.inf`: no clipping, as LaTen's published recipe)."""
     seed: int = 0
     checkpoint_every: int = 50
     """Steps between checkpoints; a killed run resumes from the last one."""
@@ -320,8 +406,12 @@ class AlignConfig:
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(Checked):
     """`pkt eval`: benchmark scores of one model."""
+
+    RANGES = dict(limit=NON_NEGATIVE, nll_limit=NON_NEGATIVE, seed=NON_NEGATIVE, batch_size=AT_LEAST_ONE,
+                  generation_batch_size=AT_LEAST_ONE, max_new_tokens_gsm8k=AT_LEAST_ONE, max_new_tokens_code=AT_LEAST_ONE,
+                  timeout_s=POSITIVE, memory_mb=AT_LEAST_ONE, workers=AT_LEAST_ONE)
 
     tasks: list[str] = field(default_factory=lambda: ["mmlu"])
     """Any of `mmlu`, `gsm8k`, `humaneval`, `mbpp` (test sets: for reporting), and `dev` (for tuning)."""
@@ -388,7 +478,15 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            line = path.read_bytes()[:exc.start].count(b"\n") + 1
+            raise ConfigError(f"{path}:{line}: not UTF-8 text; save the config as UTF-8") from None
+        try:
+            loaded = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
         raw = loaded
@@ -405,11 +503,33 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override {item!r} is not of the form section.key=value")
-        _set_dotted(raw, key.strip().split("."), yaml.safe_load(value))
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({exc})") from None
+        _set_dotted(raw, key.strip().split("."), parsed)
     config = _build(PktConfig, raw, prefix="", source=source)
-    for method in config.methods:
-        for_method(config, method)  # a typo in any method's section fails now, not hours later
+    if config.methods:
+        from .methods import available_methods
+
+        registered = available_methods()
+    for name in config.methods:
+        # a typo in any method's section fails now, not hours later when its stage runs
+        _check_registered(name, for_method(config, name).align.method, registered)
     return config
+
+
+def _check_registered(section: str, method: str, registered: list[str]) -> None:
+    """A `methods` section must name a registered method, by its own name or (a variant) by `method:`."""
+    if method in registered:
+        return
+    close = difflib.get_close_matches(method, registered, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    known = ", ".join(registered)
+    if method == section:
+        raise ConfigError(f"methods.{section}: {section!r} is not a registered method{hint}; registered: {known}. "
+                          f"A variant of a method names it: `methods: {{{section}: {{method: NAME, ...}}}}`")
+    raise ConfigError(f"methods.{section}.method: {method!r} is not a registered method{hint}; registered: {known}")
 
 
 def for_method(config: PktConfig, method: str) -> PktConfig:
@@ -457,7 +577,10 @@ def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
             hint = f"; did you mean {prefix + close[0]!r}?" if close else ""
             raise ConfigError(f"{source}: unknown key {dotted!r}{hint}")
         kwargs[key] = _coerce(hints[key], value, dotted, source)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except InvalidValue as exc:
+        raise ConfigError(f"{source}: {prefix}{exc.key} {exc.reason}") from None
 
 
 def _coerce(hint: Any, value: Any, dotted: str, source: str) -> Any:

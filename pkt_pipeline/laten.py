@@ -355,13 +355,11 @@ def check_pair(teacher: ModelShape, student: ModelShape, counts: dict[str, int])
 
 def student_shape(config: PktConfig) -> ModelShape:
     """The student's shape from its config alone: stage one never loads student weights."""
-    from transformers import AutoConfig
+    from .models import load_model_config
 
-    from .models import resolve_source
-
-    location, extra = resolve_source(config.student).pretrained_args
-    return ModelShape.of(AutoConfig.from_pretrained(location, trust_remote_code=config.runtime.trust_remote_code,
-                                                    **extra))
+    return ModelShape.of(load_model_config(config.student, config.runtime.trust_remote_code, needed_for=(
+        "`pkt extract --with laten` needs the student, whose width sets how many neurons transfer: pass "
+        "--student (or set `student`)")))
 
 
 def resolve_split(reference: str, default_name: str, data_path: Path, data_dir: str) -> Path:

@@ -12,6 +12,7 @@ policy and the error messages are the same everywhere:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -147,13 +148,35 @@ def load_tokenizer(name_or_path: str | os.PathLike, trust_remote_code: bool = Fa
     return tokenizer
 
 
+def load_model_config(name_or_path: str | os.PathLike, trust_remote_code: bool = False, needed_for: str = ""):
+    """A model's transformers config alone (its shape), never its weights. `needed_for` says what reads it,
+    so a missing model is reported as that need (`pkt extract --with laten` reads the student's shape)."""
+    from transformers import AutoConfig
+
+    try:
+        source = resolve_source(name_or_path)
+        location, extra = source.pretrained_args
+        try:
+            return AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code, **extra)
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(_explain(source, exc, "config")) from exc
+    except ModelLoadError as exc:
+        if not needed_for:
+            raise
+        raise ModelLoadError(f"{needed_for}: {exc}") from exc
+
+
 def load_model(
     name_or_path: str | os.PathLike,
     dtype: str | torch.dtype = "auto",
     device: str = "auto",
     trust_remote_code: bool = False,
+    tokenizer=None,
 ):
-    """A causal LM ready for inference or training, on the policy's device and dtype."""
+    """A causal LM ready for inference or training, on the policy's device and dtype.
+
+    Given the `tokenizer` it will run with, the model must embed every token id it can produce
+    (`check_embeddings`)."""
     from transformers import AutoModelForCausalLM
 
     source = resolve_source(name_or_path)
@@ -163,17 +186,49 @@ def load_model(
     # GGUF tensors dequantize to float32 fastest; the cast to the target dtype follows.
     load_dtype = torch.float32 if source.kind == "gguf" else target_dtype
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            location, dtype=load_dtype, trust_remote_code=trust_remote_code, **extra
-        )
+        with _gguf_bar_follows_transformers():
+            model = AutoModelForCausalLM.from_pretrained(
+                location, dtype=load_dtype, trust_remote_code=trust_remote_code, **extra
+            )
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
         raise ModelLoadError(_explain(source, exc, "model")) from exc
+    if tokenizer is not None:
+        check_embeddings(model, tokenizer, source)
     if source.kind == "gguf":
         clear_quantizer_flags(model)
     model.to(device=target_device, dtype=target_dtype)
     model.eval()
     log.info("loaded %s (%s) as %s on %s", source, source.kind, target_dtype, target_device)
     return model
+
+
+def check_embeddings(model, tokenizer, source: ModelSource | str) -> None:
+    """Refuse a model whose input embedding has fewer rows than its tokenizer has tokens: the first id past
+    the matrix would fail deep inside a forward as a bare "index out of range"."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    if rows < len(tokenizer):
+        raise ModelLoadError(
+            f"the model at {source} embeds {rows} tokens but its tokenizer has {len(tokenizer)}: token ids "
+            f"{rows}..{len(tokenizer) - 1} have no embedding row. Pair the model with its own tokenizer, or resize "
+            "its embeddings to the tokenizer (`model.resize_token_embeddings(len(tokenizer))`) and save it.")
+
+
+@contextlib.contextmanager
+def _gguf_bar_follows_transformers():
+    """transformers' GGUF conversion draws a bare tqdm bar that ignores its own `disable_progress_bar()`
+    (which `--no-progress` calls); hide that bar too while the switch is off."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    bar = getattr(gguf_utils, "tqdm", None)
+    if bar is None or hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    gguf_utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = bar
 
 
 def clear_quantizer_flags(model) -> None:
@@ -201,7 +256,7 @@ def is_quantized(model) -> bool:
 def _explain(source: ModelSource, exc: Exception, what: str) -> str:
     if source.kind == "hub":
         return (
-            f"could not load the {what} of hub id {source.location!r}: {exc}. "
+            f"could not load the {what} of hub id {source.location!r}: {str(exc).rstrip('.')}. "
             "If this machine is offline, download it elsewhere and pass the local directory, "
             "or a .gguf file (`pkt assets fetch` provides pinned models under models/)."
         )

@@ -322,12 +322,11 @@ def seed_examples(config: PktConfig, data_path: Path, tokenizer) -> list:
 
 def student_config_of(config: PktConfig):
     """The student's config (never its weights: stage one does not load the student)."""
-    from transformers import AutoConfig
+    from .models import load_model_config
 
-    from .models import resolve_source
-
-    location, extra = resolve_source(config.student).pretrained_args
-    return AutoConfig.from_pretrained(location, trust_remote_code=config.runtime.trust_remote_code, **extra)
+    return load_model_config(config.student, config.runtime.trust_remote_code, needed_for=(
+        "`pkt extract --with seeking` needs the student, whose shape sets the blocks it factorises: pass "
+        "--student (or set `student`)"))
 
 
 @register_extra

@@ -64,7 +64,7 @@ def run(config: PktConfig, progress: bool = True, echo=print) -> dict:
 
     device = resolve_device(config.runtime.device)
     model = load_model(config.student, dtype=config.runtime.dtype, device=device,
-                       trust_remote_code=config.runtime.trust_remote_code)
+                       trust_remote_code=config.runtime.trust_remote_code, tokenizer=tokenizer)
     method = method_class(AlignContext(cache, cfg, tokenizer))
     torch.manual_seed(cfg.seed)  # LoRA's A matrices start random: one seed, one run
     if method.uses_lora:

@@ -58,7 +58,7 @@ def run(config: PktConfig, model_name: str, progress: bool = True, echo=print) -
         sandbox_mode()  # a machine that cannot sandbox code says so now, not after an hour of generation
     tokenizer = load_tokenizer(model_name, trust_remote_code=config.runtime.trust_remote_code)
     model = load_model(model_name, dtype=config.runtime.dtype, device=resolve_device(config.runtime.device),
-                       trust_remote_code=config.runtime.trust_remote_code)
+                       trust_remote_code=config.runtime.trust_remote_code, tokenizer=tokenizer)
     out = Path(cfg.out)
     items_dir = out / "items"
     items_dir.mkdir(parents=True, exist_ok=True)

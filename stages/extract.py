@@ -117,6 +117,8 @@ def _run(config: PktConfig, progress: bool = True, echo=print) -> dict:
     layers = tuple(sorted(set(cfg.layers))) if cfg.layers else tuple(range(n_layers + 1))
     if min(layers) < 0 or max(layers) > n_layers:
         raise ValueError(f"extract.layers must lie in 0..{n_layers} for this teacher, got {list(layers)}")
+    if cfg.top_k > model.config.vocab_size:
+        raise ValueError(f"extract.top_k ({cfg.top_k}) exceeds the teacher's vocabulary size ({model.config.vocab_size})")
     settings = CaptureSettings(layers, tuple(cfg.capture), cfg.top_k, cfg.storage_dtype)
 
     lengths = [len(e.input_ids) for e in examples]

@@ -40,3 +40,17 @@ def test_config_errors_are_one_clear_line(tmp_path):
 def test_config_prints_the_resolved_values():
     result = pkt("config", "--set", "runtime.device=cpu")
     assert result.returncode == 0 and "device: cpu" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("align.max_grad_norm=-1", "Error: defaults: align.max_grad_norm must be > 0 (or .inf), got -1.0"),
+        ("methods={kdd: {lr: 0.001}}", "Error: methods.kdd: 'kdd' is not a registered method (did you mean 'kd'?)"),
+    ],
+)
+def test_a_bad_number_or_method_section_exits_1_with_one_line(tmp_path, override, message):
+    result = pkt("align", "--cache", str(tmp_path / "none"), "--set", override, cwd=tmp_path)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.startswith(message) and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "Traceback" not in result.stderr

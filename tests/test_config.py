@@ -74,3 +74,83 @@ def test_a_method_section_can_be_a_named_variant_of_a_method():
     variant = for_method(config, "semalign-kl-only")
     assert (variant.align.method, variant.align.semalign.lambda_layer) == ("semalign", 0.0)
     assert for_method(config, "semalign").align.semalign.lambda_layer == 1.0
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("align.max_grad_norm=-1", r"align\.max_grad_norm must be > 0 \(or \.inf\), got -1\.0"),
+        ("align.max_grad_norm=.nan", r"align\.max_grad_norm must be > 0 \(or \.inf\), got nan"),
+        ("align.steps=-5", r"align\.steps must be >= 0, got -5"),
+        ("align.epochs=0", r"align\.epochs must be > 0, got 0\.0"),
+        ("align.epochs=-1.5", r"align\.epochs must be > 0, got -1\.5"),
+        ("align.warmup_steps=-1", r"align\.warmup_steps must be >= 0, got -1"),
+        ("align.micro_batch_size=-2", r"align\.micro_batch_size must be >= 0, got -2"),
+        ("align.checkpoint_every=0", r"align\.checkpoint_every must be >= 1, got 0"),
+        ("align.lr=0", r"align\.lr must be > 0, got 0\.0"),
+        ("align.batch_size=0", r"align\.batch_size must be >= 1, got 0"),
+        ("align.warmup_ratio=1", r"align\.warmup_ratio must be in \[0, 1\), got 1\.0"),
+        ("align.warmup_ratio=-0.1", r"align\.warmup_ratio must be in \[0, 1\), got -0\.1"),
+        ("align.weight_decay=-0.01", r"align\.weight_decay must be >= 0, got -0\.01"),
+        ("align.seed=-1", r"align\.seed must be >= 0, got -1"),
+        ("align.lora.r=0", r"align\.lora\.r must be >= 1, got 0"),
+        ("align.lora.dropout=1.0", r"align\.lora\.dropout must be in \[0, 1\), got 1\.0"),
+        ("align.semalign.lambda_layer=-1", r"align\.semalign\.lambda_layer must be >= 0, got -1\.0"),
+        ("align.semalign.lambda_out=-0.5", r"align\.semalign\.lambda_out must be >= 0, got -0\.5"),
+        ("align.semalign.layers=[1, 0]", r"align\.semalign\.layers must be >= 1, got \[1, 0\]"),
+        ("align.kd.temperature=0", r"align\.kd\.temperature must be > 0, got 0\.0"),
+        ("align.laten.betas=[0.9, 1.0]", r"align\.laten\.betas must be in \[0, 1\), got \[0\.9, 1\.0\]"),
+        ("align.laten.betas=[0.9]", r"align\.laten\.betas must be two numbers in \[0, 1\), got \[0\.9\]"),
+        ("align.laten.pct_start=1", r"align\.laten\.pct_start must be in \[0, 1\), got 1\.0"),
+        ("align.loader.prefetch=0", r"align\.loader\.prefetch must be >= 1, got 0"),
+        ("extract.chunk_tokens=0", r"extract\.chunk_tokens must be >= 1, got 0"),
+        ("extract.top_k=0", r"extract\.top_k must be >= 1, got 0"),
+        ("extract.max_length=1", r"extract\.max_length must be >= 2, got 1"),
+        ("extract.limit=-3", r"extract\.limit must be >= 0, got -3"),
+        ("extract.layers=[0, -1]", r"extract\.layers must be >= 0, got \[0, -1\]"),
+        ("extract.laten.transfer_rate=0", r"extract\.laten\.transfer_rate must be in \(0, 1\], got 0\.0"),
+        ("extract.seeking.rank=-1", r"extract\.seeking\.rank must be >= 0, got -1"),
+        ("eval.limit=-1", r"eval\.limit must be >= 0, got -1"),
+        ("eval.nll_limit=-1", r"eval\.nll_limit must be >= 0, got -1"),
+        ("eval.timeout_s=0", r"eval\.timeout_s must be > 0, got 0\.0"),
+        ("eval.workers=0", r"eval\.workers must be >= 1, got 0"),
+        # a method's section is checked by the same rules, named by its section
+        ("methods={kd: {max_grad_norm: -1}}", r"methods\.kd: align\.max_grad_norm must be > 0 \(or \.inf\), got -1\.0"),
+        ("methods={kd: {kd: {ce_weight: -1}}}", r"methods\.kd: align\.kd\.ce_weight must be >= 0, got -1\.0"),
+    ],
+)
+def test_out_of_range_numbers_are_refused_naming_the_key(override, message):
+    with pytest.raises(ConfigError, match=f"^defaults: {message}$" if not override.startswith("methods") else f"^{message}$"):
+        load_config(overrides=[override])
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["align.max_grad_norm=.inf", "align.steps=0", "align.warmup_ratio=0", "align.micro_batch_size=0",
+     "align.semalign.lambda_layer=0", "eval.nll_limit=null", "extract.limit=0", "align.laten.betas=[0, 0.999]"],
+)
+def test_the_edges_of_each_range_load(override):
+    load_config(overrides=[override])
+
+
+def test_a_file_value_out_of_range_names_the_file_and_key(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("align:\n  checkpoint_every: 0\n")
+    with pytest.raises(ConfigError, match=f"^{path}: align.checkpoint_every must be >= 1, got 0$"):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("methods={kdd: {lr: 1.0e-4}}",
+         r"^methods\.kdd: 'kdd' is not a registered method \(did you mean 'kd'\?\); registered: kd, laten, lora-sft, "
+         r"seeking, semalign\. A variant of a method names it: `methods: \{kdd: \{method: NAME, \.\.\.\}\}`$"),
+        ("methods={kl-only: {method: semalgn}}",
+         r"^methods\.kl-only\.method: 'semalgn' is not a registered method \(did you mean 'semalign'\?\)"),
+        ("methods={kd: {lrr: 1}}", r"^methods\.kd: unknown key 'align\.lrr'; did you mean 'align\.lr'\?$"),
+    ],
+)
+def test_a_method_section_must_name_a_registered_method(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=[override])

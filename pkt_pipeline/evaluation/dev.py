@@ -18,9 +18,9 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 from ..datasets import resolve_data
+from ..examples import jsonl_lines
 from .mmlu import LETTERS, MmluItem, score_mmlu
 from .reference_nll import reference_nll
 
@@ -47,9 +47,7 @@ def load_dev_rows(references: list[str], data_dir: str = "data") -> list[DevRow]
     for reference in references:
         match = SLICE.match(reference)
         source = match["source"] if match else reference
-        # split("\n"), not splitlines(): a JSON string may hold U+2028, which splitlines() breaks at.
-        lines = Path(resolve_data(source, data_dir)).read_text(encoding="utf-8").split("\n")
-        numbered = [(number, line) for number, line in enumerate(lines, 1) if line.strip()]
+        numbered = list(jsonl_lines(resolve_data(source, data_dir)))
         if match:
             numbered = numbered[slice(int(match["start"]) if match["start"] else None,
                                       int(match["stop"]) if match["stop"] else None)]
