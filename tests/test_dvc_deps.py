@@ -1,0 +1,114 @@
+"""Every DVC stage depends on exactly the code it runs: its declared code deps match the import
+closure of the stage module its command calls.
+
+A dependency missing from dvc.yaml means `dvc repro` keeps a stale output after that code changed;
+an extra one reruns hours of work for a change that cannot touch the output. The closure is read
+from the source (every `import`, also those inside functions), so it follows the code without a
+list to keep in step by hand.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from conftest import PROJECT_ROOT
+
+PIPELINES = ["dvc.yaml", "experiments/transfer/dvc.yaml", "experiments/tuning/dvc.yaml"]
+STAGE_MODULES = {"extract": "stages.extract", "align": "stages.align", "eval": "stages.evaluate",
+                 "report": "stages.report", "assets": "stages.assets"}
+CODE_ROOTS = ("pkt_pipeline", "stages")
+# Parsing only: the CLI turns flags into config overrides (the params DVC tracks) and calls the stage;
+# the package __init__ holds the version. A change there cannot change an output.
+NOT_DEPS = {"pkt_pipeline/cli.py", "pkt_pipeline/__init__.py", "stages/__init__.py"}
+# Imports that can refuse a run but never change its output: config load checks that every `methods:`
+# section names a registered method, which loads the registry (and with it every method's code).
+NOT_DEP_EDGES = {("pkt_pipeline/config.py", "pkt_pipeline.methods")}
+
+
+def module_file(module: str) -> Path | None:
+    base = PROJECT_ROOT.joinpath(*module.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def imported_modules(path: Path) -> set[str]:
+    """The project modules `path` imports, absolute names (`from . import x` resolved)."""
+    package = ".".join(path.relative_to(PROJECT_ROOT).parent.parts)
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(filter(None, [*parent, base]))
+            names.add(base)
+            names.update(f"{base}.{alias.name}" for alias in node.names)  # `from pkg import module`
+    return {name for name in names if name.split(".")[0] in CODE_ROOTS}
+
+
+def import_closure(module: str) -> set[str]:
+    """Repository-relative files of `module` and everything it imports from the project, transitively
+    (a submodule's import also runs its packages' __init__)."""
+    seen: set[Path] = set()
+    pending = [module]
+    while pending:
+        name = pending.pop()
+        parts = name.split(".")
+        for depth in range(1, len(parts) + 1):
+            path = module_file(".".join(parts[:depth]))
+            if path is not None and path not in seen:
+                seen.add(path)
+                source = path.relative_to(PROJECT_ROOT).as_posix()
+                pending.extend(imported for imported in imported_modules(path)
+                               if not any(source == edge_from and (imported == edge_to or imported.startswith(edge_to + "."))
+                                          for edge_from, edge_to in NOT_DEP_EDGES))
+    return {path.relative_to(PROJECT_ROOT).as_posix() for path in seen} - NOT_DEPS
+
+
+def resolved_stages() -> list[tuple[str, str, list[str]]]:
+    """(stage name, cmd, code deps) of every stage of every pipeline, as DVC itself resolves them."""
+    from dvc.repo import Repo
+
+    stages = []
+    with Repo(str(PROJECT_ROOT)) as repo:
+        for pipeline in PIPELINES:
+            for stage in repo.stage.collect(str(PROJECT_ROOT / pipeline)):
+                deps = [Path(dep.def_path) for dep in stage.deps if not dep.def_path.endswith((".yaml", ".json"))]
+                base = Path(stage.wdir).resolve()
+                code = [(base / dep).resolve().relative_to(PROJECT_ROOT).as_posix() for dep in deps]
+                stages.append((f"{pipeline}:{stage.addressing.split(':')[-1]}", stage.cmd,
+                               [dep for dep in code if dep.split("/")[0] in CODE_ROOTS]))
+    return stages
+
+
+def covered(file: str, deps: list[str]) -> bool:
+    return any(file == dep or file.startswith(dep.rstrip("/") + "/") for dep in deps)
+
+
+STAGES = resolved_stages()
+
+
+@pytest.mark.parametrize("name, cmd, deps", STAGES, ids=[name for name, _, _ in STAGES])
+def test_code_deps_are_the_import_closure_of_the_stage(name, cmd, deps):
+    words = cmd.split()
+    assert words[0] == "pkt" and words[1] in STAGE_MODULES, f"{name}: a stage runs one `pkt` command, got {cmd!r}"
+    closure = import_closure(STAGE_MODULES[words[1]])
+    undeclared = sorted(file for file in closure if not covered(file, deps))
+    unused = sorted(dep for dep in deps if not any(covered(file, [dep]) for file in closure))
+    assert not undeclared, f"{name} runs code it does not depend on: add {undeclared} to its deps"
+    assert not unused, f"{name} depends on code it never imports: drop {unused} from its deps"
+
+
+def test_the_closure_follows_imports_inside_functions():
+    """`stages/align.py` imports peft's LoRA wrapper lazily; the evaluation sandbox is imported by
+    `stages/evaluate.py` inside a function only: both must count."""
+    assert "pkt_pipeline/evaluation/sandbox.py" in import_closure("stages.evaluate")
+    assert "pkt_pipeline/training.py" in import_closure("stages.align")
+    assert "stages/align.py" not in import_closure("stages.evaluate")
