@@ -227,19 +227,30 @@ def micro_batch_size_for(config: AlignConfig, method: Method) -> int:
 
 def _accumulate_gradients(model: nn.Module, method: Method, batch, phase: Phase,
                           micro_batch_size: int) -> tuple[float, dict]:
-    """Backward through `batch` in micro-batches, each weighted by its share of the examples; returns the
-    batch's loss and parts (the same weighted sums) as floats."""
+    """Backward through `batch` in micro-batches whose losses add up to the whole batch's; returns the batch's
+    loss and parts (the same weighted sums) as floats.
+
+    A loss is a mean (over scored tokens, sequences or examples: `Method.loss_units`), so each micro-batch
+    is weighted by its share of what that mean runs over in the whole batch, as torchtune weights by
+    tokens; weighting by the share of examples would let a short example's tokens count more."""
     micro_batches = batch.split(micro_batch_size)
+    if len(micro_batches) == 1:
+        loss, parts = method.loss(model, batch, phase)
+        if torch.isfinite(loss):
+            loss.backward()
+        return loss.item(), parts
+    whole = method.loss_units(batch, phase)
     total, parts = 0.0, {}
     for micro in micro_batches:
-        weight = len(micro.example_ids) / len(batch.example_ids)
-        loss, micro_parts = method.loss(model, micro, phase)
+        counts = method.loss_units(micro, phase)
+        shares = {unit: counts[unit] / count if count else 0.0 for unit, count in whole.items()}
+        loss, micro_parts = method.weighted_loss(model, micro, phase, shares)
         if not torch.isfinite(loss):
             return loss.item(), micro_parts
-        (loss * weight).backward()
-        total += loss.item() * weight
+        loss.backward()
+        total += loss.item()
         for key, value in micro_parts.items():
-            parts[key] = parts.get(key, 0.0) + value * weight
+            parts[key] = parts.get(key, 0.0) + value
     return total, parts
 
 
