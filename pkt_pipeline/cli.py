@@ -29,10 +29,10 @@ def _known_errors():
     from .config import ConfigError
     from .datasets import DatasetNotFound
     from .models import ModelLoadError
-    from .training import NonFiniteLoss
+    from .training import NonFiniteLoss, WriteFailed
 
-    return (AssetError, CacheError, ConfigError, DatasetNotFound, ModelLoadError, NonFiniteLoss, FileNotFoundError,
-            ValueError)
+    return (AssetError, CacheError, ConfigError, DatasetNotFound, ModelLoadError, NonFiniteLoss, WriteFailed,
+            FileNotFoundError, ValueError)
 
 
 def friendly_errors(command):

@@ -379,7 +379,8 @@ class AlignConfig(Checked):
     tokens alone (on MMLU ~1% of them: the letter and its lead-in)."""
     micro_batch_size: int = 0
     """Examples per forward/backward: a batch is cut into micro-batches whose gradients add up to one
-    update (the same step in less memory; micro-batches are weighted by their share of the examples).
+    update (the same step in less memory; each micro-batch is weighted by its share of what the
+    method's loss averages over: scored tokens, or examples for LaTen).
     0 means the method's own default (the whole batch, except LaTen: one, as published)."""
     lr: float = 3e-4
     weight_decay: float = 0.0

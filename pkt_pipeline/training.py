@@ -9,7 +9,9 @@ problem; a short phase keeps a constant rate, since decaying each to 0 starves i
 Nothing is lost on a crash: every `checkpoint_every` steps (and on Ctrl-C) the trained
 parameters, optimizer, scheduler, loader position and RNG state go to `checkpoint/`, written to a
 temporary folder and renamed into place. A restarted run continues from there, consuming exactly
-the batches the uninterrupted run would have.
+the batches the uninterrupted run would have. A checkpoint is safetensors and JSON only, never a
+pickle, since loading a pickle runs whatever code it names. A failed write (a full disk) stops the
+run with `WriteFailed`, the last checkpoint intact; the log's torn last line is dropped on resume.
 """
 
 from __future__ import annotations
@@ -21,21 +23,27 @@ import shutil
 import signal
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 from torch import nn
 from tqdm.auto import tqdm
 
 from .config import AlignConfig
 from .loader import CacheLoader
 from .methods import Method, Phase
+from .write_errors import write_failed
 
 CHECKPOINT = "checkpoint"
 LOG_FILE = "train_log.jsonl"
+TRAINED_FILE, TENSORS_FILE, STATE_FILE = "trained.safetensors", "state.safetensors", "state.json"
+CHECKPOINT_FILES = (TRAINED_FILE, TENSORS_FILE, STATE_FILE)
 
 
 class TrainingInterrupted(RuntimeError):
@@ -44,6 +52,10 @@ class TrainingInterrupted(RuntimeError):
 
 class NonFiniteLoss(RuntimeError):
     """The loss became NaN/inf; training stopped before the optimizer step could spread it."""
+
+
+class WriteFailed(RuntimeError):
+    """Writing the log or a checkpoint failed (a full disk, mostly); the last checkpoint is intact."""
 
 
 @dataclass
@@ -65,7 +77,9 @@ def train(model: nn.Module, method: Method, phases: list[Phase], make_loader: Ca
         position, loader_state = Position(**resume["position"]), resume["loader"]
         echo(f"resuming {out} at step {position.global_step} ({phases[position.phase].name}, "
              f"step {position.phase_step}/{phases[position.phase].steps})")
-    _truncate_log(out / LOG_FILE, position.global_step)
+    files = _RunFiles(out, position.global_step if resume is not None else None)
+    with files.writing():
+        _truncate_log(out / LOG_FILE, position.global_step)
     total = sum(phase.steps for phase in phases)
     micro_batch_size = micro_batch_size_for(config, method)
     summary: dict = {"steps": total, "steps_run": total - position.global_step, "tokens": 0}
@@ -73,7 +87,7 @@ def train(model: nn.Module, method: Method, phases: list[Phase], make_loader: Ca
     bar = tqdm(total=total, initial=position.global_step, desc=f"align {method.name}", unit="step", disable=not progress)
     started = time.perf_counter()
     try:
-        with stop, open(out / LOG_FILE, "a") as log:
+        with stop, files:
             for index in range(position.phase, len(phases)):
                 phase = phases[index]
                 names = set(method.trainable(model, phase))
@@ -85,7 +99,7 @@ def train(model: nn.Module, method: Method, phases: list[Phase], make_loader: Ca
                 optimizer = method.optimizer(params)
                 scheduler = method.scheduler(optimizer, phase)
                 if resume is not None and index == position.phase and resume.get("optimizer"):
-                    optimizer.load_state_dict(resume["optimizer"])
+                    optimizer.load_state_dict(_like(resume["optimizer"], optimizer.state_dict()))
                     scheduler.load_state_dict(resume["scheduler"])
                     torch.set_rng_state(resume["rng"])
                 loader = make_loader(phase)
@@ -101,7 +115,8 @@ def train(model: nn.Module, method: Method, phases: list[Phase], make_loader: Ca
                             raise NonFiniteLoss(
                                 f"{method.name}: the loss is {loss} at step {position.global_step + 1} "
                                 f"({phase.name}; parts {parts}; examples {batch.example_ids[:4]}). Lower align.lr "
-                                "or check the cache with `pkt cache verify`; the last checkpoint is intact.")
+                                "(a rerun with changed settings starts afresh) or check the cache with "
+                                "`pkt cache verify`; the last checkpoint is intact.")
                         grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
                         lr = scheduler.get_last_lr()[0]  # the rate this step uses
                         optimizer.step()
@@ -113,12 +128,11 @@ def train(model: nn.Module, method: Method, phases: list[Phase], make_loader: Ca
                                  "loss": loss, **parts, "grad_norm": float(grad_norm),
                                  "lr": lr, "tokens": batch.tokens,
                                  "seconds": round(time.perf_counter() - started, 3)}
-                        log.write(json.dumps(entry) + "\n")
+                        files.log(entry)
                         bar.update(1)
                         bar.set_postfix_str(f"{phase.name} loss {entry['loss']:.4f}", refresh=False)
                         if position.global_step % config.checkpoint_every == 0 or stop.requested:
-                            log.flush()
-                            _save_checkpoint(out, model, saved, position, optimizer, scheduler, loader)
+                            files.checkpoint(model, saved, position, optimizer, scheduler, loader)
                         if stop.requested:
                             raise TrainingInterrupted(
                                 f"interrupted at step {position.global_step}/{total}; checkpoint saved in {out}/"
@@ -130,12 +144,57 @@ def train(model: nn.Module, method: Method, phases: list[Phase], make_loader: Ca
         bar.close()
     summary["seconds"] = round(time.perf_counter() - started, 1)
     summary["tokens_per_second"] = round(summary["tokens"] / max(summary["seconds"], 1e-9), 1)
+    summary["checkpointed"] = files.checkpointed
     return summary
 
 
+class _RunFiles:
+    """The log and checkpoints a run writes to `out`; a write that fails (a full disk) raises `WriteFailed`,
+    saying which checkpoint a rerun resumes from."""
+
+    def __init__(self, out: Path, checkpointed: int | None):
+        self.out, self.checkpointed = out, checkpointed
+        self._log = None
+
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        try:
+            yield
+        except OSError as exc:
+            intact = (f"The checkpoint at step {self.checkpointed} is intact" if self.checkpointed is not None
+                      else "No checkpoint was written yet, so the rerun starts afresh")
+            raise WriteFailed(write_failed(str(self.out), exc, intact)) from exc
+
+    def __enter__(self) -> _RunFiles:
+        with self.writing():
+            self._log = open(self.out / LOG_FILE, "a")
+        return self
+
+    def __exit__(self, kind, *exc) -> None:
+        if kind is None:
+            with self.writing():
+                self._log.close()
+            return
+        try:  # already failing: a log that cannot be flushed must not hide why
+            self._log.close()
+        except OSError:
+            pass
+
+    def log(self, entry: dict) -> None:
+        with self.writing():
+            self._log.write(json.dumps(entry) + "\n")
+
+    def checkpoint(self, model: nn.Module, names: list[str], position: Position, optimizer, scheduler,
+                   loader: CacheLoader) -> None:
+        with self.writing():
+            self._log.flush()  # every logged step the checkpoint covers is on disk before it
+            _save_checkpoint(self.out, model, names, position, optimizer, scheduler, loader)
+        self.checkpointed = position.global_step
+
+
 def read_log(out: Path) -> list[dict]:
-    path = out / LOG_FILE
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    """The logged steps; a torn last line (a write cut short by a full disk or a kill) is left out."""
+    return [entry for entry, _ in _log_lines(out / LOG_FILE)]
 
 
 def phase_summaries(entries: list[dict]) -> dict[str, dict]:
@@ -157,11 +216,29 @@ def _save_checkpoint(out: Path, model: nn.Module, names: list[str], position: Po
                      loader: CacheLoader) -> None:
     temporary, final = out / f"{CHECKPOINT}.tmp", out / CHECKPOINT
     shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir(parents=True)
     parameters = dict(model.named_parameters())
-    save_file({name: parameters[name].detach().contiguous().cpu() for name in names}, temporary / "trained.safetensors")
-    torch.save({"position": position.__dict__, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "loader": loader.state_dict(), "rng": torch.get_rng_state()}, temporary / "state.pt")
+    optimizer_state = optimizer.state_dict()
+    tensors = {"rng": torch.get_rng_state()}
+    values: dict[str, dict] = {}
+    for index, state in optimizer_state["state"].items():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optimizer/{index}/{key}"] = value.detach().contiguous().cpu()
+            else:
+                values.setdefault(str(index), {})[key] = value
+    state = {"position": position.__dict__, "loader": loader.state_dict(), "scheduler": scheduler.state_dict(),
+             "optimizer": {"param_groups": optimizer_state["param_groups"], "state": values}}
+    try:
+        temporary.mkdir(parents=True)
+        # Serialised in memory and written by plain file writes: a full disk then surfaces as OSError (ENOSPC),
+        # where safetensors' and torch's own writers raise their own errors.
+        _write_file(temporary / TRAINED_FILE, save_safetensors(
+            {name: parameters[name].detach().contiguous().cpu() for name in names}))
+        _write_file(temporary / TENSORS_FILE, save_safetensors(tensors))
+        _write_file(temporary / STATE_FILE, (json.dumps(state) + "\n").encode())
+    except OSError:
+        shutil.rmtree(temporary, ignore_errors=True)  # give the space back; the last checkpoint stays whole
+        raise
     # Swap by renames only, so a kill at any instant leaves one whole checkpoint: `final`, or
     # (between the two renames) `previous`, which _load_checkpoint falls back to.
     previous = out / f"{CHECKPOINT}.previous"
@@ -172,12 +249,41 @@ def _save_checkpoint(out: Path, model: nn.Module, names: list[str], position: Po
     shutil.rmtree(previous, ignore_errors=True)
 
 
+def _write_file(path: Path, data: bytes) -> None:
+    with open(path, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
 def _load_checkpoint(out: Path, model: nn.Module, names: list[str]) -> dict | None:
-    folder = next((out / name for name in (CHECKPOINT, f"{CHECKPOINT}.previous") if (out / name / "state.pt").is_file()),
-                  None)
+    folder = next((out / name for name in (CHECKPOINT, f"{CHECKPOINT}.previous") if (out / name).is_dir()), None)
     if folder is None:
         return None
-    trained = load_file(folder / "trained.safetensors")
+    start_afresh = f"delete {folder} to start afresh (the run then trains from step 0)"
+    if (folder / "state.pt").exists():
+        raise ValueError(f"{folder / 'state.pt'} is a pickle, which pkt never loads since a pickle can run any code "
+                         f"(an older pkt wrote checkpoints so, or someone planted it), so it was not loaded; "
+                         f"{start_afresh}")
+    missing = [name for name in CHECKPOINT_FILES if not (folder / name).is_file()]
+    if missing:
+        raise ValueError(f"the checkpoint in {folder} lacks {', '.join(missing)} (pkt writes a checkpoint whole, then "
+                         f"renames it into place, so the folder was damaged or edited); {start_afresh}")
+    try:
+        trained = load_safetensors((folder / TRAINED_FILE).read_bytes())
+        tensors = load_safetensors((folder / TENSORS_FILE).read_bytes())
+        state = json.loads((folder / STATE_FILE).read_text())
+        optimizer_state: dict = {int(index): dict(values) for index, values in state["optimizer"]["state"].items()}
+        for key, value in tensors.items():
+            if key.startswith("optimizer/"):
+                _, index, name = key.split("/", 2)
+                optimizer_state.setdefault(int(index), {})[name] = value
+        resume = {"position": state["position"], "loader": state["loader"], "scheduler": state["scheduler"],
+                  "rng": tensors["rng"],
+                  "optimizer": {"state": optimizer_state, "param_groups": state["optimizer"]["param_groups"]}}
+    except (SafetensorError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"the checkpoint in {folder} is damaged ({type(exc).__name__}: {exc}); {start_afresh}") \
+            from exc
     missing = sorted(set(names) - set(trained))
     if missing:
         raise ValueError(f"the checkpoint in {folder} does not match this method and student (it lacks {missing[:3]}...); "
@@ -186,15 +292,56 @@ def _load_checkpoint(out: Path, model: nn.Module, names: list[str]) -> dict | No
     with torch.no_grad():
         for name, value in trained.items():
             parameters[name].copy_(value)
-    return torch.load(folder / "state.pt", weights_only=False)
+    return resume
+
+
+def _like(saved, current):
+    """`saved` (read back from JSON) with tuples where `current` has them (AdamW's betas), so a resumed
+    optimizer's settings are exactly the ones it was built with."""
+    if isinstance(current, dict) and isinstance(saved, dict):
+        return {key: _like(value, current.get(key)) for key, value in saved.items()}
+    if isinstance(current, (list, tuple)) and isinstance(saved, list):
+        items = [_like(value, current[i] if i < len(current) else None) for i, value in enumerate(saved)]
+        return tuple(items) if isinstance(current, tuple) else items
+    return saved
+
+
+def _log_lines(path: Path) -> list[tuple[dict, int]]:
+    """(entry, byte offset after its line) per logged step. A last line without its newline, or not JSON, was
+    torn by a write cut short (a full disk, a kill) and is left out; a damaged line before others is refused."""
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    lines, offset = [], 0
+    while True:
+        end = data.find(b"\n", offset)
+        if end < 0:
+            return lines  # the rest, if any, is a torn last line
+        try:
+            entry = json.loads(data[offset:end])
+            if not isinstance(entry, dict) or not isinstance(entry.get("step"), int):
+                raise ValueError("not a step entry")
+        except ValueError as exc:
+            if end + 1 >= len(data):
+                return lines
+            raise ValueError(f"{path} line {len(lines) + 1} is damaged ({exc}); it is a record of the steps only: "
+                             "delete the file, or the lines from there on, and rerun") from exc
+        offset = end + 1
+        lines.append((entry, offset))
 
 
 def _truncate_log(path: Path, steps: int) -> None:
-    """Drop log lines past the checkpoint, which a resumed run will log again."""
+    """Drop log lines past the checkpoint, which a resumed run will log again (and a torn last line).
+    Cut in place, so a still-full disk needs no space for it."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= steps]
-    path.write_text("".join(line + "\n" for line in kept))
+    kept = 0
+    for entry, end in _log_lines(path):
+        if entry["step"] > steps:
+            break
+        kept = end
+    if kept != path.stat().st_size:
+        os.truncate(path, kept)
 
 
 class _InterruptFlag:
@@ -227,19 +374,30 @@ def micro_batch_size_for(config: AlignConfig, method: Method) -> int:
 
 def _accumulate_gradients(model: nn.Module, method: Method, batch, phase: Phase,
                           micro_batch_size: int) -> tuple[float, dict]:
-    """Backward through `batch` in micro-batches, each weighted by its share of the examples; returns the
-    batch's loss and parts (the same weighted sums) as floats."""
+    """Backward through `batch` in micro-batches whose losses add up to the whole batch's; returns the batch's
+    loss and parts (the same weighted sums) as floats.
+
+    A loss is a mean (over scored tokens, sequences or examples: `Method.loss_units`), so each micro-batch
+    is weighted by its share of what that mean runs over in the whole batch, as torchtune weights by
+    tokens; weighting by the share of examples would let a short example's tokens count more."""
     micro_batches = batch.split(micro_batch_size)
+    if len(micro_batches) == 1:
+        loss, parts = method.loss(model, batch, phase)
+        if torch.isfinite(loss):
+            loss.backward()
+        return loss.item(), parts
+    whole = method.loss_units(batch, phase)
     total, parts = 0.0, {}
     for micro in micro_batches:
-        weight = len(micro.example_ids) / len(batch.example_ids)
-        loss, micro_parts = method.loss(model, micro, phase)
+        counts = method.loss_units(micro, phase)
+        shares = {unit: counts[unit] / count if count else 0.0 for unit, count in whole.items()}
+        loss, micro_parts = method.weighted_loss(model, micro, phase, shares)
         if not torch.isfinite(loss):
             return loss.item(), micro_parts
-        (loss * weight).backward()
-        total += loss.item() * weight
+        loss.backward()
+        total += loss.item()
         for key, value in micro_parts.items():
-            parts[key] = parts.get(key, 0.0) + value * weight
+            parts[key] = parts.get(key, 0.0) + value
     return total, parts
 
 

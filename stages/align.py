@@ -25,10 +25,13 @@ from pkt_pipeline.loader import CacheLoader
 from pkt_pipeline.methods import AlignContext, Phase, get_method
 from pkt_pipeline.models import load_model, load_tokenizer, resolve_device
 from pkt_pipeline.plots import plot_training_log
-from pkt_pipeline.training import (TrainingInterrupted, clear_checkpoint, micro_batch_size_for, phase_summaries, read_log,
-                                   steps_for, train)
+from pkt_pipeline.training import (LOG_FILE, NonFiniteLoss, TrainingInterrupted, WriteFailed, clear_checkpoint,
+                                   micro_batch_size_for, phase_summaries, read_log, steps_for, train)
+from pkt_pipeline.write_errors import write_failed
 
 RUN_FILE = "run.json"
+STOPPED_FILE = "stopped.json"
+"""Written when a non-finite loss stopped the run (see `_restart_diverged`)."""
 __all__ = ["TrainingInterrupted", "run", "check_vocabulary"]
 
 
@@ -58,6 +61,7 @@ def run(config: PktConfig, progress: bool = True, echo=print) -> dict:
     out = Path(cfg.out)
     record = {"pkt_version": __version__, "student": config.student, "cache": cfg.cache,
               "cache_identity": cache.manifest["identity"], "align": to_dict(config)["align"]}
+    _restart_diverged(out, record, cfg.overwrite, echo)
     if _prepare_out(out, record, cfg.overwrite) == "done":
         echo(f"{out} already holds this finished run; nothing to do (--overwrite to train again)")
         return {"out": str(out), "action": "up to date"}
@@ -84,6 +88,8 @@ def run(config: PktConfig, progress: bool = True, echo=print) -> dict:
     student_layers = model.config.num_hidden_layers
     probe = make_loader(Phase("probe", 0))
     total = steps_for(cfg, len(probe))
+    if not cfg.steps:
+        total = _cover_phases(method, total, student_layers, cfg, echo)
     phases = method.phases(total, student_layers)
     source = (f"{cache.manifest['counts']['examples']} cached examples, batch {cfg.batch_size}"
               if isinstance(probe, CacheLoader) else f"{len(probe)} batches of the method's own per epoch")
@@ -92,10 +98,26 @@ def run(config: PktConfig, progress: bool = True, echo=print) -> dict:
          + (f", {micro} example(s) per forward" if micro else ""))
     report = _map_report(method, model, cache, cfg, make_loader, "before") if cfg.report_map else None
 
-    summary = train(model, method, phases, make_loader, cfg, out, progress=progress, echo=echo)
-
+    try:
+        summary = train(model, method, phases, make_loader, cfg, out, progress=progress, echo=echo)
+    except NonFiniteLoss as exc:
+        (out / STOPPED_FILE).write_text(json.dumps({"stopped": "non-finite loss", "message": str(exc)}) + "\n")
+        raise
     if report is not None:
         report = _map_report(method, model, cache, cfg, make_loader, "after", report)
+    try:
+        return _finish(config, requested, method, model, tokenizer, cache, out, summary, report, started)
+    except OSError as exc:
+        intact = (f"The checkpoint at step {summary['checkpointed']} is intact" if summary["checkpointed"] is not None
+                  else "Training wrote no checkpoint, so the rerun trains again")
+        raise WriteFailed(write_failed(str(out), exc, intact)) from exc
+
+
+def _finish(config, requested, method, model, tokenizer, cache, out: Path, summary: dict, report: dict | None,
+            started: float) -> dict:
+    """Write the outputs of a trained run, then drop its checkpoint."""
+    cfg = config.align
+    if report is not None:
         (out / "map_report.json").write_text(json.dumps(report, indent=2) + "\n")
     model = method.finalize(model)
     saved = _save_outputs(model, tokenizer, out, method.uses_lora)
@@ -111,7 +133,39 @@ def run(config: PktConfig, progress: bool = True, echo=print) -> dict:
         metrics["pairs"] = {str(k): p for k, p in method.pairs.items()}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     clear_checkpoint(out)
+    (out / STOPPED_FILE).unlink(missing_ok=True)
     return {"out": str(out), "action": "trained", "metrics": metrics, "map_report": report}
+
+
+def _restart_diverged(out: Path, record: dict, overwrite: bool, echo) -> None:
+    """Start afresh a run that a non-finite loss stopped, when it is rerun with changed settings.
+
+    The NaN message tells the user to lower align.lr. A checkpoint continues exactly the run that wrote
+    it, and this one holds the diverging weights, worthless under new settings: so a changed record
+    (lr is in it) replaces the stopped run instead of being refused as another run. An unchanged record
+    resumes as usual (after the cache was repaired, say)."""
+    stopped, run_file = out / STOPPED_FILE, out / RUN_FILE
+    if overwrite or not stopped.is_file() or not run_file.is_file():
+        return
+    if json.loads(run_file.read_text()) == json.loads(json.dumps(record)):
+        return
+    clear_checkpoint(out)
+    (out / LOG_FILE).unlink(missing_ok=True)
+    run_file.write_text(json.dumps(record, indent=2) + "\n")
+    stopped.unlink()
+    echo(f"{out} holds a run stopped by a non-finite loss; rerun with changed settings, it starts afresh")
+
+
+def _cover_phases(method, total: int, student_layers: int, cfg, echo) -> int:
+    """An epoch budget too short to give each of the method's phases a step (SemAlign's frontier stages on
+    a small cache) is raised to one step per phase, so the defaults train; an explicit align.steps is
+    left to the method to accept or refuse."""
+    needed = len(method.phases(max(total, 1 << 20), student_layers))
+    if total >= needed:
+        return total
+    echo(f"{method.name}: {cfg.epochs:g} epoch(s) at batch {cfg.batch_size} is {total} step(s), fewer than its "
+         f"{needed} phases; raised to {needed}, one per phase (set align.steps to choose)")
+    return needed
 
 
 def _prepare_out(out: Path, record: dict, overwrite: bool) -> str:

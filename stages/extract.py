@@ -54,6 +54,7 @@ from pkt_pipeline.extraction import (
 )
 from pkt_pipeline.models import load_model, load_tokenizer
 from pkt_pipeline.teacher_extras import get_extra
+from pkt_pipeline.write_errors import write_failed
 
 
 class Interrupted(RuntimeError):
@@ -286,10 +287,8 @@ def _finish(pending: Future, writer: CacheWriter) -> None:
 
 
 def _write_failed(writer: CacheWriter, exc: OSError) -> CacheError:
-    return CacheError(
-        f"writing to {writer.files.url} failed ({exc}). The {len(writer.finished_groups())} groups in the ledger "
-        "are intact; free space (or fix the error) and rerun the same command to resume."
-    )
+    return CacheError(write_failed(writer.files.url, exc,
+                                   f"The {len(writer.finished_groups())} groups in the ledger are intact"))
 
 
 def _attribution(config, tokenizer, model, path: Path, rank: int, world: int,

@@ -268,7 +268,7 @@ def test_a_registered_plugin_trains_and_a_nan_loss_stops_cleanly(tiny_pair, tiny
     with pytest.raises(NonFiniteLoss, match=r"the loss is nan at step 3 .*last checkpoint is intact"):
         align.run(align_config(tiny_pair, tiny_cache, out, "test-nan", "align.steps=5", "align.checkpoint_every=2"),
                   progress=False)
-    assert (out / "checkpoint" / "state.pt").exists() and not (out / "metrics.json").exists()
+    assert (out / "checkpoint" / "state.json").exists() and not (out / "metrics.json").exists()
     with pytest.raises(ValueError, match="already registered"):
         register(type("Other", (Method,), {"name": "kd"}))
 
@@ -284,7 +284,7 @@ def wait_for_steps(out: Path, steps: int, process: subprocess.Popen, timeout: fl
     deadline = time.time() + timeout
     log = out / "train_log.jsonl"
     while time.time() < deadline:
-        if log.exists() and len(log.read_text().splitlines()) >= steps and (out / "checkpoint" / "state.pt").exists():
+        if log.exists() and len(log.read_text().splitlines()) >= steps and (out / "checkpoint" / "state.json").exists():
             return
         if process.poll() is not None:
             pytest.fail(f"align ended before step {steps}: {process.stderr.read()}")
@@ -331,14 +331,14 @@ def _interrupted_run(tiny_pair, tiny_cache, out: Path) -> str:
 def test_ctrl_c_saves_a_checkpoint_and_exits_130(tiny_pair, tiny_cache, tmp_path):
     out = tmp_path / "interrupted"
     assert "checkpoint saved" in _interrupted_run(tiny_pair, tiny_cache, out)
-    state = torch.load(out / "checkpoint" / "state.pt", weights_only=False)
+    state = json.loads((out / "checkpoint" / "state.json").read_text())
     assert state["position"]["global_step"] == len((out / "train_log.jsonl").read_text().splitlines())
 
 
 def test_a_kill_between_the_checkpoint_renames_resumes_from_the_previous_checkpoint(tiny_pair, tiny_cache, tmp_path):
     out = tmp_path / "swapping"
     _interrupted_run(tiny_pair, tiny_cache, out)
-    step = torch.load(out / "checkpoint" / "state.pt", weights_only=False)["position"]["global_step"]
+    step = json.loads((out / "checkpoint" / "state.json").read_text())["position"]["global_step"]
     # What a kill between the save's two renames leaves: the old checkpoint moved aside, the new one unfinished.
     (out / "checkpoint").rename(out / "checkpoint.previous")
     (out / "checkpoint.tmp").mkdir()
@@ -348,7 +348,7 @@ def test_a_kill_between_the_checkpoint_renames_resumes_from_the_previous_checkpo
     resumed.send_signal(signal.SIGINT)
     stdout, stderr = resumed.communicate(timeout=120)
     assert f"at step {step} " in stdout, stdout
-    assert (out / "checkpoint" / "state.pt").exists() and not (out / "checkpoint.previous").exists()
+    assert (out / "checkpoint" / "state.json").exists() and not (out / "checkpoint.previous").exists()
 
 
 def _wait_for_log(out: Path, lines: int, process: subprocess.Popen, timeout: float = 180) -> None:

@@ -116,6 +116,23 @@ class Method:
         """The scalar to minimise and its named parts (logged per step)."""
         raise NotImplementedError
 
+    def loss_units(self, batch: Batch, phase: Phase) -> dict[str, int]:
+        """How `loss` is normalised: what each of its means runs over, counted in `batch`, by unit name.
+
+        When the trainer cuts a batch into micro-batches it weights each by its share of these units, so
+        the micro-batched gradient is the whole batch's. The default is one mean over the tokens scored
+        under `align.output_tokens`, which cross-entropy and the top-k KL take."""
+        return {"output_tokens": int(next_token_positions(batch, self.config.output_tokens)[0].sum())}
+
+    def weighted_loss(self, model: nn.Module, batch: Batch, phase: Phase,
+                      shares: dict[str, float]) -> tuple[torch.Tensor, dict[str, float]]:
+        """`loss` of a micro-batch holding `shares` (unit -> fraction) of its batch's `loss_units`, and its
+        parts, weighted so that the micro-batches' sum is the batch's. A method whose loss adds means over
+        different units weights each term by its own share."""
+        (share,) = shares.values()
+        loss, parts = self.loss(model, batch, phase)
+        return loss * share, {key: value * share for key, value in parts.items()}
+
     def loader(self, phase: Phase, seed: int):
         """Batches for `phase` when the method makes its own (from a teacher extra, say), following the
         `CacheLoader` protocol: len, batches(n), state_dict/load_state_dict, a context manager.

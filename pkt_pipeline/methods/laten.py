@@ -313,10 +313,14 @@ class LaTen(Method):
             self.injection.deactivate()
         lm = per_example_cross_entropy(out.logits, out.targets, out.positions)
         mse = sum(delta.pow(2).mean() for delta in deltas.values())
-        # The trainer weights a micro-batch by its share of the step's examples; the published objective
-        # sums the examples' losses, so the mean is scaled back up to that sum.
+        # The trainer weights a micro-batch by its share of the step's examples (`loss_units`); the published
+        # objective sums the examples' losses, so the mean is scaled back up to that sum.
         per_example = lm + self.settings.mse_weight * mse
         return self.step_examples * per_example, {"lm": lm.item(), "mse": mse.item()}
+
+    def loss_units(self, batch: Batch, phase: Phase) -> dict[str, int]:
+        """A mean over examples, each its own mean over tokens (the published micro-batches of one)."""
+        return {"examples": len(batch.example_ids)}
 
     def injected_deltas(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """The final edit: the injection example's translated vectors and the student neurons they go to."""

@@ -19,7 +19,7 @@ from ..loader import TOKEN_MASKS
 from ..residual import decoder_of, layer_state
 from ..semantic_map import SemanticMap, attributed_pairing, build_semantic_map, proportional_pairing
 from . import register
-from .base import LR_SCHEDULES, Method, Phase, forward_student, require_answer_mask
+from .base import LR_SCHEDULES, Method, Phase, forward_student, next_token_positions, require_answer_mask
 from .kd import cached_topk_kl
 
 OBJECTIVES = ("v2", "v1")
@@ -109,10 +109,22 @@ class SemAlign(Method):
                 if id(p) in owned and (not self.uses_lora or "lora_" in name)]
 
     def loss(self, model, batch, phase):
+        return self.weighted_loss(model, batch, phase, {"layer": 1.0, "output_tokens": 1.0})
+
+    def loss_units(self, batch, phase):
+        """The layer term's mean runs over sequences (relation: those with 2+ tokens to compare) or over the
+        layer tokens (fisher, v1); the output term's over the scored next tokens."""
+        mask = self._layer_mask(batch)
+        per_sequence = self.settings.objective == "v2" and self.settings.layer_loss == "relation"
+        layer = int((mask.sum(1) >= 2).sum()) if per_sequence else int(mask.sum())
+        return {"layer": layer, "output_tokens": int(next_token_positions(batch, self.config.output_tokens)[0].sum())}
+
+    def weighted_loss(self, model, batch, phase, shares):
         out = forward_student(model, batch, hidden_states=True, tokens=self.config.output_tokens)
-        mask = batch.tokens_mask(self.settings.layer_tokens) & batch.attention_mask.bool()
+        mask = self._layer_mask(batch)
+        layer_share, output_share = shares["layer"], shares["output_tokens"]
         if self.settings.objective == "v1":
-            return self._v1_loss(out, batch, mask)
+            return self._v1_loss(out, batch, mask, layer_share, output_share)
         k, p = phase.student_layer, self.pairs[phase.student_layer]
         student = layer_state(out.hidden_states, k, self.teacher_kind)
         target = self.semantic_map.apply(batch.teacher[p])
@@ -121,8 +133,11 @@ class SemAlign(Method):
         else:
             layer = self._fisher(model, student, target, mask)
         kl = cached_topk_kl(out, batch, self.config.kd.mode, self.config.kd.temperature)
-        total = self.settings.lambda_layer * layer + self.settings.lambda_out * kl
-        return total, {"layer": layer.item(), "kl": kl.item()}
+        total = self.settings.lambda_layer * layer_share * layer + self.settings.lambda_out * output_share * kl
+        return total, {"layer": layer.item() * layer_share, "kl": kl.item() * output_share}
+
+    def _layer_mask(self, batch):
+        return batch.tokens_mask(self.settings.layer_tokens) & batch.attention_mask.bool()
 
     def _fisher(self, model, student, target, mask):
         """The Fisher-weighted surrogate on the student's LM-head logits of its own state and of the
@@ -133,10 +148,11 @@ class SemAlign(Method):
         z_target = head(norm(target[mask].to(student.dtype)))
         return fisher_surrogate(z[None], z_target[None], mask.new_ones(1, int(mask.sum())))
 
-    def _v1_loss(self, out, batch, mask):
+    def _v1_loss(self, out, batch, mask, layer_share, output_share):
         layer = torch.stack([
             cosine_loss(out.hidden_states[k], self.semantic_map.apply(batch.teacher[p]), mask)
             for k, p in self.pairs.items()]).mean()
         output = label_cosine_loss(out.logits, out.targets)
-        return layer + output, {"layer": layer.item(), "label_cos": output.item()}
+        return (layer_share * layer + output_share * output,
+                {"layer": layer.item() * layer_share, "label_cos": output.item() * output_share})
 
