@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -244,8 +245,17 @@ def test_a_shard_replaced_by_a_link_to_dev_zero_is_refused_by_the_loader(cache_c
     key = shard_file("hidden/02", 2, 0)
     (cache_copy / key).unlink()
     os.symlink("/dev/zero", cache_copy / key)
-    with pytest.raises(CacheError, match=f"unsafe path {key!r}"):
-        read_everything(cache_copy)
+    # In a child with bounded memory and time: a reader that follows the link reads zeros until it is killed.
+    program = ("import sys\nfrom pkt_pipeline.loader import CacheLoader\n"
+               "with CacheLoader(sys.argv[1], batch_size=4, layers=[2], shuffle_buffer=8) as loader:\n"
+               "    list(loader)\n")
+
+    def bounded_memory():
+        resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))
+
+    process = subprocess.run([sys.executable, "-c", program, str(cache_copy)], capture_output=True, text=True,
+                             timeout=120, preexec_fn=bounded_memory)
+    assert process.returncode == 1 and f"unsafe path {key!r}" in process.stderr, process.stderr[-2000:]
 
 
 def test_paths_named_by_a_ledger_stay_inside_the_cache(cache_copy, tmp_path):

@@ -25,10 +25,7 @@ import zarr
 
 from .layout import ATTRIBUTION_KEYS, FINAL_LAYER_RAW, INDEX_FILE, MANIFEST_FILE, CacheError, decode, delta_key, hidden_key
 from .store import CacheFiles, shard_file
-from .verify import file_problem
-
-REPAIRABLE = ("tokens/", "supervised/", "answer/", "hidden/", "delta/", "topk/")
-"""Files a rerun of `pkt extract` rewrites in place: the token-major arrays' group shards."""
+from .verify import TOKEN_MAJOR, file_problem
 
 
 def open_cache(path: str | os.PathLike, storage_options: dict | None = None) -> "Cache":
@@ -71,7 +68,7 @@ class Cache:
             self._verified.add(key)
 
     def _refusal(self, key: str, problem: str) -> str:
-        if key.startswith(REPAIRABLE):
+        if key.split("/")[0] in TOKEN_MAJOR and "/c/" in key:  # a group shard: a rerun rewrites it in place
             advice = ("rerun `pkt extract` with the same settings and --out: it re-extracts the examples of "
                       "every damaged shard")
         else:
