@@ -46,6 +46,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .extraction import check_finite
 from .residual import forward_with_residual_stream
 
 log = logging.getLogger(__name__)
@@ -169,6 +170,8 @@ def accumulate_attribution(
     supervised_examples = SupervisedExamples(examples, "attribution", progress)
     for input_ids, supervised in supervised_examples:
         scores = attribution_scores(model, input_ids, supervised, aggregation)
+        check_finite(scores, getattr(supervised_examples.current, "example_id", f"#{supervised_examples.used}"),
+                     what="attribution ")
         total = scores if total is None else {target: total[target] + scores[target] for target in TARGETS}
     if supervised_examples.skipped:
         log.warning("attribution skipped %d example(s) with no supervised token", supervised_examples.skipped)
@@ -187,6 +190,7 @@ class SupervisedExamples:
     def __init__(self, examples: Iterable, desc: str, progress: bool = True):
         self.examples, self.desc, self.progress = examples, desc, progress
         self.used = self.skipped = 0
+        self.current = None  # the example last yielded, for messages that name it
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         from tqdm.auto import tqdm
@@ -196,5 +200,6 @@ class SupervisedExamples:
             if not has_effective_supervision(supervised):
                 self.skipped += 1
                 continue
+            self.current = example
             yield torch.from_numpy(np.asarray(example.input_ids).astype(np.int64)), supervised
             self.used += 1

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .cache.layout import delta_key, encode, hidden_key
+from .cache.layout import CacheError, delta_key, encode, hidden_key
 from .residual import forward_with_residual_stream
 
 
@@ -25,6 +25,21 @@ class CaptureSettings:
 
 
 CAPTURE_KINDS = ("hidden", "delta")
+
+
+class NonFiniteTeacher(CacheError):
+    """The teacher produced NaN or inf: caching it would make every student trained on it diverge."""
+
+
+def check_finite(values: dict[str, torch.Tensor], example_id: str, what: str = "") -> None:
+    """Refuse NaN/inf in any of `values`, naming the array and the example."""
+    for key, tensor in values.items():
+        if not torch.isfinite(tensor).all():
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise NonFiniteTeacher(
+                f"the teacher produced non-finite values (NaN/inf) in {what}{key} for example {example_id!r} "
+                f"({bad} of {tensor.numel()} values); nothing of it was cached. Check the teacher's weights, or "
+                "run it in a wider dtype (runtime.dtype=float32 or bfloat16: float16 overflows in some models)")
 
 
 @torch.no_grad()
@@ -57,6 +72,7 @@ def capture_batch(model, batch: list, settings: CaptureSettings) -> list[dict[st
         values, indices = top_k_logprobs(output.logits[row, :length], settings.top_k)
         captured["topk/logprobs"] = values
         captured["topk/indices"] = indices.to(torch.int32)
+        check_finite(captured, example.example_id)
         results.append(captured)
     return results
 

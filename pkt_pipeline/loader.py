@@ -272,6 +272,8 @@ class CacheLoader:
     def _read_group(self, group: int, members: list[int], into: dict[int, dict[str, np.ndarray]]) -> None:
         try:
             arrays, first = self.cache.read_group(self._keys, group, self.read_workers)
+        except CacheError:  # a shard that fails its checksum: the cache names it and says how to repair it
+            raise
         except Exception as error:
             raise CacheError(f"cannot read group {group} of the cache at {self.cache.files.url} "
                              f"({type(error).__name__}: {error}); its shard files: "

@@ -31,14 +31,17 @@ from pkt_pipeline.cache.layout import (
     ATTRIBUTION_KEYS,
     FINAL_LAYER_RAW,
     COMPRESSORS,
+    LEDGER_DIR,
     STORAGE_DTYPES,
     assign_offsets,
     compressor,
     delta_key,
     hidden_key,
+    ledger_key,
     numpy_dtype,
     plan_groups,
 )
+from pkt_pipeline.cache.verify import TOKEN_MAJOR, damaged_files
 from pkt_pipeline.config import ExtractConfig, PktConfig
 from pkt_pipeline.datasets import resolve_data
 from pkt_pipeline.examples import PROMPT_FORMATS, dataset_fingerprint, load_examples
@@ -140,13 +143,16 @@ def _run(config: PktConfig, progress: bool = True, echo=print) -> dict:
     })
     codec = compressor(cfg.compressor, cfg.compression_level)
     writer_args = (cfg.out, run_record, index, array_specs(settings, model.config.hidden_size), codec)
+    repaired: list[int] = []
     if rank == 0:
         writer = CacheWriter.open(*writer_args, overwrite=cfg.overwrite, create=True)
+        repaired = reopen_damaged_groups(writer, echo)
     _barrier(world)
     if rank != 0:
         writer = CacheWriter.open(*writer_args, create=False)
     timings: dict[str, float] = {}  # the extras' run times: in the summary, never in the manifest (reproducible)
-    if writer.files.exists("manifest.json"):
+    kept_extras = writer.files.read_json("manifest.json").get("extras", {}) if writer.files.exists("manifest.json") else {}
+    if writer.files.exists("manifest.json") and len(writer.finished_groups()) == len(groups):
         manifest = writer.files.read_json("manifest.json")
         missing = [name for name in cfg.extras if name not in manifest.get("extras", {})]
         if not missing:
@@ -167,8 +173,9 @@ def _run(config: PktConfig, progress: bool = True, echo=print) -> dict:
                                     progress and rank == 0)
 
     scores, n_used = _attribution(config, tokenizer, model, attribution_path, rank, world, progress and rank == 0)
-    summary = {"out": cfg.out, "action": "extracted", "examples": counts["examples"], "tokens": counts["tokens"],
-               "tokens_written_now": written_tokens}
+    summary = {"out": cfg.out, "action": "repaired" if repaired else "extracted", "examples": counts["examples"],
+               "tokens": counts["tokens"], "tokens_written_now": written_tokens,
+               **({"groups": repaired} if repaired else {})}
     try:
         if rank == 0:
             for target, values in scores.items():
@@ -176,7 +183,8 @@ def _run(config: PktConfig, progress: bool = True, echo=print) -> dict:
                     "aggregation": cfg.attribution_aggregation, "target": target, "examples": n_used,
                     "data": str(attribution_path)})
             _write_teacher_head(writer, model, settings.storage_dtype, codec)
-            extras = _run_extras(cfg.extras, writer, model, tokenizer, config, data_path, codec, progress, timings)
+            extras = {**kept_extras, **_run_extras(cfg.extras, writer, model, tokenizer, config, data_path, codec,
+                                                   progress, timings)}
         _barrier(world)
         if rank == 0:
             manifest = writer.finalize({"attribution": {"aggregation": cfg.attribution_aggregation, "examples": n_used},
@@ -191,6 +199,44 @@ def _run(config: PktConfig, progress: bool = True, echo=print) -> dict:
         Path(cfg.metrics).parent.mkdir(parents=True, exist_ok=True)
         Path(cfg.metrics).write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def reopen_damaged_groups(writer: CacheWriter, echo=print) -> list[int]:
+    """Take the groups whose shards fail their checksum out of the ledger, so this run re-extracts them.
+
+    What the manifest (or, before it exists, the ledger) records is checked file by file: the advice
+    "rerun `pkt extract`" that a damaged cache gives must repair it, not find "nothing to do".
+    Only the token-major group shards can be rewritten in place; other damage is refused.
+    """
+    problems = damaged_files(writer.files)
+    groups, other = set(), []
+    for key, problem in problems.items():
+        group = _group_of(key)
+        if group is None:
+            other.append(problem)
+        else:
+            groups.add(group)
+    if other:
+        raise CacheError(f"{writer.files.url} is damaged beyond what a rerun can repair in place: "
+                         f"{'; '.join(other[:5])}{f' and {len(other) - 5} more' if len(other) > 5 else ''}. "
+                         "Re-extract it with `pkt extract --overwrite` and the same settings.")
+    if groups:
+        echo(f"repairing {writer.files.url}: {len(problems)} damaged file(s) ({'; '.join(list(problems.values())[:5])}"
+             f"{' ...' if len(problems) > 5 else ''}); re-extracting group(s) {sorted(groups)}")
+        for group in sorted(groups):
+            if writer.files.exists(ledger_key(group)):
+                writer.files.fs.rm(writer.files.full(ledger_key(group)))
+    return sorted(groups)
+
+
+def _group_of(key: str) -> int | None:
+    """The group of a token-major shard file (`hidden/02/c/7/0` -> 7) or ledger entry; None for other files."""
+    if key.startswith(f"{LEDGER_DIR}/group-") and key.endswith(".json"):
+        return int(key[len(f"{LEDGER_DIR}/group-"):-len(".json")])
+    array, _, chunk = key.partition("/c/")
+    if array.split("/")[0] in TOKEN_MAJOR and chunk.split("/")[0].isdigit():
+        return int(chunk.split("/")[0])
+    return None
 
 
 def resolve_attribution_data(cfg: ExtractConfig, data_path: Path) -> Path:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from pkt_pipeline.cache import CacheError, open_cache
+from pkt_pipeline.cache import CacheError, CacheFiles, open_cache
 from pkt_pipeline.loader import Batch, CacheLoader
 
 SMALL = {"batch_size": 3, "shuffle_buffer": 8}
@@ -301,6 +301,17 @@ def test_reader_error_reaches_the_consumer_naming_the_file(tiny_cache, tmp_path)
     loader = CacheLoader(copy, layers=[1], **SMALL)
     for shard in (copy / "hidden" / "01" / "c").glob("*/0"):
         shard.write_bytes(b"not a shard" * 8)
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(lambda: order_and_tensors(loader))
+        with pytest.raises(CacheError, match=r"checksum mismatch: hidden/01/c/\d+/0"):
+            future.result(timeout=30)
+    wait_for_no_reader()
+    # Recorded as written (checksums match the garbage): zarr's own error is the one to reach the consumer.
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["checksums"] = {key: CacheFiles(copy).sha256(key) if value else value
+                             for key, value in manifest["checksums"].items()}
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    loader = CacheLoader(copy, layers=[1], **SMALL)
     with ThreadPoolExecutor(1) as pool:
         future = pool.submit(lambda: order_and_tensors(loader))
         with pytest.raises(CacheError, match=r"cannot read group \d+ .*ValueError") as caught:

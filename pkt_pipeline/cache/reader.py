@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
 
@@ -23,7 +24,8 @@ import torch
 import zarr
 
 from .layout import ATTRIBUTION_KEYS, FINAL_LAYER_RAW, INDEX_FILE, MANIFEST_FILE, CacheError, decode, delta_key, hidden_key
-from .store import CacheFiles
+from .store import CacheFiles, shard_file
+from .verify import TOKEN_MAJOR, file_problem
 
 
 def open_cache(path: str | os.PathLike, storage_options: dict | None = None) -> "Cache":
@@ -37,14 +39,68 @@ def open_cache(path: str | os.PathLike, storage_options: dict | None = None) -> 
 
 
 class Cache:
+    """A finished cache. Every file is checked against the manifest's checksum the first time it is
+    read through this object, so damaged or missing data is refused, never trained on."""
+
     def __init__(self, files: CacheFiles):
         self.files = files
         self.manifest: dict = files.read_json(MANIFEST_FILE)
         self.root = zarr.open_group(files.zarr_store(read_only=True), mode="r", zarr_format=3)
         self.storage_dtype: str = self.manifest["capture"]["storage_dtype"]
+        self._verified: set[str] = set()
+        self._verifying: dict[str, threading.Lock] = {}
+        self._verify_guard = threading.Lock()
+
+    def verify_file(self, key: str) -> None:
+        """Refuse `key` unless it matches the manifest's checksum; each file is hashed once per Cache."""
+        if key in self._verified:
+            return
+        with self._verify_guard:
+            lock = self._verifying.setdefault(key, threading.Lock())
+        with lock:  # another reader thread hashing the same file: wait for its verdict
+            if key in self._verified:
+                return
+            checksums = self.manifest.get("checksums", {})
+            problem = (file_problem(self.files, key, checksums[key]) if key in checksums
+                       else f"{key} is not in the manifest's checksums")
+            if problem:
+                raise CacheError(self._refusal(key, problem))
+            self._verified.add(key)
+
+    def _refusal(self, key: str, problem: str) -> str:
+        if key.split("/")[0] in TOKEN_MAJOR and "/c/" in key:  # a group shard: a rerun rewrites it in place
+            advice = ("rerun `pkt extract` with the same settings and --out: it re-extracts the examples of "
+                      "every damaged shard")
+        else:
+            advice = "re-extract the cache (`pkt extract --overwrite` with the same settings)"
+        return (f"the cache at {self.files.url} is damaged: {problem}. {advice}; `pkt cache verify "
+                f"{self.files.url}` lists every damaged file")
+
+    def _array(self, key: str) -> zarr.Array:
+        self.verify_file(f"{key}/zarr.json")
+        return self.root[key]
+
+    def _shard(self, key: str, group: int) -> zarr.Array:
+        """Array `key`, its group `group` shard verified."""
+        array = self._array(key)
+        self.verify_file(shard_file(key, array.ndim, group))
+        return array
+
+    def _rows_of(self, key: str, example_id: str) -> np.ndarray:
+        start, stop = self.span(example_id)
+        return self._shard(key, start // self.manifest["layout"]["shard_tokens"])[start:stop]
+
+    def _whole(self, key: str) -> zarr.Array:
+        """A small array that is not token-major, every file of it verified."""
+        array = self._array(key)
+        for name in self.manifest.get("checksums", {}):
+            if name.startswith(f"{key}/"):
+                self.verify_file(name)
+        return array
 
     @cached_property
     def index(self) -> pa.Table:
+        self.verify_file(INDEX_FILE)
         return pq.read_table(io.BytesIO(self.files.read_bytes(INDEX_FILE)))
 
     @cached_property
@@ -89,7 +145,7 @@ class Cache:
         together, where a call per example pays zarr's per-call cost each time.
         """
         start, stop = self._group_span(group)
-        return self.root[key][start:stop], start
+        return self._shard(key, group)[start:stop], start
 
     def read_group(self, keys: list[str], group: int, workers: int = 4) -> tuple[dict[str, np.ndarray], int]:
         """`group_rows` of several arrays at once, read on `workers` threads, and the group's first row.
@@ -99,9 +155,9 @@ class Cache:
         """
         start, stop = self._group_span(group)
         if workers <= 1 or len(keys) == 1:
-            return {key: self.root[key][start:stop] for key in keys}, start
-        with ThreadPoolExecutor(min(workers, len(keys))) as pool:
-            arrays = pool.map(lambda key: self.root[key][start:stop], keys)
+            return {key: self._shard(key, group)[start:stop] for key in keys}, start
+        with ThreadPoolExecutor(min(workers, len(keys))) as pool:  # hashing releases the GIL too
+            arrays = pool.map(lambda key: self._shard(key, group)[start:stop], keys)
             return dict(zip(keys, arrays)), start
 
     def _group_span(self, group: int) -> tuple[int, int]:
@@ -112,8 +168,7 @@ class Cache:
         return start, max(self.span(example_id)[1] for example_id in examples)
 
     def tokens(self, example_id: str) -> np.ndarray:
-        start, stop = self.span(example_id)
-        return self.root["tokens"][start:stop]
+        return self._rows_of("tokens", example_id)
 
     @cached_property
     def has_answer_mask(self) -> bool:
@@ -124,18 +179,15 @@ class Cache:
         """[T] bool, the example's reply tokens whatever `train_on_inputs` made `supervised`."""
         if not self.has_answer_mask:
             raise CacheError(f"the cache at {self.files.url} holds no answer mask (it predates it): re-extract it")
-        start, stop = self.span(example_id)
-        return self.root["answer"][start:stop].astype(bool)
+        return self._rows_of("answer", example_id).astype(bool)
 
     def supervised(self, example_id: str) -> np.ndarray:
-        start, stop = self.span(example_id)
-        return self.root["supervised"][start:stop].astype(bool)
+        return self._rows_of("supervised", example_id).astype(bool)
 
     def hidden(self, layer: int, example_id: str) -> torch.Tensor:
         """The residual stream `hidden_states[layer]` of one example, [T, D]."""
         self._check_layer(layer, "hidden")
-        start, stop = self.span(example_id)
-        return decode(self.root[hidden_key(layer)][start:stop], self.storage_dtype)
+        return decode(self._rows_of(hidden_key(layer), example_id), self.storage_dtype)
 
     def delta(self, layer: int, example_id: str) -> torch.Tensor:
         """The residual contribution h_layer - h_(layer-1), [T, D]: stored, or derived from stored layers."""
@@ -143,8 +195,7 @@ class Cache:
             raise ValueError("delta is defined for layers >= 1 (layer 0 is the embedding output)")
         if "delta" in self.manifest["capture"]["kinds"] and layer in self.layers:
             self.check_final_layer(layer)
-            start, stop = self.span(example_id)
-            return decode(self.root[delta_key(layer)][start:stop], self.storage_dtype)
+            return decode(self._rows_of(delta_key(layer), example_id), self.storage_dtype)
         if layer in self.layers and layer - 1 in self.layers:
             current = self.hidden(layer, example_id)
             return (current.float() - self.hidden(layer - 1, example_id).float()).to(current.dtype)
@@ -152,9 +203,8 @@ class Cache:
 
     def topk(self, example_id: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The teacher's top-k next-token log-probs at each position and their token ids."""
-        start, stop = self.span(example_id)
-        values = torch.from_numpy(self.root["topk/logprobs"][start:stop])
-        indices = torch.from_numpy(self.root["topk/indices"][start:stop].astype(np.int64))
+        values = torch.from_numpy(self._rows_of("topk/logprobs", example_id))
+        indices = torch.from_numpy(self._rows_of("topk/indices", example_id).astype(np.int64))
         return values, indices
 
     def attribution(self, target: str = "output") -> np.ndarray:
@@ -165,14 +215,14 @@ class Cache:
         if key not in self.root:
             raise CacheError(f"the cache at {self.files.url} holds no {target} attribution (it predates it): "
                              "re-extract it, or pair by `output` attribution or `proportional`ly")
-        return self.root[key][...]
+        return self._whole(key)[...]
 
     def teacher_head(self) -> dict:
         """What stage two needs of the teacher without loading it: LM head and final norm."""
-        head = self.root["teacher/lm_head"]
+        head = self._whole("teacher/lm_head")
         return {
             "lm_head": decode(head[...], self.storage_dtype),
-            "final_norm": decode(self.root["teacher/final_norm"][...], self.storage_dtype),
+            "final_norm": decode(self._whole("teacher/final_norm")[...], self.storage_dtype),
             "norm_eps": float(head.attrs["norm_eps"]),
         }
 
@@ -184,7 +234,8 @@ class Cache:
             raise CacheError(f"{self.files.url} has no {name!r} teacher extra (it has: {present}); "
                              f"add it with `pkt extract --with {name}` and the same settings")
         group = self.root[f"extras/{name}"]
-        return {key: node[...] for key, node in sorted(group.members(max_depth=None)) if isinstance(node, zarr.Array)}
+        return {key: self._whole(f"extras/{name}/{key}")[...]
+                for key, node in sorted(group.members(max_depth=None)) if isinstance(node, zarr.Array)}
 
     def _check_layer(self, layer: int, kind: str) -> None:
         if layer not in self.layers:

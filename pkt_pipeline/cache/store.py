@@ -18,6 +18,7 @@ import json
 import os
 import posixpath
 import socket
+import stat
 import sys
 import time
 from dataclasses import dataclass, field
@@ -65,8 +66,36 @@ class CacheFiles:
     def exists(self, key: str = "") -> bool:
         return self.fs.exists(self.full(key))
 
+    def safe_path(self, key: str) -> str:
+        """The full path of `key`, refused unless it stays inside the cache and is a regular file (or absent).
+
+        Keys come from files a cache holds (manifest, ledger), which anyone may have crafted: an
+        absolute or `..` key, or a link leading outside or to a device, would make pkt read (or hang
+        on) files that are not the cache's.
+        """
+        parts = key.split("/") if isinstance(key, str) else [""]
+        if not key or key.startswith("/") or "\\" in key or any(part in ("", ".", "..") for part in parts):
+            raise self._unsafe(key, "not a plain relative path inside the cache")
+        full = self.full(key)
+        if self.is_local:
+            root = os.path.realpath(self.root)
+            real = os.path.realpath(full)
+            if os.path.commonpath([root, real]) != root:
+                raise self._unsafe(key, f"it leads outside the cache, to {real}")
+            try:
+                mode = os.stat(real).st_mode
+            except FileNotFoundError:
+                return full
+            if not stat.S_ISREG(mode):
+                raise self._unsafe(key, "not a regular file")
+        return full
+
+    def _unsafe(self, key: str, why: str) -> CacheError:
+        return CacheError(f"{self.url} is a corrupt pkt cache: unsafe path {key!r} ({why}); pkt reads only "
+                          "regular files inside the cache folder")
+
     def read_bytes(self, key: str) -> bytes:
-        return self.fs.cat_file(self.full(key))
+        return self.fs.cat_file(self.safe_path(key))
 
     def where(self, key: str) -> str:
         """A file's name as the user gave the cache: a path, or the URL and key."""
@@ -101,7 +130,7 @@ class CacheFiles:
         """sha256 of a file, or None when it does not exist (an all-fill shard is never written)."""
         digest = hashlib.sha256()
         try:
-            with self.fs.open(self.full(key), "rb") as handle:
+            with self.fs.open(self.safe_path(key), "rb") as handle:
                 while chunk := handle.read(8 << 20):
                     digest.update(chunk)
         except FileNotFoundError:
@@ -109,7 +138,7 @@ class CacheFiles:
         return digest.hexdigest()
 
     def size(self, key: str) -> int:
-        return self.fs.size(self.full(key))
+        return self.fs.size(self.safe_path(key))
 
     def listdir(self, key: str) -> list[str]:
         if not self.exists(key):

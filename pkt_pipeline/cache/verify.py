@@ -2,40 +2,133 @@
 
 from __future__ import annotations
 
+import io
 import os
 
-from .layout import LEDGER_DIR, MANIFEST_FILE, RUN_FILE, CacheError, ledger_key
+import numpy as np
+import pyarrow.parquet as pq
+import zarr
+
+from .layout import INDEX_FILE, LEDGER_DIR, MANIFEST_FILE, RUN_FILE, CacheError, ledger_key
 from .store import CacheFiles
+
+TOKEN_MAJOR = ("tokens", "supervised", "answer", "hidden", "delta", "topk")
+"""First key segments of the per-token arrays: their rows are tokens of examples, named by the index."""
 
 
 def verify_cache(path: str | os.PathLike, storage_options: dict | None = None) -> list[str]:
     """Every problem found, each naming the file; an empty list means the cache is whole.
 
-    A finished cache is checked against its manifest's checksums. An unfinished one (no
-    manifest yet) is checked against its ledger, which says which groups are done and safe.
+    A finished cache is checked against its manifest's checksums, then every float array it
+    stores is scanned for NaN/inf. An unfinished one (no manifest yet) is checked against its
+    ledger, which says which groups are done and safe.
     """
     files = CacheFiles(path, storage_options)
     if not files.exists(RUN_FILE):
         return [f"{files.url}: not a pkt cache ({RUN_FILE} missing)"]
     problems = []
-    if files.exists(MANIFEST_FILE):
-        expected = files.read_json(MANIFEST_FILE)["checksums"]
-    else:
-        run = files.read_json(RUN_FILE)
+    finished = files.exists(MANIFEST_FILE)
+    if not finished:
         problems.append(f"{MANIFEST_FILE} missing: the extraction did not finish; rerun it to resume")
-        expected = {}
-        for group in range(run["layout"]["groups"]):
-            if files.exists(ledger_key(group)):
-                expected.update(files.read_json(ledger_key(group))["files"])
-    for key, checksum in sorted(expected.items()):
-        actual = files.sha256(key)
-        if checksum is None:
-            continue
-        if actual is None:
-            problems.append(f"missing file: {key}")
-        elif actual != checksum:
-            problems.append(f"checksum mismatch: {key} (expected {checksum[:16]}…, found {actual[:16]}…)")
+    problems += list(damaged_files(files).values())
+    if finished and not problems:
+        problems += non_finite_values(files)
     return problems
+
+
+def expected_checksums(files: CacheFiles) -> tuple[dict[str, str | None], dict[str, str]]:
+    """(key -> sha256 or None for a shard never written, unreadable ledger entries -> problem).
+
+    From the manifest of a finished cache, else from the ledger of the groups written so far.
+    """
+    if files.exists(MANIFEST_FILE):
+        return files.read_json(MANIFEST_FILE)["checksums"], {}
+    expected: dict[str, str | None] = {}
+    unreadable: dict[str, str] = {}
+    for group in range(files.read_json(RUN_FILE)["layout"]["groups"]):
+        key = ledger_key(group)
+        if files.exists(key):
+            try:
+                expected.update(files.read_json(key)["files"])
+            except (ValueError, KeyError, TypeError) as error:
+                unreadable[key] = f"unreadable ledger entry: {key} ({type(error).__name__}: {error})"
+    return expected, unreadable
+
+
+def damaged_files(files: CacheFiles, expected: dict[str, str | None] | None = None) -> dict[str, str]:
+    """{key: problem} for every file that is missing, changed, unexpectedly present or not safe to read."""
+    problems: dict[str, str] = {}
+    if expected is None:
+        expected, problems = expected_checksums(files)
+    for key, checksum in sorted(expected.items()):
+        problem = file_problem(files, key, checksum)
+        if problem:
+            problems[key] = problem
+    return problems
+
+
+def file_problem(files: CacheFiles, key: str, checksum: str | None) -> str | None:
+    """What is wrong with one file against its recorded checksum (None: an all-fill shard never written)."""
+    try:
+        actual = files.sha256(key)
+    except CacheError as error:
+        return str(error)
+    if checksum is None:
+        return None if actual is None else f"unexpected file: {key} (recorded as never written)"
+    if actual is None:
+        return f"missing file: {key}"
+    if actual != checksum:
+        return f"checksum mismatch: {key} (expected {checksum[:16]}…, found {actual[:16]}…)"
+    return None
+
+
+def non_finite_values(files: CacheFiles) -> list[str]:
+    """One problem per float array holding NaN or inf, naming the first example it reaches.
+
+    A cache made before extraction checked its teacher (or from a teacher whose weights overflow)
+    has intact checksums over wrong numbers; training on them gives a NaN loss much later.
+    """
+    manifest = files.read_json(MANIFEST_FILE)
+    root = zarr.open_group(files.zarr_store(read_only=True), mode="r", zarr_format=3)
+    shard_tokens = manifest["layout"]["shard_tokens"]
+    token_rows = manifest["layout"]["groups"] * shard_tokens
+    problems = []
+    for key, array in sorted(root.members(max_depth=None)):
+        if not isinstance(array, zarr.Array):
+            continue
+        bf16 = array.attrs.get("pkt_dtype") == "bfloat16"
+        if not (bf16 or np.issubdtype(array.dtype, np.floating)):
+            continue
+        token_major = key.split("/")[0] in TOKEN_MAJOR and array.ndim >= 1 and array.shape[0] == token_rows
+        step = shard_tokens if token_major else max(1, array.shape[0] if array.ndim else 1)
+        bad_rows, first = 0, None
+        for start in range(0, array.shape[0] if array.ndim else 1, step):
+            block = array[start:start + step] if array.ndim else array[...]
+            bad = ~(_finite_bf16(block) if bf16 else np.isfinite(block))
+            if bad.ndim > 1:
+                bad = bad.reshape(bad.shape[0], -1).any(axis=1)
+            rows = np.flatnonzero(np.atleast_1d(bad))
+            if len(rows):
+                bad_rows += len(rows)
+                first = start + int(rows[0]) if first is None else first
+        if first is not None:
+            where = f"row {first}" + (f" (example {_example_at(files, first)!r})" if token_major else "")
+            problems.append(f"non-finite values in {key}: {bad_rows} row(s), first at {where}; the teacher produced "
+                            "NaN/inf, so re-extract with a teacher (dtype) that stays finite")
+    return problems
+
+
+def _finite_bf16(bits: np.ndarray) -> np.ndarray:
+    """bf16 stored as uint16 bits: NaN and inf are the values whose exponent bits are all ones."""
+    return (np.asarray(bits).view(np.uint16) & 0x7F80) != 0x7F80
+
+
+def _example_at(files: CacheFiles, row: int) -> str:
+    index = pq.read_table(io.BytesIO(files.read_bytes(INDEX_FILE)), columns=["example_id", "offset", "length"]).to_pydict()
+    for example_id, offset, length in zip(*index.values()):
+        if offset <= row < offset + length:
+            return example_id
+    return "none: padding"
 
 
 def cache_info(path: str | os.PathLike, storage_options: dict | None = None) -> dict:
@@ -49,6 +142,8 @@ def cache_info(path: str | os.PathLike, storage_options: dict | None = None) -> 
     layers = capture["layers"]
     float_rows = len(layers) * ("hidden" in capture["kinds"]) + sum(l >= 1 for l in layers) * ("delta" in capture["kinds"])
     raw_per_token = float_rows * width * 2 + capture["top_k"] * 8 + 4 + 1  # + top-k values/ids, token id, mask
+    for key in manifest["checksums"]:
+        files.safe_path(key)
     sizes = {key: files.size(key) for key, checksum in manifest["checksums"].items() if checksum is not None}
     stored = sum(sizes.values())
     teacher_bytes = sum(size for key, size in sizes.items() if key.startswith("teacher/"))
