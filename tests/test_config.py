@@ -144,8 +144,9 @@ def test_a_file_value_out_of_range_names_the_file_and_key(tmp_path):
     ("override", "message"),
     [
         ("methods={kdd: {lr: 1.0e-4}}",
+         # other tests register methods of their own: the built-in ones must be listed, others may follow
          r"^methods\.kdd: 'kdd' is not a registered method \(did you mean 'kd'\?\); registered: kd, laten, lora-sft, "
-         r"seeking, semalign\. A variant of a method names it: `methods: \{kdd: \{method: NAME, \.\.\.\}\}`$"),
+         r"seeking, semalign\b.*\. A variant of a method names it: `methods: \{kdd: \{method: NAME, \.\.\.\}\}`$"),
         ("methods={kl-only: {method: semalgn}}",
          r"^methods\.kl-only\.method: 'semalgn' is not a registered method \(did you mean 'semalign'\?\)"),
         ("methods={kd: {lrr: 1}}", r"^methods\.kd: unknown key 'align\.lrr'; did you mean 'align\.lr'\?$"),
