@@ -413,6 +413,10 @@ class LatenExtra(TeacherExtra):
 
     name = "laten"
 
+    def inputs(self, config: PktConfig) -> dict:
+        return {"laten": dataclasses.asdict(config.extract.laten), "student": str(config.student),
+                "data_dir": str(config.assets.data_dir)}
+
     def compute(self, teacher, tokenizer, config: PktConfig, data_path: Path, progress: bool) -> ExtraOutput:
         from tqdm.auto import tqdm
 

@@ -28,6 +28,7 @@ all parameters of the teacher in memory at once; here only the targets' S is kep
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -338,6 +339,10 @@ class SeekingExtra(TeacherExtra):
     and default rank from `align.lora`."""
 
     name = EXTRA
+
+    def inputs(self, config: PktConfig) -> dict:
+        return {"seeking": dataclasses.asdict(config.extract.seeking), "student": str(config.student),
+                "lora_r": config.align.lora.r, "lora_target_modules": list(config.align.lora.target_modules)}
 
     def compute(self, teacher, tokenizer, config: PktConfig, data_path: Path, progress: bool) -> ExtraOutput:
         settings = config.extract.seeking

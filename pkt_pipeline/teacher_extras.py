@@ -37,6 +37,12 @@ class TeacherExtra:
         """Run on the loaded teacher; `data_path` is the jsonl the cache holds."""
         raise NotImplementedError
 
+    def inputs(self, config: PktConfig) -> dict:
+        """Every setting `compute` reads beyond the cache's own identity (its config section, the student
+        it shapes for, ...), JSON-able. Stored in the manifest as the extra's `inputs`; a rerun whose
+        inputs differ computes the extra again instead of keeping one made for other settings."""
+        return {}
+
 
 EXTRAS: dict[str, type[TeacherExtra]] = {}
 

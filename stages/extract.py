@@ -154,11 +154,14 @@ def _run(config: PktConfig, progress: bool = True, echo=print) -> dict:
     kept_extras = writer.files.read_json("manifest.json").get("extras", {}) if writer.files.exists("manifest.json") else {}
     if writer.files.exists("manifest.json") and len(writer.finished_groups()) == len(groups):
         manifest = writer.files.read_json("manifest.json")
-        missing = [name for name in cfg.extras if name not in manifest.get("extras", {})]
+        stale = _stale_extras(cfg.extras, manifest.get("extras", {}), config)
+        missing = [name for name in cfg.extras if name not in manifest.get("extras", {}) or name in stale]
         if not missing:
             echo(f"{cfg.out} is already complete for this teacher, data and settings; nothing to do")
             return {"out": cfg.out, "action": "up to date", "seconds": round(time.perf_counter() - started, 1)}
         if rank == 0:
+            for name, changed in stale.items():
+                echo(f"{cfg.out}: recomputing the teacher extra {name}: its settings changed ({', '.join(changed)})")
             echo(f"{cfg.out} is complete; adding the teacher extras {', '.join(missing)}")
             extras = {**manifest.get("extras", {}),
                       **_run_extras(missing, writer, model, tokenizer, config, data_path, codec, progress, timings)}
@@ -370,15 +373,33 @@ def _run_extras(names: list[str], writer: CacheWriter, model, tokenizer, config:
     provenance = {}
     for name in names:
         started = time.perf_counter()
-        output = get_extra(name)().compute(model, tokenizer, config, data_path, progress)
+        extra = get_extra(name)()
+        output = extra.compute(model, tokenizer, config, data_path, progress)
         for key, data in output.arrays.items():
             rows = max(1, (16 << 20) // max(1, data[:1].nbytes)) if data.ndim else 1
             chunks = (min(rows, data.shape[0]), *data.shape[1:]) if data.ndim else ()
             writer.write_array(f"extras/{name}/{key}", data, chunks=chunks, codec=codec, attributes={})
-        provenance[name] = output.provenance
+        provenance[name] = {**output.provenance, "inputs": extra.inputs(config)}
         if timings is not None:
             timings[name] = round(time.perf_counter() - started, 1)
     return provenance
+
+
+def _stale_extras(names: list[str], stored: dict[str, dict], config: PktConfig) -> dict[str, list[str]]:
+    """{name: the changed input keys} for each requested extra the cache holds for other inputs.
+
+    An extra stored without `inputs` (made before they were recorded) counts as stale: what it was
+    made from is unknown."""
+    stale = {}
+    for name in names:
+        if name not in stored:
+            continue
+        before, now = stored[name].get("inputs"), get_extra(name)().inputs(config)
+        if before is None:
+            stale[name] = ["inputs not recorded"]
+        elif before != now:
+            stale[name] = sorted(key for key in {*before, *now} if before.get(key) != now.get(key))
+    return stale
 
 
 def _run_record(config, model, tokenizer, examples, counts, settings, prompt, data_path, attribution_path, n_groups) -> dict:

@@ -304,3 +304,23 @@ def test_bad_inputs_are_refused_with_clear_errors(tiny_pair, tiny_dataset, tiny_
     assert refused.exit_code == 1
     assert "the student has 6 layers, the teacher 4" in refused.output and "must not be deeper" in refused.output
     assert "seeking" not in open_cache(cache).manifest.get("extras", {})
+
+
+def test_a_changed_extra_setting_recomputes_the_extra(tiny_pair, tiny_dataset, seeking_cache, tmp_path):
+    """The extra's inputs (its `extract.seeking` section, the student and LoRA shape it factors for) are
+    recorded; a rerun with other inputs computes the extra again instead of saying "nothing to do"."""
+    out = tmp_path / "cache"
+    shutil.copytree(seeking_cache[0], out)
+    command = [*cache_settings(tiny_pair, tiny_dataset, out), "--with", "seeking"]
+    inputs = open_cache(out).manifest["extras"]["seeking"]["inputs"]
+    assert inputs["student"] == str(tiny_pair["student"]) and inputs["lora_r"] == 16
+    assert "nothing to do" in run_pkt(*command).output
+
+    changed = run_pkt(*command, "--set", "extract.seeking.seed_examples=3", "--set", "extract.seeking.rank=4")
+    assert changed.exit_code == 0, changed.output
+    assert "recomputing the teacher extra seeking: its settings changed (seeking)" in changed.output
+    manifest = open_cache(out).manifest
+    assert manifest["extras"]["seeking"]["rank"] == 4 and manifest["extras"]["seeking"]["seed_examples"] == 3
+    assert verify_cache(out) == []
+    assert "nothing to do" in run_pkt(*command, "--set", "extract.seeking.seed_examples=3",
+                                      "--set", "extract.seeking.rank=4").output
