@@ -51,6 +51,18 @@ def tiny_cache(tiny_pair, tiny_dataset, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture
+def code_sandbox() -> str:
+    """The code sandbox's mode on this machine. Where it cannot be built (no `unshare`, namespaces
+    forbidden) the test is skipped, saying why: pkt itself refuses to run model-written code there."""
+    from pkt_pipeline.evaluation.sandbox import SandboxUnavailable, sandbox_mode
+
+    try:
+        return sandbox_mode()
+    except SandboxUnavailable as exc:
+        pytest.skip(f"this machine cannot build the code sandbox: {exc}")
+
+
 def real_model_dir(name: str) -> Path:
     """A converted pinned model, or a skip saying how to get it."""
     path = PROJECT_ROOT / "models" / name

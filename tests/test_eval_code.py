@@ -45,6 +45,7 @@ def mbpp():
 # --- sandbox -------------------------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("code_sandbox")
 def test_passing_and_failing_programs():
     assert run_program("assert sum(range(4)) == 6\nprint('ok')").status == "passed"
     wrong = run_program("def f(x):\n    return x + 1\nassert f(1) == 3, 'f(1) is wrong'")
@@ -52,12 +53,14 @@ def test_passing_and_failing_programs():
     assert wrong.detail == "AssertionError: f(1) is wrong"
 
 
+@pytest.mark.usefixtures("code_sandbox")
 def test_exiting_before_the_tests_is_not_a_pass():
     for early_exit in ("import sys\nsys.exit(0)", "import os\nos._exit(0)"):
         verdict = run_program(early_exit + "\nassert False")
         assert verdict.status == "failed" and "exited before" in verdict.detail
 
 
+@pytest.mark.usefixtures("code_sandbox")
 def test_infinite_loop_times_out_on_the_wall_clock():
     start = time.monotonic()
     verdict = run_program("while True:\n    pass", timeout_s=1.0)
@@ -65,12 +68,14 @@ def test_infinite_loop_times_out_on_the_wall_clock():
     assert time.monotonic() - start < 3.0
 
 
+@pytest.mark.usefixtures("code_sandbox")
 def test_memory_bomb_is_stopped():
     verdict = run_program("block = bytearray(10 * 1024**3)\nassert len(block) > 0", memory_mb=512)
     assert verdict.status == "memory" and "MemoryError" in verdict.detail
     assert run_program("assert bytearray(100 * 1024**2)[-1] == 0", memory_mb=512).passed
 
 
+@pytest.mark.usefixtures("code_sandbox")
 def test_sockets_cannot_be_created():
     for program in (
         "import socket\nsocket.socket()",
@@ -81,6 +86,7 @@ def test_sockets_cannot_be_created():
         assert verdict.status == "failed", program
 
 
+@pytest.mark.usefixtures("code_sandbox")
 def test_network_namespace_has_no_route():
     """Going around the socket guard (the C socket type) still cannot reach the network."""
     if not namespace_command():
@@ -90,6 +96,7 @@ def test_network_namespace_has_no_route():
     assert verdict.status == "failed" and "unreachable" in verdict.detail
 
 
+@pytest.mark.usefixtures("code_sandbox")
 def test_process_creation_is_refused(tmp_path):
     marker = tmp_path / "ran"
     for program in (
@@ -107,6 +114,7 @@ def test_process_creation_is_refused(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.usefixtures("code_sandbox")
 def test_runner_and_files_outside_are_unharmed(tmp_path):
     sentinel = tmp_path / "sentinel.txt"
     sentinel.write_text("keep me")
@@ -128,6 +136,7 @@ def test_runner_and_files_outside_are_unharmed(tmp_path):
     assert os.getcwd() == cwd
 
 
+@pytest.mark.usefixtures("code_sandbox")
 def test_work_directory_is_private_writable_and_removed():
     verdict = run_program(
         "import os\nopen('scratch.txt', 'w').write('x')\nassert open('scratch.txt').read() == 'x'\n"
@@ -140,12 +149,14 @@ def test_work_directory_is_private_writable_and_removed():
     assert workdir.name.startswith("pkt-sandbox-") and not workdir.exists()
 
 
+@pytest.mark.usefixtures("code_sandbox")
 def test_output_is_bounded_and_detail_capped():
     verdict = run_program("print('x' * 50_000_000)\nraise ValueError('y' * 2_000)")
     assert verdict.status == "failed" and verdict.detail.startswith("ValueError: yyy")
     assert len(verdict.detail) <= 300
 
 
+@pytest.mark.usefixtures("code_sandbox")
 def test_verdict_mapping_of_exit_statuses():
     assert _verdict(0, False, True, "", 10).status == "passed"
     assert _verdict(0, False, False, "", 10).status == "failed"
@@ -158,6 +169,7 @@ def test_verdict_mapping_of_exit_statuses():
     assert _verdict(128 + signal.SIGSEGV, False, False, "", 10).status == "error"
 
 
+@pytest.mark.usefixtures("code_sandbox")
 def test_run_programs_keeps_input_order():
     sources = [f"assert {i} % 2 == 0" for i in range(6)]
     verdicts = run_programs(sources, workers=2, progress=False)
@@ -167,6 +179,7 @@ def test_run_programs_keeps_input_order():
 # --- problems and programs -------------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("code_sandbox")
 def test_humaneval_canonical_solutions_pass_and_wrong_ones_fail(humaneval):
     problems, canonical = humaneval
     assert len(problems) == 164 and problems[0].task_id == "HumanEval/0"
@@ -177,6 +190,7 @@ def test_humaneval_canonical_solutions_pass_and_wrong_ones_fail(humaneval):
     assert wrong.status == "failed"
 
 
+@pytest.mark.usefixtures("code_sandbox")
 def test_humaneval_whole_function_answers(humaneval):
     problems, canonical = humaneval
     problem = problems[10]  # make_palindrome calls the is_palindrome helper defined in the prompt
@@ -190,6 +204,7 @@ def test_humaneval_whole_function_answers(humaneval):
     assert echoed == body and run_program(problem.test_program(echoed)).passed
 
 
+@pytest.mark.usefixtures("code_sandbox")
 def test_mbpp_canonical_solutions_pass(mbpp):
     path, canonical = mbpp
     problems = load_mbpp(path)

@@ -47,6 +47,7 @@ def data_dir(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.usefixtures("code_sandbox")
 def test_eval_scores_every_task_and_drops_contaminated_items(tiny_pair, data_dir, tmp_path):
     out = tmp_path / "eval"
     config = load_config(overrides=[f"assets.data_dir={data_dir}", f"eval.out={out}", "eval.limit=2",

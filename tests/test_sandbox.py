@@ -29,9 +29,11 @@ REIMPORT = (
 
 
 @pytest.fixture(autouse=True)
-def strict_sandbox(monkeypatch):
+def strict_sandbox(monkeypatch, request):
     monkeypatch.delenv("PKT_SANDBOX_WEAK", raising=False)
-    if sandbox.sandbox_mode() == "weak":
+    if request.node.name.startswith("test_missing_namespaces"):
+        return  # runs anywhere: it takes `unshare` away itself
+    if request.getfixturevalue("code_sandbox") == "weak":
         pytest.fail("the sandbox fell back to its weak mode on this machine")
 
 
