@@ -18,7 +18,7 @@ from transformers import get_scheduler
 from ..cache import Cache, CacheError
 from ..config import AlignConfig
 from ..loader import TOKEN_MASKS, Batch
-from ..residual import forward_with_residual_stream
+from ..residual import decoder_of, forward_with_residual_stream, unwrapped
 
 
 LR_SCHEDULES = {"linear": "linear", "constant": "constant_with_warmup"}
@@ -177,8 +177,7 @@ def next_token_positions(batch: Batch, tokens: str = "supervised") -> tuple[torc
 def forward_student(model: nn.Module, batch: Batch, hidden_states: bool = False,
                     tokens: str = "supervised") -> StudentOutputs:
     """Run the student's decoder over the batch and its LM head only where the next token is one of `tokens`."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    body, head = base.get_decoder(), base.get_output_embeddings()
+    body, head = decoder_of(model), unwrapped(model).get_output_embeddings()
     inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
     out, states = forward_with_residual_stream(body, **inputs) if hidden_states else (body(**inputs), None)
     positions, targets = next_token_positions(batch, tokens)
