@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .cache.layout import CacheError, delta_key, encode, hidden_key
-from .residual import decoder_of, forward_with_residual_stream
+from .residual import decoder_of, forward_with_residual_stream, residual_delta
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ def capture_batch(model, batch: list, settings: CaptureSettings) -> list[dict[st
             if "hidden" in settings.kinds:
                 captured[hidden_key(layer)] = states[layer][row, :length]
             if "delta" in settings.kinds and layer >= 1:
-                captured[delta_key(layer)] = (states[layer][row, :length].float() - states[layer - 1][row, :length].float())
+                captured[delta_key(layer)] = residual_delta(states[layer][row, :length], states[layer - 1][row, :length])
         values, indices = top_k_logprobs(output.logits[row, :length], settings.top_k)
         captured["topk/logprobs"] = values
         captured["topk/indices"] = indices.to(torch.int32)
