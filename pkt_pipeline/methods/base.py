@@ -18,6 +18,7 @@ from transformers import get_scheduler
 from ..cache import Cache, CacheError
 from ..config import AlignConfig
 from ..loader import TOKEN_MASKS, Batch
+from ..losses import next_token_mask
 from ..residual import decoder_of, forward_with_residual_stream, unwrapped
 
 
@@ -167,9 +168,7 @@ def phase_scheduler(optimizer: torch.optim.Optimizer, phase: Phase, warmup: int)
 
 def next_token_positions(batch: Batch, tokens: str = "supervised") -> tuple[torch.Tensor, torch.Tensor]:
     """([B, T] positions whose next token is one of `tokens` (`Batch.tokens_mask`), [N] those next-token ids)."""
-    scored = batch.tokens_mask(tokens)
-    supervised_next = torch.zeros_like(scored)
-    supervised_next[:, :-1] = scored[:, 1:] & batch.attention_mask[:, 1:].bool()
+    supervised_next = next_token_mask(batch.tokens_mask(tokens), batch.attention_mask)
     targets = batch.input_ids[:, 1:][supervised_next[:, :-1]]
     return supervised_next, targets
 
