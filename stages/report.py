@@ -29,6 +29,8 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
+from pkt_pipeline.jsonl import jsonl_records
+
 REFERENCES = ("teacher", "student")
 Z95 = 1.959964
 TASKS = ("mmlu", "gsm8k", "humaneval", "mbpp", "dev")
@@ -92,8 +94,7 @@ def item_values(eval_dir: Path, name: str, task: str, key: str = "correct") -> d
     path = eval_dir / name / "items" / f"{task}.jsonl"
     if not path.is_file():
         return {}
-    records = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
-    return {str(r["id"]): float(r[key]) for r in records if r.get(key) is not None}
+    return {str(r["id"]): float(r[key]) for _, r in jsonl_records(path) if r.get(key) is not None}
 
 
 def item_verdicts(eval_dir: Path, name: str, task: str) -> dict[str, bool]:
