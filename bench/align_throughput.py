@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -29,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from pkt_pipeline.models import cpu_facts
+from pkt_pipeline.models import cpu_facts, peak_rss_gib
 
 
 def build(args):
@@ -115,7 +114,7 @@ def run_paired(args) -> dict:
     return {"mode": "paired", "memory_step_seconds": memory_times, "cache_step_seconds": cache_times,
             "cache_over_memory": statistics.median(c / m for c, m in zip(cache_times, memory_times)),
             "cache_over_memory_total": sum(cache_times) / sum(memory_times), "tokens_per_step": tokens / len(cache_times),
-            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "phase": phase.name}
+            "peak_rss_gib": peak_rss_gib(None), "phase": phase.name}
 
 
 def run_mode(args) -> dict:
@@ -142,7 +141,7 @@ def run_mode(args) -> dict:
             times.append(time.perf_counter() - started)
             tokens += batch.tokens
     return {"mode": args.mode, "step_seconds": times, "median_step_seconds": statistics.median(times),
-            "tokens_per_second": tokens / sum(times), "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            "tokens_per_second": tokens / sum(times), "peak_rss_gib": peak_rss_gib(None),
             "phase": phase.name, "teacher_layers": list(phase.teacher_layers)}
 
 

@@ -17,6 +17,7 @@ import functools
 import logging
 import os
 import re
+import resource
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,6 +116,13 @@ def cpu_facts() -> dict:
                 model = line.split(":", 1)[1].strip()
     return {"model": model, "threads": torch.get_num_threads(), "native_bf16": cpu_supports_bf16(),
             **{flag: flag in flags for flag in ("avx2", "avx512f", "avx512_bf16", "amx_bf16")}}
+
+
+def peak_rss_gib(ndigits: int | None = 2) -> float:
+    """This process's peak resident memory so far in GiB (Linux reports `ru_maxrss` in KiB), rounded to
+    `ndigits` as the stages record it; None keeps every digit."""
+    gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return gib if ndigits is None else round(gib, ndigits)
 
 
 def resolve_dtype(dtype: str | torch.dtype = "auto", device: torch.device | str = "cpu") -> torch.dtype:

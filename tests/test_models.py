@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import resource
 import subprocess
 import sys
 
@@ -16,6 +17,7 @@ from pkt_pipeline.models import (
     is_quantized,
     load_model,
     load_tokenizer,
+    peak_rss_gib,
     resolve_dtype,
     resolve_source,
 )
@@ -177,3 +179,12 @@ def test_real_qwen_completes_code_sensibly(name):
     out = model.generate(**ids, max_new_tokens=128, do_sample=False)
     text = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
     assert "def is_even" in text and "% 2" in text
+
+
+def test_peak_rss_is_ru_maxrss_in_gib_rounded_as_recorded():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    exact = peak_rss_gib(None)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    assert before <= exact <= after and exact > 0
+    assert peak_rss_gib() in (round(before, 2), round(after, 2))
+    assert peak_rss_gib(0) == round(peak_rss_gib(None))
