@@ -36,8 +36,7 @@ def build(args):
     from pkt_pipeline.config import load_config
     from pkt_pipeline.loader import CacheLoader
     from pkt_pipeline.methods import AlignContext, get_method
-    from pkt_pipeline.models import load_model, load_tokenizer
-    from stages.align import _with_lora
+    from pkt_pipeline.models import load_model, load_tokenizer, with_lora
 
     config = load_config(overrides=[f"align.method={args.method}", f"align.batch_size={args.batch_size}",
                                     f"align.cache={args.cache}", *args.set])
@@ -46,7 +45,7 @@ def build(args):
     student = load_model(args.student, dtype=args.dtype)
     method = get_method(args.method)(AlignContext(cache, config.align, tokenizer))
     if method.uses_lora:
-        student = _with_lora(student, config.align.lora)
+        student = with_lora(student, config.align.lora)
     method.setup(student)
     phase = method.phases(args.steps + args.warmup, student.config.num_hidden_layers)[0]
     names = set(method.trainable(student, phase))

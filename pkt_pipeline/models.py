@@ -20,9 +20,13 @@ import re
 import resource
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
+
+if TYPE_CHECKING:
+    from .config import LoraSettings
 
 log = logging.getLogger(__name__)
 
@@ -208,6 +212,15 @@ def load_model(
     model.eval()
     log.info("loaded %s (%s) as %s on %s", source, source.kind, target_dtype, target_device)
     return model
+
+
+def with_lora(model: torch.nn.Module, settings: LoraSettings) -> torch.nn.Module:
+    """`model` wrapped by peft with fresh LoRA adapters as `align.lora` sets them (A random: seed first)."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                      target_modules=list(settings.target_modules), task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
 
 
 def check_embeddings(model, tokenizer, source: ModelSource | str) -> None:

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import real_model_dir
+from pkt_pipeline.config import LoraSettings
 from pkt_pipeline.models import (
     ModelLoadError,
     cpu_supports_bf16,
@@ -20,6 +21,7 @@ from pkt_pipeline.models import (
     peak_rss_gib,
     resolve_dtype,
     resolve_source,
+    with_lora,
 )
 
 PROMPT = "def add(a, b):\n    return a + b"
@@ -188,3 +190,12 @@ def test_peak_rss_is_ru_maxrss_in_gib_rounded_as_recorded():
     assert before <= exact <= after and exact > 0
     assert peak_rss_gib() in (round(before, 2), round(after, 2))
     assert peak_rss_gib(0) == round(peak_rss_gib(None))
+
+
+def test_with_lora_wraps_the_model_as_align_lora_says(tiny_pair):
+    model = with_lora(load_model(tiny_pair["student"], dtype="float32"),
+                      LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=["v_proj", "o_proj"]))
+    lora = model.peft_config["default"]
+    assert (lora.r, lora.lora_alpha, sorted(lora.target_modules)) == (4, 8, ["o_proj", "v_proj"])
+    trainable = {name.split(".lora_")[0].rsplit(".", 1)[-1] for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"v_proj", "o_proj"}
