@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -29,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from pkt_pipeline.models import cpu_facts
+from pkt_pipeline.models import cpu_facts, peak_rss_gib
 
 
 def build(args):
@@ -37,8 +36,7 @@ def build(args):
     from pkt_pipeline.config import load_config
     from pkt_pipeline.loader import CacheLoader
     from pkt_pipeline.methods import AlignContext, get_method
-    from pkt_pipeline.models import load_model, load_tokenizer
-    from stages.align import _with_lora
+    from pkt_pipeline.models import load_model, load_tokenizer, with_lora
 
     config = load_config(overrides=[f"align.method={args.method}", f"align.batch_size={args.batch_size}",
                                     f"align.cache={args.cache}", *args.set])
@@ -47,7 +45,7 @@ def build(args):
     student = load_model(args.student, dtype=args.dtype)
     method = get_method(args.method)(AlignContext(cache, config.align, tokenizer))
     if method.uses_lora:
-        student = _with_lora(student, config.align.lora)
+        student = with_lora(student, config.align.lora)
     method.setup(student)
     phase = method.phases(args.steps + args.warmup, student.config.num_hidden_layers)[0]
     names = set(method.trainable(student, phase))
@@ -115,7 +113,7 @@ def run_paired(args) -> dict:
     return {"mode": "paired", "memory_step_seconds": memory_times, "cache_step_seconds": cache_times,
             "cache_over_memory": statistics.median(c / m for c, m in zip(cache_times, memory_times)),
             "cache_over_memory_total": sum(cache_times) / sum(memory_times), "tokens_per_step": tokens / len(cache_times),
-            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "phase": phase.name}
+            "peak_rss_gib": peak_rss_gib(None), "phase": phase.name}
 
 
 def run_mode(args) -> dict:
@@ -142,7 +140,7 @@ def run_mode(args) -> dict:
             times.append(time.perf_counter() - started)
             tokens += batch.tokens
     return {"mode": args.mode, "step_seconds": times, "median_step_seconds": statistics.median(times),
-            "tokens_per_second": tokens / sum(times), "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            "tokens_per_second": tokens / sum(times), "peak_rss_gib": peak_rss_gib(None),
             "phase": phase.name, "teacher_layers": list(phase.teacher_layers)}
 
 

@@ -20,7 +20,8 @@ import sys
 from pathlib import Path
 
 from pkt_pipeline.models import cpu_facts
-from stages.report import item_verdicts, paired_change_interval, score_half_width
+from pkt_pipeline.evaluation.stats import paired_change_interval, score_half_width
+from stages.report import item_verdicts
 
 GROUPS = {"mmlu": ["mmlu"], "gen": ["gsm8k", "humaneval"]}
 

@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from .extraction import check_finite
-from .residual import forward_with_residual_stream
+from .residual import forward_with_residual_stream, residual_delta
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ def attribution_scores(
         previous = None
         for layer, (h, g) in enumerate(zip(hidden, grads)):
             h, g = h.detach().float(), g.detach().float()
-            for target, activation in (("output", h), ("contribution", h if previous is None else h - previous)):
+            for target, activation in (("output", h), ("contribution", h if previous is None else residual_delta(h, previous))):
                 product = g * activation
                 if aggregation == "abs":
                     product = product.abs()

@@ -14,11 +14,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from .jsonl import jsonl_lines, jsonl_records  # noqa: F401  (jsonl_lines: its home before jsonl.py)
 
 logger = logging.getLogger(__name__)
 
@@ -51,21 +52,6 @@ def content_hash(messages: list) -> str:
     return hashlib.sha256(_canonical_json(messages).encode("utf-8")).hexdigest()
 
 
-def jsonl_lines(path: str | Path) -> Iterator[tuple[int, str]]:
-    """(line number, text) of each non-blank line of a UTF-8 file, split at "\\n" only (a JSON string may
-    hold U+2028, where `splitlines` would cut). Bytes that are not UTF-8 are reported with the file and
-    line, not as a bare codec error."""
-    with open(path, "rb") as handle:
-        for line_number, raw in enumerate(handle, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise ValueError(f"{path}:{line_number}: not UTF-8 text (byte {raw[exc.start]:#04x} at position "
-                                 f"{exc.start + 1} of the line); save the file as UTF-8") from None
-            if line.strip():
-                yield line_number, line
-
-
 def read_jsonl_rows(path: str | Path) -> list[dict]:
     """The rows of a jsonl file of chat `messages`, each checked, blank lines skipped.
 
@@ -76,11 +62,7 @@ def read_jsonl_rows(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
     rows = []
-    for line_number, line in jsonl_lines(path):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{line_number}: not valid JSON ({exc.msg})") from exc
+    for line_number, row in jsonl_records(path):
         if not isinstance(row, dict) or not isinstance(row.get("messages"), list):
             raise ValueError(f'{path}:{line_number}: expected a JSON object with a "messages" list')
         rows.append(row)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .cache.layout import CacheError, delta_key, encode, hidden_key
-from .residual import forward_with_residual_stream
+from .residual import decoder_of, forward_with_residual_stream, residual_delta
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ def capture_batch(model, batch: list, settings: CaptureSettings) -> list[dict[st
             if "hidden" in settings.kinds:
                 captured[hidden_key(layer)] = states[layer][row, :length]
             if "delta" in settings.kinds and layer >= 1:
-                captured[delta_key(layer)] = (states[layer][row, :length].float() - states[layer - 1][row, :length].float())
+                captured[delta_key(layer)] = residual_delta(states[layer][row, :length], states[layer - 1][row, :length])
         values, indices = top_k_logprobs(output.logits[row, :length], settings.top_k)
         captured["topk/logprobs"] = values
         captured["topk/indices"] = indices.to(torch.int32)
@@ -155,8 +155,8 @@ def vocabulary_sha256(tokenizer) -> str:
 def final_norm_and_head(model) -> tuple[torch.Tensor, torch.Tensor, float]:
     """The teacher's final norm weight, LM head and norm epsilon, found through the HF API."""
     head = model.get_output_embeddings().weight
-    base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-    norm = getattr(base, "norm", None) or getattr(base, "final_layernorm", None)
+    decoder = decoder_of(model)
+    norm = getattr(decoder, "norm", None) or getattr(decoder, "final_layernorm", None)
     if norm is None:
         raise ValueError(f"cannot find the final norm of {type(model).__name__}")
     eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", None) or model.config.rms_norm_eps

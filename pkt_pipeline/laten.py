@@ -50,6 +50,7 @@ import torch.nn.functional as F
 
 from .config import LatenExtractConfig, PktConfig
 from .examples import Example, load_examples
+from .residual import decoder_of
 from .teacher_extras import ExtraOutput, TeacherExtra, register_extra
 
 log = logging.getLogger(__name__)
@@ -111,10 +112,6 @@ def answer_target(example: Example, tokenizer) -> int | None:
         if token not in special and tokenizer.decode([token]).rstrip(TRAILING):
             return int(position)
     return None
-
-
-def decoder_of(model):
-    return model.get_decoder() if hasattr(model, "get_decoder") else model.model
 
 
 def module_of(model, layer: int, module: str) -> torch.nn.Linear:

@@ -26,6 +26,7 @@ import torch
 
 from .cache import Cache, CacheError, open_cache
 from .cache.layout import decode, delta_key, hidden_key
+from .residual import residual_delta
 
 KINDS = ("hidden", "delta")
 TOPK_KEYS = ("topk/logprobs", "topk/indices")
@@ -309,8 +310,8 @@ class CacheLoader:
         teacher = {}
         for layer, keys in self._sources.items():
             values = decode(flat[keys[0]], dtype)
-            if len(keys) == 2:  # derived delta, like Cache.delta: subtract in float32, store back in the cached dtype
-                values = (values.float() - decode(flat[keys[1]], dtype).float()).to(values.dtype)
+            if len(keys) == 2:  # derived delta, like Cache.delta: back in the cached dtype
+                values = residual_delta(values, decode(flat[keys[1]], dtype)).to(values.dtype)
             teacher[layer] = pad(values)
         return Batch(
             example_ids=[self._ids[p] for p in positions],

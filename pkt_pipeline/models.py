@@ -17,11 +17,16 @@ import functools
 import logging
 import os
 import re
+import resource
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
+
+if TYPE_CHECKING:
+    from .config import LoraSettings
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +122,13 @@ def cpu_facts() -> dict:
             **{flag: flag in flags for flag in ("avx2", "avx512f", "avx512_bf16", "amx_bf16")}}
 
 
+def peak_rss_gib(ndigits: int | None = 2) -> float:
+    """This process's peak resident memory so far in GiB (Linux reports `ru_maxrss` in KiB), rounded to
+    `ndigits` as the stages record it; None keeps every digit."""
+    gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return gib if ndigits is None else round(gib, ndigits)
+
+
 def resolve_dtype(dtype: str | torch.dtype = "auto", device: torch.device | str = "cpu") -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -200,6 +212,15 @@ def load_model(
     model.eval()
     log.info("loaded %s (%s) as %s on %s", source, source.kind, target_dtype, target_device)
     return model
+
+
+def with_lora(model: torch.nn.Module, settings: LoraSettings) -> torch.nn.Module:
+    """`model` wrapped by peft with fresh LoRA adapters as `align.lora` sets them (A random: seed first)."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                      target_modules=list(settings.target_modules), task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
 
 
 def check_embeddings(model, tokenizer, source: ModelSource | str) -> None:

@@ -16,10 +16,23 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The transformers model under a peft wrapper (`PeftModel.get_base_model()`), or `model` itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def decoder_of(model: nn.Module) -> nn.Module:
     """The decoder stack (`Qwen2Model`, ...) of a causal LM, a peft-wrapped one, or the decoder itself."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrapped(model)
     return base.get_decoder() if hasattr(base, "get_decoder") and not hasattr(base, "layers") else base
+
+
+def residual_delta(current: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+    """Δ_l = h_l − h_(l−1), what layer l added to the stream, subtracted in float32.
+
+    The result stays float32 so a caller that stores it rounds once, into the storage dtype;
+    `.to(current.dtype)` gives what a half-precision model's own subtraction gives."""
+    return current.float() - previous.float()
 
 
 @contextmanager
@@ -64,4 +77,4 @@ def layer_state(states: tuple[torch.Tensor, ...], layer: int, kind: str) -> torc
         return states[layer]
     if kind != "delta" or layer < 1:
         raise ValueError(f"no {kind!r} state of layer {layer}: kinds are hidden (layer >= 0) and delta (layer >= 1)")
-    return states[layer] - states[layer - 1]
+    return residual_delta(states[layer], states[layer - 1]).to(states[layer].dtype)

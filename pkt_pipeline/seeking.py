@@ -42,6 +42,7 @@ from torch import nn
 from .attribution import SupervisedExamples
 from .config import PktConfig
 from .examples import load_examples
+from .residual import decoder_of
 from .teacher_extras import ExtraOutput, TeacherExtra, register_extra
 
 log = logging.getLogger(__name__)
@@ -60,8 +61,7 @@ def factor_key(student_layer: int, module: str, factor: str) -> str:
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The decoder's layer stack (Llama/Qwen/Mistral-style `model.layers`)."""
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
-    layers = getattr(decoder, "layers", None)
+    layers = getattr(decoder_of(model), "layers", None)
     if not isinstance(layers, nn.ModuleList):
         raise ValueError(f"{type(model).__name__} has no decoder `layers` list; Seeking needs a decoder-only LM")
     return layers
@@ -97,7 +97,7 @@ def supervised_lm_loss(model: nn.Module, input_ids: torch.Tensor, supervised: to
     full [T, V] logits and their gradient would cost more memory than a layer's activations."""
     ids = input_ids.unsqueeze(0)
     predict = supervised[1:]
-    hidden = model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state[0, :-1]
+    hidden = decoder_of(model)(input_ids=ids, use_cache=False).last_hidden_state[0, :-1]
     logits = model.get_output_embeddings()(hidden[predict]).float()
     return F.cross_entropy(logits, ids[0, 1:][predict])
 

@@ -10,7 +10,6 @@ Rerunning a killed run resumes from the checkpoint; rerunning a finished one doe
 from __future__ import annotations
 
 import json
-import resource
 import shutil
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ from pkt_pipeline.config import PktConfig, for_method, to_dict
 from pkt_pipeline.extraction import vocabulary_sha256
 from pkt_pipeline.loader import CacheLoader
 from pkt_pipeline.methods import AlignContext, Phase, get_method
-from pkt_pipeline.models import load_model, load_tokenizer, resolve_device
+from pkt_pipeline.models import load_model, load_tokenizer, peak_rss_gib, resolve_device, with_lora
 from pkt_pipeline.plots import plot_training_log
 from pkt_pipeline.training import (LOG_FILE, NonFiniteLoss, TrainingInterrupted, WriteFailed, clear_checkpoint,
                                    micro_batch_size_for, phase_summaries, read_log, steps_for, train)
@@ -72,7 +71,7 @@ def run(config: PktConfig, progress: bool = True, echo=print) -> dict:
     method = method_class(AlignContext(cache, cfg, tokenizer))
     torch.manual_seed(cfg.seed)  # LoRA's A matrices start random: one seed, one run
     if method.uses_lora:
-        model = _with_lora(model, cfg.lora)
+        model = with_lora(model, cfg.lora)
     elif not method.frozen_student:
         model = model.float()
     method.setup(model)
@@ -128,7 +127,7 @@ def _finish(config, requested, method, model, tokenizer, cache, out: Path, summa
                "teacher": cache.manifest["teacher"]["id"], "steps": summary["steps"],
                "phases": phase_summaries(log), "seconds": round(time.perf_counter() - started, 1),
                "train_seconds": summary["seconds"], "tokens_per_second": summary["tokens_per_second"],
-               "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2), **saved}
+               "peak_rss_gib": peak_rss_gib(), **saved}
     if getattr(method, "pairs", None):  # student layer -> teacher layer, recorded with every run that pairs layers
         metrics["pairs"] = {str(k): p for k, p in method.pairs.items()}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
@@ -213,14 +212,6 @@ def _align_record(run_file: Path) -> dict | None:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
     return record if isinstance(record, dict) and {"pkt_version", "cache_identity", "align"} <= record.keys() else None
-
-
-def _with_lora(model, settings):
-    from peft import LoraConfig, get_peft_model
-
-    lora = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-                      target_modules=list(settings.target_modules), task_type="CAUSAL_LM")
-    return get_peft_model(model, lora)
 
 
 def _save_outputs(model, tokenizer, out: Path, lora: bool) -> dict:

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import random
-import resource
 import time
 from functools import partial
 from pathlib import Path
@@ -40,7 +39,7 @@ from pathlib import Path
 from pkt_pipeline.config import EvalConfig, PktConfig, to_dict
 from pkt_pipeline.datasets import find_dataset
 from pkt_pipeline.evaluation.journal import Journal, model_fingerprint
-from pkt_pipeline.models import load_model, load_tokenizer, resolve_device
+from pkt_pipeline.models import load_model, load_tokenizer, peak_rss_gib, resolve_device
 
 TASKS = ("mmlu", "gsm8k", "humaneval", "mbpp", "dev")
 
@@ -79,7 +78,7 @@ def run(config: PktConfig, model_name: str, progress: bool = True, echo=print) -
                          "seconds": round(time.perf_counter() - task_started, 1)}
         echo(_summary_line(task, metrics[task]))
     metrics["seconds"] = round(time.perf_counter() - started, 1)
-    metrics["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+    metrics["peak_rss_gib"] = peak_rss_gib()
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import signal
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -55,7 +54,7 @@ from pkt_pipeline.extraction import (
     vocabulary_sha256,
     weights_sha256,
 )
-from pkt_pipeline.models import load_model, load_tokenizer
+from pkt_pipeline.models import load_model, load_tokenizer, peak_rss_gib
 from pkt_pipeline.teacher_extras import get_extra
 from pkt_pipeline.write_errors import write_failed
 
@@ -197,7 +196,7 @@ def _run(config: PktConfig, progress: bool = True, echo=print) -> dict:
         raise _write_failed(writer, exc) from exc
     summary["extras_seconds"] = timings
     summary["seconds"] = round(time.perf_counter() - started, 1)
-    summary["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+    summary["peak_rss_gib"] = peak_rss_gib()
     if cfg.metrics and rank == 0:
         Path(cfg.metrics).parent.mkdir(parents=True, exist_ok=True)
         Path(cfg.metrics).write_text(json.dumps(summary, indent=2) + "\n")

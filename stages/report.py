@@ -29,8 +29,10 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
+from pkt_pipeline.evaluation.stats import mean_half_width, paired_difference, score_half_width
+from pkt_pipeline.jsonl import jsonl_records
+
 REFERENCES = ("teacher", "student")
-Z95 = 1.959964
 TASKS = ("mmlu", "gsm8k", "humaneval", "mbpp", "dev")
 RESOLUTION_TARGET = 0.015
 """The paired half-width a transfer benchmark aims for on a % metric (1.5 points); the resolution table
@@ -58,42 +60,13 @@ def metrics_of(task: str) -> tuple[Metric, ...]:
     return (ACCURACY, *CONTINUOUS[task])
 
 
-def score_half_width(score: float, n: int) -> float | None:
-    """Half-width of the 95% normal-approximation interval of an accuracy over n items."""
-    return Z95 * math.sqrt(score * (1 - score) / n) if n else None
-
-
-def mean_half_width(values: list[float]) -> float | None:
-    """Half-width of the 95% normal-approximation interval of a mean."""
-    return Z95 * statistics.stdev(values) / math.sqrt(len(values)) if len(values) >= 2 else None
-
-
-def paired_difference(model: dict[str, float], reference: dict[str, float]) -> dict | None:
-    """mean(model − reference) over the item ids both scored, with its 95% interval; None when they
-    share fewer than two items. {"mean", "interval_95": [low, high], "half_width_95", "n"}."""
-    shared = sorted(model.keys() & reference.keys())
-    if len(shared) < 2:
-        return None
-    differences = [float(model[i]) - float(reference[i]) for i in shared]
-    mean = sum(differences) / len(differences)
-    half = mean_half_width(differences)
-    return {"mean": mean, "interval_95": [mean - half, mean + half], "half_width_95": half, "n": len(shared)}
-
-
-def paired_change_interval(model: dict[str, float], reference: dict[str, float]) -> tuple[float, float] | None:
-    """The 95% interval of `paired_difference`, or None."""
-    difference = paired_difference(model, reference)
-    return tuple(difference["interval_95"]) if difference else None
-
-
 def item_values(eval_dir: Path, name: str, task: str, key: str = "correct") -> dict[str, float]:
     """Item id -> value of `key` (booleans as 0/1), from `pkt eval`'s `EVAL_DIR/NAME/items/TASK.jsonl`;
     items without the value (e.g. scored by NLL but not generated) are left out; empty when absent."""
     path = eval_dir / name / "items" / f"{task}.jsonl"
     if not path.is_file():
         return {}
-    records = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
-    return {str(r["id"]): float(r[key]) for r in records if r.get(key) is not None}
+    return {str(r["id"]): float(r[key]) for _, r in jsonl_records(path) if r.get(key) is not None}
 
 
 def item_verdicts(eval_dir: Path, name: str, task: str) -> dict[str, bool]:

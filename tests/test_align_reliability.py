@@ -18,7 +18,7 @@ from pkt_pipeline.cache import open_cache
 from pkt_pipeline.config import for_method, load_config
 from pkt_pipeline.loader import CacheLoader
 from pkt_pipeline.methods import AlignContext, Method, available_methods, forward_student, get_method, register
-from pkt_pipeline.models import load_model, load_tokenizer
+from pkt_pipeline.models import load_model, load_tokenizer, with_lora
 from pkt_pipeline.training import _accumulate_gradients
 from stages import align
 from tiny_data import extract_config, write_dataset
@@ -165,7 +165,7 @@ def _method_and_batch(tiny_pair, cache: Path, name: str, options: list[str]):
     method = get_method(name)(AlignContext(open_cache(cache), cfg, load_tokenizer(tiny_pair["student"])))
     torch.manual_seed(cfg.seed)
     if method.uses_lora:
-        model = align._with_lora(model, cfg.lora)
+        model = with_lora(model, cfg.lora)
     elif not method.frozen_student:
         model = model.float()
     method.setup(model)

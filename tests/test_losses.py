@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from pkt_pipeline import losses
+from pkt_pipeline.loader import Batch
+from pkt_pipeline.methods.base import next_token_positions
 from pkt_pipeline.losses import (cosine_loss, cross_entropy, fisher_surrogate, label_cosine_loss, linear_cka,
                                  next_token_mask, relation_loss, topk_kl)
 
@@ -41,6 +43,16 @@ def test_next_token_mask_by_hand():
     assert torch.equal(next_token_mask(supervised, attention), expected)
     with pytest.raises(ValueError, match="supervised"):
         next_token_mask(supervised[:, :4], attention)
+
+
+def test_student_positions_use_the_same_next_token_mask():
+    supervised = torch.tensor([[0, 0, 1, 1, 1], [0, 1, 1, 0, 0]]).bool()
+    attention = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    input_ids = torch.tensor([[5, 6, 7, 8, 9], [10, 11, 12, 0, 0]])
+    batch = Batch(["a", "b"], input_ids, attention, supervised, {}, None, None)
+    positions, targets = next_token_positions(batch)
+    assert torch.equal(positions, torch.tensor([[0, 1, 1, 1, 0], [1, 1, 0, 0, 0]]).bool())
+    assert targets.tolist() == [7, 8, 9, 11, 12]
 
 
 def test_cross_entropy_matches_torch_with_hf_labels():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import resource
 import subprocess
 import sys
 
@@ -10,14 +11,17 @@ import pytest
 import torch
 
 from conftest import real_model_dir
+from pkt_pipeline.config import LoraSettings
 from pkt_pipeline.models import (
     ModelLoadError,
     cpu_supports_bf16,
     is_quantized,
     load_model,
     load_tokenizer,
+    peak_rss_gib,
     resolve_dtype,
     resolve_source,
+    with_lora,
 )
 
 PROMPT = "def add(a, b):\n    return a + b"
@@ -177,3 +181,21 @@ def test_real_qwen_completes_code_sensibly(name):
     out = model.generate(**ids, max_new_tokens=128, do_sample=False)
     text = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
     assert "def is_even" in text and "% 2" in text
+
+
+def test_peak_rss_is_ru_maxrss_in_gib_rounded_as_recorded():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    exact = peak_rss_gib(None)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    assert before <= exact <= after and exact > 0
+    assert peak_rss_gib() in (round(before, 2), round(after, 2))
+    assert peak_rss_gib(0) == round(peak_rss_gib(None))
+
+
+def test_with_lora_wraps_the_model_as_align_lora_says(tiny_pair):
+    model = with_lora(load_model(tiny_pair["student"], dtype="float32"),
+                      LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=["v_proj", "o_proj"]))
+    lora = model.peft_config["default"]
+    assert (lora.r, lora.lora_alpha, sorted(lora.target_modules)) == (4, 8, ["o_proj", "v_proj"])
+    trainable = {name.split(".lora_")[0].rsplit(".", 1)[-1] for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"v_proj", "o_proj"}

@@ -9,7 +9,7 @@ from peft import LoraConfig, get_peft_model
 from pkt_pipeline.loader import Batch
 from pkt_pipeline.methods.base import forward_student
 from pkt_pipeline.models import load_model
-from pkt_pipeline.residual import layer_state
+from pkt_pipeline.residual import decoder_of, layer_state, residual_delta, unwrapped
 
 
 def _batch(vocab: int) -> Batch:
@@ -49,3 +49,21 @@ def test_layer_state_refuses_what_no_cache_holds():
         layer_state(states, 0, "delta")
     with pytest.raises(ValueError, match="no 'raw' state"):
         layer_state(states, 1, "raw")
+
+
+def test_residual_delta_is_the_float32_difference_of_consecutive_states():
+    current = torch.tensor([[1.5, -2.0, 3.0]], dtype=torch.bfloat16)
+    previous = torch.tensor([[0.25, 1.0, 3.0]], dtype=torch.bfloat16)
+    delta = residual_delta(current, previous)
+    assert delta.dtype == torch.float32
+    assert delta.tolist() == [[1.25, -3.0, 0.0]]
+
+
+def test_decoder_of_and_unwrapped_see_through_peft(tiny_pair):
+    model = load_model(tiny_pair["student"], dtype="float32")
+    wrapped = get_peft_model(load_model(tiny_pair["student"], dtype="float32"), LoraConfig(r=4, target_modules=["q_proj"]))
+    assert unwrapped(model) is model
+    assert unwrapped(wrapped) is wrapped.base_model.model
+    assert decoder_of(model) is model.model
+    assert decoder_of(wrapped) is wrapped.base_model.model.model
+    assert decoder_of(model.model) is model.model

@@ -21,10 +21,9 @@ from pkt_pipeline.config import load_config
 from pkt_pipeline.examples import load_examples
 from pkt_pipeline.methods import AlignContext
 from pkt_pipeline.methods.seeking import Seeking, lora_modules
-from pkt_pipeline.models import load_model, load_tokenizer
+from pkt_pipeline.models import load_model, load_tokenizer, with_lora
 from pkt_pipeline.seeking import SeekingExtra, best_subblock, lora_factors, seed_examples, select_layers, sensitivity
 from pkt_pipeline.tiny_models import STUDENT_SHAPE, TEACHER_SHAPE
-from stages import align
 from tiny_data import SMALL_LAYOUT
 
 MODULES = ("up_proj", "down_proj", "v_proj", "o_proj")
@@ -188,7 +187,7 @@ def test_start_model_is_the_student_and_its_lora_the_teachers_block(tiny_pair, s
     with torch.no_grad():
         before = load_model(tiny_pair["student"], dtype="float32")(ids).logits
     torch.manual_seed(0)
-    model = align._with_lora(load_model(tiny_pair["student"], dtype="float32"), config.align.lora)
+    model = with_lora(load_model(tiny_pair["student"], dtype="float32"), config.align.lora)
     method = Seeking(AlignContext(cache, config.align, load_tokenizer(tiny_pair["student"])))
     method.setup(model)
     with torch.no_grad():

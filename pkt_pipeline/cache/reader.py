@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 import torch
 import zarr
 
+from ..residual import residual_delta
 from .layout import ATTRIBUTION_KEYS, FINAL_LAYER_RAW, INDEX_FILE, MANIFEST_FILE, CacheError, decode, delta_key, hidden_key
 from .store import CacheFiles, shard_file
 from .verify import TOKEN_MAJOR, file_problem
@@ -198,7 +199,7 @@ class Cache:
             return decode(self._rows_of(delta_key(layer), example_id), self.storage_dtype)
         if layer in self.layers and layer - 1 in self.layers:
             current = self.hidden(layer, example_id)
-            return (current.float() - self.hidden(layer - 1, example_id).float()).to(current.dtype)
+            return residual_delta(current, self.hidden(layer - 1, example_id)).to(current.dtype)
         raise CacheError(f"delta of layer {layer} needs layers {layer - 1} and {layer}; cached layers: {self.layers}")
 
     def topk(self, example_id: str) -> tuple[torch.Tensor, torch.Tensor]:

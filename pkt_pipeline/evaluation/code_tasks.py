@@ -20,13 +20,13 @@ greedy completion passes. Answers go through `extract_code` first.
 from __future__ import annotations
 
 import ast
-import gzip
-import json
 import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
+
+from ..jsonl import jsonl_records
 
 _FENCE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL | re.IGNORECASE)
 
@@ -86,9 +86,7 @@ def extract_code(generation: str, prompt: str | None = None) -> str:
 def _read_jsonl(path: Path, what: str) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"{what} data file not found: {path} (see shared/data/SOURCES.md for where it comes from)")
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [row for _, row in jsonl_records(path)]
 
 
 def load_humaneval(path: str | Path) -> list[CodeProblem]:

@@ -14,12 +14,13 @@ for items shorter than `ngram` words), so exact copies are caught even when boil
 
 from __future__ import annotations
 
-import json
 import re
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+
+from ..jsonl import jsonl_records
 
 _NON_WORD = re.compile(r"[\W_]+")
 
@@ -45,15 +46,11 @@ def normalise(text: str) -> str:
 def _user_messages(path: Path) -> list[tuple[str, str]]:
     """(id, normalised user text) for every row of a transfer jsonl."""
     out = []
-    with path.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            if not isinstance(row.get("messages"), list):
-                raise ValueError(f"{path}:{line_no}: transfer row has no `messages` list")
-            text = "\n".join(m["content"] for m in row["messages"] if m.get("role") == "user")
-            out.append((str(row.get("id", f"line {line_no}")), normalise(text)))
+    for line_no, row in jsonl_records(path):
+        if not isinstance(row.get("messages"), list):
+            raise ValueError(f"{path}:{line_no}: transfer row has no `messages` list")
+        text = "\n".join(m["content"] for m in row["messages"] if m.get("role") == "user")
+        out.append((str(row.get("id", f"line {line_no}")), normalise(text)))
     return out
 
 
@@ -106,10 +103,7 @@ def declared_test_ids(transfer_files: list[Path], task: str) -> set[str]:
     """Test item ids that transfer rows declare as their source (`"test_item_id"`, with `"test_task"`)."""
     declared = set()
     for path in transfer_files:
-        with Path(path).open(encoding="utf-8") as handle:
-            for line in handle:
-                if '"test_item_id"' in line:
-                    row = json.loads(line)
-                    if row.get("test_task") == task:
-                        declared.add(str(row["test_item_id"]))
+        for _, row in jsonl_records(path):
+            if "test_item_id" in row and row.get("test_task") == task:
+                declared.add(str(row["test_item_id"]))
     return declared

@@ -15,12 +15,11 @@ Per row, one forward, no generation (a grid of runs is affordable on a CPU):
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 
 from ..datasets import resolve_data
-from ..examples import jsonl_lines
+from ..jsonl import jsonl_records
 from .mmlu import LETTERS, MmluItem, score_mmlu
 from .reference_nll import reference_nll
 
@@ -47,12 +46,11 @@ def load_dev_rows(references: list[str], data_dir: str = "data") -> list[DevRow]
     for reference in references:
         match = SLICE.match(reference)
         source = match["source"] if match else reference
-        numbered = list(jsonl_lines(resolve_data(source, data_dir)))
+        numbered = list(jsonl_records(resolve_data(source, data_dir)))
         if match:
             numbered = numbered[slice(int(match["start"]) if match["start"] else None,
                                       int(match["stop"]) if match["stop"] else None)]
-        for number, line in numbered:
-            row = json.loads(line)
+        for number, row in numbered:
             messages = row.get("messages") or []
             if len(messages) < 2 or messages[-2].get("role") != "user" or messages[-1].get("role") != "assistant":
                 raise ValueError(f"{source}:{number}: a dev row needs `messages` ending in a user turn and its "

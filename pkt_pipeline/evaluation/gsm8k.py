@@ -14,11 +14,12 @@ a familiar prompt and an untrained instruct model is told the format the extract
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
+
+from ..jsonl import jsonl_records
 
 GSM8K_INSTRUCTION = ('Answer the following question. Think step by step, then end with "So the answer is N.", '
                      "where N is the final number.")
@@ -47,19 +48,15 @@ def load_gsm8k(path: str | Path, limit: int | None = None) -> list[GsmItem]:
     if not path.is_file():
         raise FileNotFoundError(f"GSM8K file not found: {path}")
     items: list[GsmItem] = []
-    with path.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            if "question" not in row or "answer" not in row:
-                raise ValueError(f"{path}:{line_no}: not a GSM8K row (need question and answer), got keys {sorted(row)}")
-            reference = extract_final_number(row["answer"])
-            if reference is None:
-                raise ValueError(f"{path}:{line_no}: reference answer has no final number: {row['answer'][-80:]!r}")
-            items.append(GsmItem(f"gsm8k_{len(items)}", row["question"], row["answer"], reference))
-            if limit is not None and len(items) >= limit:
-                break
+    for line_no, row in jsonl_records(path):
+        if "question" not in row or "answer" not in row:
+            raise ValueError(f"{path}:{line_no}: not a GSM8K row (need question and answer), got keys {sorted(row)}")
+        reference = extract_final_number(row["answer"])
+        if reference is None:
+            raise ValueError(f"{path}:{line_no}: reference answer has no final number: {row['answer'][-80:]!r}")
+        items.append(GsmItem(f"gsm8k_{len(items)}", row["question"], row["answer"], reference))
+        if limit is not None and len(items) >= limit:
+            break
     return items
 
 

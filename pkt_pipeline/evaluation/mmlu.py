@@ -25,13 +25,13 @@ either way, a true log-probability (max would under-count a letter the model spr
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ..jsonl import jsonl_records
 from .batching import left_padded, pad_token_id
 
 LETTERS = ("A", "B", "C", "D")
@@ -60,27 +60,23 @@ def load_mmlu(path: str | Path, limit: int | None = None) -> list[MmluItem]:
         raise FileNotFoundError(f"MMLU file not found: {path}")
     items: list[MmluItem] = []
     per_subject: dict[str, int] = {}
-    with path.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            if row.get("question") == "question" and row.get("correct_answer") == "answer":
-                continue
-            try:
-                subject = row["topic"].strip()
-                choices = tuple(str(row[f"answer_{letter.lower()}"]) for letter in LETTERS)
-                answer = LETTERS.index(row["correct_answer"].strip().upper())
-                question = row["question"]
-            except (KeyError, ValueError) as error:
-                raise ValueError(f"{path}:{line_no}: not an MMLU row (need question, answer_a..answer_d, "
-                                 f"correct_answer in A-D, topic): {error!r}") from None
-            key = subject.replace(" ", "_")
-            index = per_subject.get(key, 0)
-            per_subject[key] = index + 1
-            items.append(MmluItem(f"{key}_{index}", subject, question, choices, answer))
-            if limit is not None and len(items) >= limit:
-                break
+    for line_no, row in jsonl_records(path):
+        if row.get("question") == "question" and row.get("correct_answer") == "answer":
+            continue
+        try:
+            subject = row["topic"].strip()
+            choices = tuple(str(row[f"answer_{letter.lower()}"]) for letter in LETTERS)
+            answer = LETTERS.index(row["correct_answer"].strip().upper())
+            question = row["question"]
+        except (KeyError, ValueError) as error:
+            raise ValueError(f"{path}:{line_no}: not an MMLU row (need question, answer_a..answer_d, "
+                             f"correct_answer in A-D, topic): {error!r}") from None
+        key = subject.replace(" ", "_")
+        index = per_subject.get(key, 0)
+        per_subject[key] = index + 1
+        items.append(MmluItem(f"{key}_{index}", subject, question, choices, answer))
+        if limit is not None and len(items) >= limit:
+            break
     return items
 
 

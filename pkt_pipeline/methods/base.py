@@ -18,7 +18,8 @@ from transformers import get_scheduler
 from ..cache import Cache, CacheError
 from ..config import AlignConfig
 from ..loader import TOKEN_MASKS, Batch
-from ..residual import forward_with_residual_stream
+from ..losses import next_token_mask
+from ..residual import decoder_of, forward_with_residual_stream, unwrapped
 
 
 LR_SCHEDULES = {"linear": "linear", "constant": "constant_with_warmup"}
@@ -167,9 +168,7 @@ def phase_scheduler(optimizer: torch.optim.Optimizer, phase: Phase, warmup: int)
 
 def next_token_positions(batch: Batch, tokens: str = "supervised") -> tuple[torch.Tensor, torch.Tensor]:
     """([B, T] positions whose next token is one of `tokens` (`Batch.tokens_mask`), [N] those next-token ids)."""
-    scored = batch.tokens_mask(tokens)
-    supervised_next = torch.zeros_like(scored)
-    supervised_next[:, :-1] = scored[:, 1:] & batch.attention_mask[:, 1:].bool()
+    supervised_next = next_token_mask(batch.tokens_mask(tokens), batch.attention_mask)
     targets = batch.input_ids[:, 1:][supervised_next[:, :-1]]
     return supervised_next, targets
 
@@ -177,8 +176,7 @@ def next_token_positions(batch: Batch, tokens: str = "supervised") -> tuple[torc
 def forward_student(model: nn.Module, batch: Batch, hidden_states: bool = False,
                     tokens: str = "supervised") -> StudentOutputs:
     """Run the student's decoder over the batch and its LM head only where the next token is one of `tokens`."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    body, head = base.get_decoder(), base.get_output_embeddings()
+    body, head = decoder_of(model), unwrapped(model).get_output_embeddings()
     inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
     out, states = forward_with_residual_stream(body, **inputs) if hidden_states else (body(**inputs), None)
     positions, targets = next_token_positions(batch, tokens)

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..losses import cosine_loss, fisher_surrogate, label_cosine_loss, relation_loss
 from ..loader import TOKEN_MASKS
-from ..residual import decoder_of, layer_state
+from ..residual import decoder_of, layer_state, unwrapped
 from ..semantic_map import SemanticMap, attributed_pairing, build_semantic_map, proportional_pairing
 from . import register
 from .base import LR_SCHEDULES, Method, Phase, forward_student, next_token_positions, require_answer_mask
@@ -142,8 +142,7 @@ class SemAlign(Method):
     def _fisher(self, model, student, target, mask):
         """The Fisher-weighted surrogate on the student's LM-head logits of its own state and of the
         aligned target; the final RMSNorm makes the target's arbitrary scale irrelevant."""
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        norm, head = base.get_decoder().norm, base.get_output_embeddings()
+        norm, head = decoder_of(model).norm, unwrapped(model).get_output_embeddings()
         z = head(norm(student[mask]))
         z_target = head(norm(target[mask].to(student.dtype)))
         return fisher_surrogate(z[None], z_target[None], mask.new_ones(1, int(mask.sum())))
