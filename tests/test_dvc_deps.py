@@ -112,3 +112,16 @@ def test_the_closure_follows_imports_inside_functions():
     assert "pkt_pipeline/evaluation/sandbox.py" in import_closure("stages.evaluate")
     assert "pkt_pipeline/training.py" in import_closure("stages.align")
     assert "stages/align.py" not in import_closure("stages.evaluate")
+
+
+@pytest.mark.parametrize("config", ["configs/default.yaml", "configs/tiny.yaml"])
+def test_a_methods_own_settings_live_under_methods_in_the_default_pipeline(config):
+    """`align@<method>` depends on `align` (shared by every method) and `methods.<method>`: a section
+    only one method reads (SemAlign's, LaTen's) set under `align` would make a change of it rerun every
+    method, so the default pipeline's configs keep them under `methods.<method>`."""
+    import yaml
+
+    raw = yaml.safe_load((PROJECT_ROOT / config).read_text())
+    own = {"semalign", "laten"}
+    assert not own & set(raw["align"]), f"{config}: move align.{sorted(own & set(raw['align']))} under methods.<method>"
+    assert raw["methods"]["semalign"]["semalign"] and raw["methods"]["laten"]["laten"]
