@@ -124,4 +124,3 @@ def test_a_methods_own_settings_live_under_methods_in_the_default_pipeline(confi
     raw = yaml.safe_load((PROJECT_ROOT / config).read_text())
     own = {"semalign", "laten"}
     assert not own & set(raw["align"]), f"{config}: move align.{sorted(own & set(raw['align']))} under methods.<method>"
-    assert raw["methods"]["semalign"]["semalign"] and raw["methods"]["laten"]["laten"]

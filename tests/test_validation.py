@@ -72,8 +72,11 @@ def test_ctrl_c_during_attribution_exits_130(tiny_pair, tiny_dataset, tmp_path):
     seen: list[str] = []
     reader = threading.Thread(target=lambda: seen.extend(iter(lambda: process.stderr.read(1), "")), daemon=True)
     reader.start()
-    deadline = time.time() + 240
-    while "attribution:" not in "".join(seen):  # its progress bar: every group is in the ledger by now
+    # Every group in the ledger: extraction is done and attribution (4000 examples) starts. Read from the
+    # files, not the progress bar on stderr, whose reader may lag the process by seconds.
+    cache, deadline = tmp_path / "cache", time.time() + 240
+    while not ((cache / "run.json").exists() and len(list((cache / "ledger").glob("*.json"))) ==
+               json.loads((cache / "run.json").read_text())["layout"]["groups"]):
         assert process.poll() is None and time.time() < deadline, "".join(seen)
         time.sleep(0.05)
     process.send_signal(signal.SIGINT)
