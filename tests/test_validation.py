@@ -66,9 +66,12 @@ def test_non_utf8_dev_rows_and_config_name_the_file_and_line(tmp_path):
 
 def test_ctrl_c_during_attribution_exits_130(tiny_pair, tiny_dataset, tmp_path):
     attribution = write_dataset(tmp_path / "attribution.jsonl", 4000, seed=3)
+    # As from a terminal: a suite started in the background (`cmd &` in a script) inherits SIGINT ignored,
+    # and Python then keeps it ignored in the child.
     process = pkt("extract", "--teacher", str(tiny_pair["teacher"]), "--data", str(tiny_dataset),
                   "--out", str(tmp_path / "cache"),
-                  *settings(f"extract.attribution_data={attribution}", "extract.attribution_examples=0"), cwd=tmp_path)
+                  *settings(f"extract.attribution_data={attribution}", "extract.attribution_examples=0"), cwd=tmp_path,
+                  preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen: list[str] = []
     reader = threading.Thread(target=lambda: seen.extend(iter(lambda: process.stderr.read(1), "")), daemon=True)
     reader.start()
