@@ -150,9 +150,9 @@ def _run(config: PktConfig, progress: bool = True, echo=print) -> dict:
     if rank != 0:
         writer = CacheWriter.open(*writer_args, create=False)
     timings: dict[str, float] = {}  # the extras' run times: in the summary, never in the manifest (reproducible)
-    kept_extras = writer.files.read_json("manifest.json").get("extras", {}) if writer.files.exists("manifest.json") else {}
-    if writer.files.exists("manifest.json") and len(writer.finished_groups()) == len(groups):
-        manifest = writer.files.read_json("manifest.json")
+    manifest = writer.files.read_json("manifest.json") if writer.files.exists("manifest.json") else None
+    kept_extras = manifest.get("extras", {}) if manifest else {}
+    if manifest is not None and len(writer.finished_groups()) == len(groups):
         stale = _stale_extras(cfg.extras, manifest.get("extras", {}), config)
         missing = [name for name in cfg.extras if name not in manifest.get("extras", {}) or name in stale]
         if not missing:
