@@ -91,25 +91,16 @@ def has_effective_supervision(supervised) -> bool:
     return bool(supervised[1:].any())
 
 
-def layer_attribution(
-    model, input_ids: torch.Tensor, supervised: torch.Tensor, aggregation: str = "abs", target: str = "output"
-) -> torch.Tensor:
-    """Per-layer Gradient × Activation scores of one example (I_ℓ, or C_ℓ for `target="contribution"`),
-    float64 of shape [L+1] (CPU).
-
-    `input_ids` [T] integer ids, `supervised` [T] bool answer-token mask. Raises ValueError for
-    an unknown `aggregation` or `target`, malformed inputs, or an example with no supervised token
-    at position ≥ 1 (nothing to predict). See the module docstring for the exact definition.
-    """
-    if target not in TARGETS:
-        raise ValueError(f"unknown attribution target {target!r} (choose one of {', '.join(TARGETS)})")
-    return attribution_scores(model, input_ids, supervised, aggregation)[target]
-
-
 def attribution_scores(
     model, input_ids: torch.Tensor, supervised: torch.Tensor, aggregation: str = "abs"
 ) -> dict[str, torch.Tensor]:
-    """Both targets' scores of one example from one forward and backward: {target: float64 [L+1]}."""
+    """Per-layer Gradient × Activation scores of one example for both targets from one forward and
+    backward: {"output": I_ℓ, "contribution": C_ℓ}, each float64 of shape [L+1] (CPU).
+
+    `input_ids` [T] integer ids, `supervised` [T] bool answer-token mask. Raises ValueError for
+    an unknown `aggregation`, malformed inputs, or an example with no supervised token at
+    position ≥ 1 (nothing to predict). See the module docstring for the exact definition.
+    """
     input_ids = torch.as_tensor(input_ids)
     supervised = torch.as_tensor(supervised)
     _check_inputs(input_ids, supervised, aggregation)
