@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pkt_pipeline.datasets import DatasetNotFound, find_dataset
+from conftest import require_dataset
 from pkt_pipeline.evaluation.code_tasks import extract_code, load_humaneval, load_mbpp
 from pkt_pipeline.evaluation.sandbox import _verdict, run_program, run_programs, sandbox_mode
 
@@ -20,10 +20,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 def _data(name: str) -> Path:
-    try:
-        return find_dataset(name, allow_hub=False)
-    except DatasetNotFound as exc:
-        pytest.skip(str(exc))
+    return require_dataset(name)
 
 
 @pytest.fixture(scope="module")
