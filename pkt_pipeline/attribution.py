@@ -45,6 +45,7 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .extraction import check_finite
 from .residual import forward_with_residual_stream, residual_delta
@@ -56,7 +57,7 @@ TARGETS = ("output", "contribution")
 """What a score multiplies the gradient with: the layer's output h_ℓ, or its contribution Δ_ℓ."""
 
 
-def _model_device(model) -> torch.device:
+def _model_device(model: nn.Module) -> torch.device:
     device = getattr(model, "device", None)
     if isinstance(device, torch.device):
         return device
@@ -92,7 +93,7 @@ def has_effective_supervision(supervised) -> bool:
 
 
 def attribution_scores(
-    model, input_ids: torch.Tensor, supervised: torch.Tensor, aggregation: str = "abs"
+    model: nn.Module, input_ids: torch.Tensor, supervised: torch.Tensor, aggregation: str = "abs"
 ) -> dict[str, torch.Tensor]:
     """Per-layer Gradient × Activation scores of one example for both targets from one forward and
     backward: {"output": I_ℓ, "contribution": C_ℓ}, each float64 of shape [L+1] (CPU).
@@ -146,7 +147,7 @@ def attribution_scores(
 
 
 def accumulate_attribution(
-    model, examples: Iterable, aggregation: str = "abs", progress: bool = True
+    model: nn.Module, examples: Iterable, aggregation: str = "abs", progress: bool = True
 ) -> tuple[dict[str, np.ndarray], int]:
     """Σ of `attribution_scores` over `examples`; returns ({target: scores float64 [L+1]}, n_used).
 

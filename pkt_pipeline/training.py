@@ -68,7 +68,7 @@ class Position:
 
 
 def train(model: nn.Module, method: Method, phases: list[Phase], make_loader: Callable[[Phase], BatchSource],
-          config: AlignConfig, out: Path, progress: bool = True, echo=print) -> dict:
+          config: AlignConfig, out: Path, progress: bool = True, echo: Callable[[str], None] = print) -> dict:
     """Run `phases` on `model` in place (resuming from a checkpoint in `out`); returns this run's throughput."""
     saved = method.saved_parameters(model, phases)
     device = next(model.parameters()).device
