@@ -45,6 +45,7 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .extraction import check_finite
 from .residual import forward_with_residual_stream, residual_delta
@@ -56,7 +57,7 @@ TARGETS = ("output", "contribution")
 """What a score multiplies the gradient with: the layer's output h_ℓ, or its contribution Δ_ℓ."""
 
 
-def _model_device(model) -> torch.device:
+def _model_device(model: nn.Module) -> torch.device:
     device = getattr(model, "device", None)
     if isinstance(device, torch.device):
         return device
@@ -91,25 +92,16 @@ def has_effective_supervision(supervised) -> bool:
     return bool(supervised[1:].any())
 
 
-def layer_attribution(
-    model, input_ids: torch.Tensor, supervised: torch.Tensor, aggregation: str = "abs", target: str = "output"
-) -> torch.Tensor:
-    """Per-layer Gradient × Activation scores of one example (I_ℓ, or C_ℓ for `target="contribution"`),
-    float64 of shape [L+1] (CPU).
+def attribution_scores(
+    model: nn.Module, input_ids: torch.Tensor, supervised: torch.Tensor, aggregation: str = "abs"
+) -> dict[str, torch.Tensor]:
+    """Per-layer Gradient × Activation scores of one example for both targets from one forward and
+    backward: {"output": I_ℓ, "contribution": C_ℓ}, each float64 of shape [L+1] (CPU).
 
     `input_ids` [T] integer ids, `supervised` [T] bool answer-token mask. Raises ValueError for
-    an unknown `aggregation` or `target`, malformed inputs, or an example with no supervised token
-    at position ≥ 1 (nothing to predict). See the module docstring for the exact definition.
+    an unknown `aggregation`, malformed inputs, or an example with no supervised token at
+    position ≥ 1 (nothing to predict). See the module docstring for the exact definition.
     """
-    if target not in TARGETS:
-        raise ValueError(f"unknown attribution target {target!r} (choose one of {', '.join(TARGETS)})")
-    return attribution_scores(model, input_ids, supervised, aggregation)[target]
-
-
-def attribution_scores(
-    model, input_ids: torch.Tensor, supervised: torch.Tensor, aggregation: str = "abs"
-) -> dict[str, torch.Tensor]:
-    """Both targets' scores of one example from one forward and backward: {target: float64 [L+1]}."""
     input_ids = torch.as_tensor(input_ids)
     supervised = torch.as_tensor(supervised)
     _check_inputs(input_ids, supervised, aggregation)
@@ -155,7 +147,7 @@ def attribution_scores(
 
 
 def accumulate_attribution(
-    model, examples: Iterable, aggregation: str = "abs", progress: bool = True
+    model: nn.Module, examples: Iterable, aggregation: str = "abs", progress: bool = True
 ) -> tuple[dict[str, np.ndarray], int]:
     """Σ of `attribution_scores` over `examples`; returns ({target: scores float64 [L+1]}, n_used).
 

@@ -16,10 +16,14 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .jsonl import jsonl_lines, jsonl_records  # noqa: F401  (jsonl_lines: its home before jsonl.py)
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +77,7 @@ def read_jsonl_rows(path: str | Path) -> list[dict]:
 
 def format_example(
     row: dict,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     prompt_format: str = "chat",
     max_length: int = 1024,
     train_on_inputs: bool = False,
@@ -137,7 +141,7 @@ def format_example(
 
 def load_examples(
     path: str | Path,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     prompt_format: str = "chat",
     max_length: int = 1024,
     train_on_inputs: bool = False,
@@ -219,7 +223,7 @@ def _check_messages(messages, example_id: str) -> None:
 _Turn = tuple[int, int, int]
 
 
-def _render_chat(messages: list[dict], tokenizer, example_id: str) -> tuple[str, list[_Turn]]:
+def _render_chat(messages: list[dict], tokenizer: PreTrainedTokenizerBase, example_id: str) -> tuple[str, list[_Turn]]:
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(
             f"{type(tokenizer).__name__} has no chat template; use prompt_format='plain' for this model"
@@ -251,7 +255,7 @@ def _render_chat(messages: list[dict], tokenizer, example_id: str) -> tuple[str,
     return text, turns
 
 
-def _render_plain(messages: list[dict], tokenizer, example_id: str) -> tuple[str, list[_Turn]]:
+def _render_plain(messages: list[dict], tokenizer: PreTrainedTokenizerBase, example_id: str) -> tuple[str, list[_Turn]]:
     eos = tokenizer.eos_token
     if not eos:
         raise ValueError(f"{type(tokenizer).__name__} has no eos_token, which ends answers in the plain prompt format")
@@ -274,13 +278,14 @@ def _render_plain(messages: list[dict], tokenizer, example_id: str) -> tuple[str
     return text, turns
 
 
-def _special_ids(tokenizer) -> set[int]:
+def _special_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
     ids = set(tokenizer.all_special_ids)
     ids.update(i for i, token in getattr(tokenizer, "added_tokens_decoder", {}).items() if token.special)
     return ids
 
 
-def _tokenise_with_mask(text: str, turns: list[_Turn], tokenizer, example_id: str) -> tuple[np.ndarray, np.ndarray]:
+def _tokenise_with_mask(text: str, turns: list[_Turn], tokenizer: PreTrainedTokenizerBase,
+                        example_id: str) -> tuple[np.ndarray, np.ndarray]:
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError(f"{type(tokenizer).__name__} is not a fast tokenizer; answer masks need its character offsets")
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)

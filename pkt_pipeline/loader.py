@@ -20,6 +20,7 @@ import queue
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Literal, Protocol
 
 import numpy as np
 import torch
@@ -35,6 +36,22 @@ TOKEN_MASKS = ("supervised", "answer")
 or the `answer` (reply) tokens alone."""
 
 
+Role = Literal["train", "locate", "align"]
+
+
+@dataclass(frozen=True)
+class ExampleMeta:
+    """What a batch source knows of one member beyond its id, so that nothing is encoded in id strings."""
+
+    position: int
+    """The example's place in its source's own list (ids alone may repeat across a method's splits)."""
+    role: Role = "train"
+    """`train` for the cache loader; LaTen's `locate` (the step's located example) or `align`."""
+    anchor: int | None = None
+    """The position of the example this one was batched for (LaTen: the located example whose translated
+    deltas the step injects), so any micro-batch of the step knows it; None where none is."""
+
+
 @dataclass
 class Batch:
     """Right-padded sequences and their cached teacher signals; every padded position is zero."""
@@ -47,6 +64,12 @@ class Batch:
     topk_logprobs: torch.Tensor | None      # [B, T, k] float32
     topk_indices: torch.Tensor | None       # [B, T, k] int64
     answer: torch.Tensor | None = None      # [B, T] bool, the reply tokens (None: a cache from before it was stored)
+    meta: tuple[ExampleMeta, ...] = ()  # one per example, or () where the source gives none
+
+    def __post_init__(self) -> None:
+        if self.meta and len(self.meta) != len(self.example_ids):
+            raise ValueError(f"a batch of {len(self.example_ids)} examples got meta for {len(self.meta)} "
+                             "(one per example, or none)")
 
     def tokens_mask(self, tokens: str) -> torch.Tensor:
         """[B, T] bool: the `supervised` tokens (the cache's loss mask) or the `answer` (reply) tokens."""
@@ -65,7 +88,7 @@ class Batch:
 
         return Batch(self.example_ids, move(self.input_ids), move(self.attention_mask), move(self.supervised),
                      {layer: move(t) for layer, t in self.teacher.items()}, move(self.topk_logprobs),
-                     move(self.topk_indices), move(self.answer))
+                     move(self.topk_indices), move(self.answer), self.meta)
 
     @property
     def tokens(self) -> int:
@@ -86,8 +109,39 @@ class Batch:
 
             parts.append(Batch(self.example_ids[rows], cut(self.input_ids), cut(self.attention_mask),
                                cut(self.supervised), {layer: cut(t) for layer, t in self.teacher.items()},
-                               cut(self.topk_logprobs), cut(self.topk_indices), cut(self.answer)))
+                               cut(self.topk_logprobs), cut(self.topk_indices), cut(self.answer),
+                               self.meta[rows]))
         return parts
+
+
+class BatchSource(Protocol):
+    """What the trainer needs of a source of batches: the cache loader, or a method's own (LaTen's).
+
+    A position must be exactly resumable: `load_state_dict(state_dict())` on a fresh source with the same
+    settings continues with the very batches the saved one would have given next."""
+
+    def __len__(self) -> int:
+        """Batches per epoch."""
+        ...
+
+    def batches(self, steps: int) -> Iterator[Batch]:
+        """Exactly `steps` batches from the current position, crossing epochs as needed."""
+        ...
+
+    def state_dict(self) -> dict:
+        ...
+
+    def load_state_dict(self, state: dict) -> None:
+        ...
+
+    def close(self) -> None:
+        ...
+
+    def __enter__(self) -> BatchSource:
+        ...
+
+    def __exit__(self, *exc: object) -> None:
+        ...
 
 
 class CacheLoader:
@@ -322,6 +376,7 @@ class CacheLoader:
             topk_logprobs=pad(torch.from_numpy(flat["topk/logprobs"].astype(np.float32))) if self.topk else None,
             topk_indices=pad(torch.from_numpy(flat["topk/indices"].astype(np.int64))) if self.topk else None,
             answer=pad(torch.from_numpy(flat["answer"].astype(bool))) if "answer" in flat else None,
+            meta=tuple(ExampleMeta(position) for position in positions),
         )
 
     def state_dict(self) -> dict:

@@ -26,6 +26,8 @@ import torch
 from safetensors import SafetensorError
 
 if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+
     from .config import LoraSettings
 
 log = logging.getLogger(__name__)
@@ -145,7 +147,7 @@ def resolve_dtype(dtype: str | torch.dtype = "auto", device: torch.device | str 
     return torch.float32
 
 
-def load_tokenizer(name_or_path: str | os.PathLike, trust_remote_code: bool = False):
+def load_tokenizer(name_or_path: str | os.PathLike, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """The tokenizer of a model source, with a pad token (the EOS token when none is defined)."""
     from transformers import AutoTokenizer
 
@@ -160,7 +162,8 @@ def load_tokenizer(name_or_path: str | os.PathLike, trust_remote_code: bool = Fa
     return tokenizer
 
 
-def load_model_config(name_or_path: str | os.PathLike, trust_remote_code: bool = False, needed_for: str = ""):
+def load_model_config(name_or_path: str | os.PathLike, trust_remote_code: bool = False,
+                      needed_for: str = "") -> PretrainedConfig:
     """A model's transformers config alone (its shape), never its weights. `needed_for` says what reads it,
     so a missing model is reported as that need (`pkt extract --with laten` reads the student's shape)."""
     from transformers import AutoConfig
@@ -183,8 +186,8 @@ def load_model(
     dtype: str | torch.dtype = "auto",
     device: str = "auto",
     trust_remote_code: bool = False,
-    tokenizer=None,
-):
+    tokenizer: PreTrainedTokenizerBase | None = None,
+) -> PreTrainedModel:
     """A causal LM ready for inference or training, on the policy's device and dtype.
 
     Given the `tokenizer` it will run with, the model must embed every token id it can produce
@@ -223,7 +226,7 @@ def with_lora(model: torch.nn.Module, settings: LoraSettings) -> torch.nn.Module
     return get_peft_model(model, lora)
 
 
-def check_embeddings(model, tokenizer, source: ModelSource | str) -> None:
+def check_embeddings(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, source: ModelSource | str) -> None:
     """Refuse a model whose input embedding has fewer rows than its tokenizer has tokens: the first id past
     the matrix would fail deep inside a forward as a bare "index out of range"."""
     rows = model.get_input_embeddings().weight.shape[0]
@@ -252,7 +255,7 @@ def _gguf_bar_follows_transformers():
         gguf_utils.tqdm = bar
 
 
-def clear_quantizer_flags(model) -> None:
+def clear_quantizer_flags(model: PreTrainedModel) -> None:
     """Make a dequantized GGUF model an ordinary float model.
 
     transformers dequantizes GGUF weights into plain float tensors but still marks the model
@@ -266,7 +269,7 @@ def clear_quantizer_flags(model) -> None:
     model.quantization_method = None
 
 
-def is_quantized(model) -> bool:
+def is_quantized(model: PreTrainedModel) -> bool:
     return bool(
         getattr(model, "hf_quantizer", None) is not None
         or getattr(model, "is_quantized", False)

@@ -36,7 +36,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import AlignConfig
-from .loader import CacheLoader
+from .loader import BatchSource
 from .methods import Method, Phase
 from .write_errors import write_failed
 
@@ -67,8 +67,8 @@ class Position:
     global_step: int = 0
 
 
-def train(model: nn.Module, method: Method, phases: list[Phase], make_loader: Callable[[Phase], CacheLoader],
-          config: AlignConfig, out: Path, progress: bool = True, echo=print) -> dict:
+def train(model: nn.Module, method: Method, phases: list[Phase], make_loader: Callable[[Phase], BatchSource],
+          config: AlignConfig, out: Path, progress: bool = True, echo: Callable[[str], None] = print) -> dict:
     """Run `phases` on `model` in place (resuming from a checkpoint in `out`); returns this run's throughput."""
     saved = method.saved_parameters(model, phases)
     device = next(model.parameters()).device
@@ -185,7 +185,7 @@ class _RunFiles:
             self._log.write(json.dumps(entry) + "\n")
 
     def checkpoint(self, model: nn.Module, names: list[str], position: Position, optimizer, scheduler,
-                   loader: CacheLoader) -> None:
+                   loader: BatchSource) -> None:
         with self.writing():
             self._log.flush()  # every logged step the checkpoint covers is on disk before it
             _save_checkpoint(self.out, model, names, position, optimizer, scheduler, loader)
@@ -213,7 +213,7 @@ def clear_checkpoint(out: Path) -> None:
 
 
 def _save_checkpoint(out: Path, model: nn.Module, names: list[str], position: Position, optimizer, scheduler,
-                     loader: CacheLoader) -> None:
+                     loader: BatchSource) -> None:
     temporary, final = out / f"{CHECKPOINT}.tmp", out / CHECKPOINT
     shutil.rmtree(temporary, ignore_errors=True)
     parameters = dict(model.named_parameters())

@@ -20,7 +20,7 @@ from pkt_pipeline import __version__
 from pkt_pipeline.cache import CacheError, open_cache
 from pkt_pipeline.config import PktConfig, for_method, to_dict
 from pkt_pipeline.extraction import vocabulary_sha256
-from pkt_pipeline.loader import CacheLoader
+from pkt_pipeline.loader import BatchSource, CacheLoader
 from pkt_pipeline.methods import AlignContext, Phase, get_method
 from pkt_pipeline.models import load_model, load_tokenizer, peak_rss_gib, resolve_device, with_lora
 from pkt_pipeline.plots import plot_training_log
@@ -76,7 +76,7 @@ def run(config: PktConfig, progress: bool = True, echo=print) -> dict:
         model = model.float()
     method.setup(model)
 
-    def make_loader(phase: Phase, seed: int = cfg.seed) -> CacheLoader:
+    def make_loader(phase: Phase, seed: int = cfg.seed) -> BatchSource:
         own = method.loader(phase, seed)
         if own is not None:
             return own

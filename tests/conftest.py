@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -61,6 +62,32 @@ def code_sandbox() -> str:
         return sandbox_mode()
     except SandboxUnavailable as exc:
         pytest.skip(f"this machine cannot build the code sandbox: {exc}")
+
+
+def missing_data(reason: str) -> NoReturn:
+    """Skip a test whose data (../shared, data/) this machine lacks, saying why. Under `CI=true` fail instead:
+    CI has the data, and a skip there would hide a test that never runs."""
+    if os.environ.get("CI", "").strip().lower() in ("1", "true", "yes"):
+        pytest.fail(f"{reason} (CI=true: a test that needs ../shared data fails there instead of skipping, so it "
+                    "cannot silently never run)", pytrace=False)
+    pytest.skip(reason)
+
+
+def require_file(path: Path) -> Path:
+    """`path`, or `missing_data` naming it."""
+    if not path.is_file():
+        missing_data(f"{path} is absent")
+    return path
+
+
+def require_dataset(name: str) -> Path:
+    """A data set found on this machine (data/ or the shared data folder; never the hub), or `missing_data`."""
+    from pkt_pipeline.datasets import DatasetNotFound, find_dataset
+
+    try:
+        return find_dataset(name, allow_hub=False)
+    except DatasetNotFound as exc:
+        missing_data(str(exc))
 
 
 def real_model_dir(name: str) -> Path:

@@ -20,7 +20,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import PROJECT_ROOT
+from conftest import PROJECT_ROOT, require_file
 from pkt_pipeline.assets import DEFAULT_PINS, AssetError, fetch_dataset, fetch_model, load_pins
 from pkt_pipeline.datasets import DatasetNotFound, find_dataset
 from pkt_pipeline.models import load_model, load_tokenizer
@@ -150,9 +150,7 @@ def test_unknown_model_name_lists_the_pinned_ones():
 
 def test_shipped_pins_match_the_shared_hash_list():
     """pins.yaml must carry exactly the wheel hashes published in shared/assets/wheels.sha256."""
-    published = PROJECT_ROOT.parent / "shared" / "assets" / "wheels.sha256"
-    if not published.is_file():
-        pytest.skip(f"{published} is absent")
+    published = require_file(PROJECT_ROOT.parent / "shared" / "assets" / "wheels.sha256")
     expected = {}
     for line in published.read_text().splitlines():
         if line and not line.startswith("#"):

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pkt_pipeline.attribution import accumulate_attribution, layer_attribution
+from pkt_pipeline.attribution import accumulate_attribution, attribution_scores
 from pkt_pipeline.models import load_model
 
 T = 24
@@ -70,12 +70,12 @@ def test_matches_independent_autograd(tiny_pair, teacher):
     expected = reference_attribution(reference_model, ids, supervised)
 
     for target in ("output", "contribution"):
-        scores = layer_attribution(teacher, ids, supervised, target=target)
+        scores = attribution_scores(teacher, ids, supervised)[target]
         assert scores.dtype == torch.float64
         assert scores.shape == (teacher.config.num_hidden_layers + 1,)
         assert torch.all(scores > 0)
         torch.testing.assert_close(scores, expected[target, "abs"], rtol=1e-6, atol=0)
-        signed = layer_attribution(teacher, ids, supervised, aggregation="signed", target=target)
+        signed = attribution_scores(teacher, ids, supervised, "signed")[target]
         torch.testing.assert_close(signed, expected[target, "signed"], rtol=1e-6, atol=1e-9)
     # h_0 is its own contribution.
     assert expected["contribution", "abs"][0] == expected["output", "abs"][0]
@@ -83,8 +83,8 @@ def test_matches_independent_autograd(tiny_pair, teacher):
 
 def test_signed_differs_and_is_bounded_by_abs(teacher):
     ids, supervised = random_example(1, teacher.config.vocab_size)
-    abs_scores = layer_attribution(teacher, ids, supervised, aggregation="abs")
-    signed = layer_attribution(teacher, ids, supervised, aggregation="signed")
+    abs_scores = attribution_scores(teacher, ids, supervised, "abs")["output"]
+    signed = attribution_scores(teacher, ids, supervised, "signed")["output"]
     assert not torch.allclose(abs_scores, signed)
     assert torch.all(abs_scores >= signed.abs())
 
@@ -92,39 +92,39 @@ def test_signed_differs_and_is_bounded_by_abs(teacher):
 def test_positions_that_feed_nothing_do_not_matter(teacher):
     vocab = teacher.config.vocab_size
     ids, supervised = random_example(2, vocab)
-    base = layer_attribution(teacher, ids, supervised)
+    base = attribution_scores(teacher, ids, supervised)["output"]
 
     # Unsupervised tokens appended at the end: causal, so nothing before them changes.
     extra = torch.randint(0, vocab, (7,), generator=torch.Generator().manual_seed(3))
-    longer = layer_attribution(
+    longer = attribution_scores(
         teacher, torch.cat([ids, extra]), torch.cat([supervised, torch.zeros(7, dtype=torch.bool)])
-    )
+    )["output"]
     torch.testing.assert_close(longer, base, rtol=1e-6, atol=0)
 
     # Tokens after the last supervised one feed no prediction of a supervised token.
     last = int(supervised.nonzero().max())
     changed = ids.clone()
     changed[last + 1 :] = (changed[last + 1 :] + 1) % vocab
-    torch.testing.assert_close(layer_attribution(teacher, changed, supervised), base, rtol=1e-6, atol=0)
+    torch.testing.assert_close(attribution_scores(teacher, changed, supervised)["output"], base, rtol=1e-6, atol=0)
 
     # A supervised position 0 has no logit predicting it: it contributes nothing.
     with_first = supervised.clone()
     with_first[0] = True
-    torch.testing.assert_close(layer_attribution(teacher, ids, with_first), base, rtol=1e-6, atol=0)
+    torch.testing.assert_close(attribution_scores(teacher, ids, with_first)["output"], base, rtol=1e-6, atol=0)
 
 
 def test_supervision_and_fed_tokens_matter(teacher):
     vocab = teacher.config.vocab_size
     ids, supervised = random_example(4, vocab)
-    base = layer_attribution(teacher, ids, supervised)
+    base = attribution_scores(teacher, ids, supervised)["output"]
 
     fewer = supervised.clone()
     fewer[int(supervised.nonzero().max())] = False
-    assert not torch.allclose(layer_attribution(teacher, ids, fewer), base)
+    assert not torch.allclose(attribution_scores(teacher, ids, fewer)["output"], base)
 
     changed = ids.clone()
     changed[2] = (changed[2] + 1) % vocab  # an unsupervised prompt token the answer attends to
-    assert not torch.allclose(layer_attribution(teacher, changed, supervised), base)
+    assert not torch.allclose(attribution_scores(teacher, changed, supervised)["output"], base)
 
 
 def test_leaves_no_state_on_the_model(tiny_pair):
@@ -135,26 +135,26 @@ def test_leaves_no_state_on_the_model(tiny_pair):
     ids, supervised = random_example(5, model.config.vocab_size)
 
     with torch.no_grad():  # works inside a caller's no_grad block too
-        scores = layer_attribution(model, ids, supervised)
+        scores = attribution_scores(model, ids, supervised)["output"]
     assert torch.all(scores > 0)
-    layer_attribution(model, ids, supervised, aggregation="signed")
+    attribution_scores(model, ids, supervised, "signed")
 
     assert all(p.grad is None for p in model.parameters())
     assert {name: p.requires_grad for name, p in model.named_parameters()} == before
     assert not model.training
 
     model.train()  # a model handed over in train mode is scored in eval mode and given back as it was
-    torch.testing.assert_close(layer_attribution(model, ids, supervised), scores, rtol=1e-6, atol=0)
+    torch.testing.assert_close(attribution_scores(model, ids, supervised)["output"], scores, rtol=1e-6, atol=0)
     assert model.training
 
 
 def test_low_precision_model_gives_float64_scores(tiny_pair, teacher):
     model = load_model(tiny_pair["teacher"], dtype="bfloat16", device="cpu")
     ids, supervised = random_example(6, model.config.vocab_size)
-    scores = layer_attribution(model, ids, supervised)
+    scores = attribution_scores(model, ids, supervised)["output"]
     assert scores.dtype == torch.float64
     assert torch.all(torch.isfinite(scores)) and torch.all(scores > 0)
-    reference = layer_attribution(teacher, ids, supervised)
+    reference = attribution_scores(teacher, ids, supervised)["output"]
     torch.testing.assert_close(scores, reference, rtol=0.2, atol=0)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
 
@@ -162,19 +162,17 @@ def test_low_precision_model_gives_float64_scores(tiny_pair, teacher):
 def test_bad_inputs(teacher):
     ids, supervised = random_example(7, teacher.config.vocab_size)
     with pytest.raises(ValueError, match="unknown attribution aggregation 'mean'"):
-        layer_attribution(teacher, ids, supervised, aggregation="mean")
-    with pytest.raises(ValueError, match="unknown attribution target 'input'"):
-        layer_attribution(teacher, ids, supervised, target="input")
+        attribution_scores(teacher, ids, supervised, "mean")
     with pytest.raises(ValueError, match="no supervised token"):
-        layer_attribution(teacher, ids, torch.zeros_like(supervised))
+        attribution_scores(teacher, ids, torch.zeros_like(supervised))
     only_first = torch.zeros_like(supervised)
     only_first[0] = True
     with pytest.raises(ValueError, match="no supervised token"):
-        layer_attribution(teacher, ids, only_first)
+        attribution_scores(teacher, ids, only_first)
     with pytest.raises(ValueError, match="differ in length"):
-        layer_attribution(teacher, ids, supervised[:-1])
+        attribution_scores(teacher, ids, supervised[:-1])
     with pytest.raises(ValueError, match="bool mask"):
-        layer_attribution(teacher, ids, supervised.long())
+        attribution_scores(teacher, ids, supervised.long())
     with pytest.raises(ValueError, match="unknown attribution aggregation"):
         accumulate_attribution(teacher, [], aggregation="max")
 
@@ -193,11 +191,11 @@ def test_accumulate_sums_and_skips(teacher, caplog):
     assert set(scores) == {"output", "contribution"}
     for target, values in scores.items():
         assert isinstance(values, np.ndarray) and values.dtype == np.float64
-        expected = sum(layer_attribution(teacher, ids, sup, target=target) for ids, sup in pairs)
+        expected = sum(attribution_scores(teacher, ids, sup)[target] for ids, sup in pairs)
         np.testing.assert_allclose(values, expected.numpy(), rtol=1e-12)
 
     signed, used = accumulate_attribution(teacher, iter(examples), aggregation="signed", progress=True)
-    expected_signed = sum(layer_attribution(teacher, ids, sup, aggregation="signed") for ids, sup in pairs)
+    expected_signed = sum(attribution_scores(teacher, ids, sup, "signed")["output"] for ids, sup in pairs)
     np.testing.assert_allclose(signed["output"], expected_signed.numpy(), rtol=1e-12)
 
     with pytest.raises(ValueError, match="no example with a supervised token"):

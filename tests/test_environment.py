@@ -1,9 +1,15 @@
-"""The environment pkt installs: a CPU torch never drags CUDA packages along."""
+"""The environment pkt installs (a CPU torch never drags CUDA packages along), and the rule that keeps
+tests from silently never running: in CI (`CI=true`) a test whose data is missing fails."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from importlib import metadata
+from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import PROJECT_ROOT
@@ -11,7 +17,8 @@ from conftest import PROJECT_ROOT
 
 def test_cpu_torch_comes_without_cuda_packages():
     if torch.version.cuda is not None:
-        return  # a GPU user's own CUDA build legitimately brings nvidia-* packages
+        pytest.skip(f"torch {torch.__version__} is a CUDA {torch.version.cuda} build, which legitimately brings "
+                    "nvidia-* packages")
     nvidia = sorted(d.metadata["Name"] for d in metadata.distributions() if d.metadata["Name"].lower().startswith("nvidia"))
     assert nvidia == [], f"CPU torch {torch.__version__} but CUDA packages installed: {nvidia}"
 
@@ -20,3 +27,46 @@ def test_constraints_pin_torch_without_a_local_label():
     lines = (PROJECT_ROOT / "requirements" / "constraints.txt").read_text().splitlines()
     assert "torch==2.13.0" in lines
     assert not [line for line in lines if line.lower().startswith("nvidia")]
+
+
+def pytest_run(*args: str, ci: bool, extra_path: Path | None = None) -> subprocess.CompletedProcess:
+    """pytest in a child, with CI=true or without CI, importing this suite's conftest."""
+    env = {key: value for key, value in os.environ.items() if key != "CI"}
+    if ci:
+        env["CI"] = "true"
+    paths = [str(p) for p in (extra_path, PROJECT_ROOT / "tests", PROJECT_ROOT) if p is not None]
+    env["PYTHONPATH"] = os.pathsep.join([*paths, env.get("PYTHONPATH", "")])
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", *args],
+                          cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_a_test_whose_shared_data_is_missing_fails_in_ci_and_skips_visibly_elsewhere(tmp_path):
+    missing = tmp_path / "shared" / "data" / "gsm8k" / "test.jsonl"
+    probe = tmp_path / "test_probe.py"
+    probe.write_text(f"from pathlib import Path\n\nfrom conftest import require_file\n\n\n"
+                     f"def test_reads_the_data():\n    require_file(Path({str(missing)!r}))\n")
+    failed = pytest_run(str(probe), "--rootdir", str(tmp_path), ci=True)
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    assert "1 failed" in failed.stdout
+    assert (f"{missing} is absent (CI=true: a test that needs ../shared data fails there instead of "
+            "skipping, so it cannot silently never run)") in failed.stdout
+    skipped = pytest_run(str(probe), "--rootdir", str(tmp_path), ci=False)
+    assert skipped.returncode == 0, skipped.stdout + skipped.stderr
+    assert "1 skipped" in skipped.stdout and f"{missing} is absent" in skipped.stdout
+
+
+def test_ci_runs_the_suite_with_ci_true():
+    script = (PROJECT_ROOT / ".ci" / "run").read_text().splitlines()
+    assert "export CI=true" in script
+    assert script.index("export CI=true") < script.index("make test")
+
+
+def test_the_cpu_check_skips_visibly_on_a_cuda_build(tmp_path):
+    """On a CUDA build the check does not apply: it says so as a skip, not as a silent pass. (The build is
+    stood in for by its version attribute, since this machine has the CPU one.)"""
+    (tmp_path / "cuda_build.py").write_text('import torch\n\ntorch.version.cuda = "12.8"\n')
+    result = pytest_run(f"{Path(__file__)}::test_cpu_torch_comes_without_cuda_packages", "-p", "cuda_build",
+                        ci=False, extra_path=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 skipped" in result.stdout
+    assert "is a CUDA 12.8 build, which legitimately brings nvidia-* packages" in result.stdout

@@ -12,18 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from pkt_pipeline.datasets import DatasetNotFound, find_dataset
+from conftest import require_dataset
 from pkt_pipeline.evaluation.code_tasks import extract_code, load_humaneval, load_mbpp
-from pkt_pipeline.evaluation.sandbox import _verdict, namespace_command, run_program, run_programs
+from pkt_pipeline.evaluation.sandbox import _verdict, run_program, run_programs, sandbox_mode
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 def _data(name: str) -> Path:
-    try:
-        return find_dataset(name, allow_hub=False)
-    except DatasetNotFound as exc:
-        pytest.skip(str(exc))
+    return require_dataset(name)
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +86,7 @@ def test_sockets_cannot_be_created():
 @pytest.mark.usefixtures("code_sandbox")
 def test_network_namespace_has_no_route():
     """Going around the socket guard (the C socket type) still cannot reach the network."""
-    if not namespace_command():
+    if sandbox_mode() == "weak":
         pytest.skip("unshare cannot create a network namespace on this machine")
     bypass = "import socket\ns = socket.socket.__mro__[2]()\ns.settimeout(3)\ns.connect(('1.1.1.1', 80))"
     verdict = run_program(bypass)

@@ -10,14 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import require_dataset, require_file
 from pkt_pipeline.evaluation.decontamination import contaminated_ids, find_contamination, normalise
 from pkt_pipeline.evaluation.gsm8k import extract_final_number, gsm8k_prompt, load_gsm8k, numbers_match
 from pkt_pipeline.evaluation.mmlu import (
-    MmluItem, letter_token_ids, load_mmlu, mmlu_accuracy, mmlu_item_text, mmlu_prompt, render_prompt, score_mmlu,
+    MmluItem, letter_token_ids, load_mmlu, mmlu_item_text, mmlu_prompt, render_prompt, score_mmlu,
 )
-
-ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared" / "data"
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -57,10 +55,7 @@ def test_load_mmlu_ids_skip_header_rows_and_name_bad_rows(tmp_path):
 
 
 def test_real_mmlu_file_loads_14042_items():
-    path = ROOT / "data" / "mmlu" / "test.jsonl"
-    if not path.is_file():
-        pytest.skip(f"{path} is absent: run `pkt assets fetch` first")
-    items = load_mmlu(path)
+    items = load_mmlu(require_dataset("mmlu"))
     assert len(items) == 14042 and len({i.id for i in items}) == 14042
     assert len({i.subject for i in items}) == 57
 
@@ -109,9 +104,6 @@ def test_batched_scores_equal_unbatched_forward(tiny_lm, chat):
         assert result["p_correct"] == pytest.approx(math.exp(expected["ABCD"[item.answer]]) / normaliser, abs=1e-4)
         assert result["log_p_correct"] == pytest.approx(math.log(result["p_correct"]))
     assert len(lengths) == len(ITEMS)  # every batch mixes lengths, so left padding is exercised
-    summary = mmlu_accuracy(results)
-    assert summary["n"] == 4 and summary["accuracy"] == sum(r["correct"] for r in results) / 4
-    assert summary["p_correct"] == pytest.approx(sum(r["p_correct"] for r in results) / 4)
 
 
 # ---------------------------------------------------------------- GSM8K
@@ -160,10 +152,7 @@ def test_numbers_match(a, b, same):
 
 
 def test_every_reference_answer_parses():
-    path = SHARED / "gsm8k" / "test.jsonl"
-    if not path.is_file():
-        pytest.skip(f"{path} is absent")
-    items = load_gsm8k(path, limit=200)
+    items = load_gsm8k(require_file(require_dataset("gsm8k") / "test.jsonl"), limit=200)
     assert len(items) == 200
     for item in items:
         written = item.answer.rsplit("####", 1)[1].strip().replace(",", "")
@@ -221,14 +210,13 @@ def test_boilerplate_shared_by_many_test_items_is_not_evidence(tmp_path):
 
 def test_real_transfer_splits_overlap():
     """Measured, not pinned: SOURCES.md says the mmlu splits hold MMLU test rows and gsm none."""
-    if not (SHARED / "transfer-splits").is_dir():
-        pytest.skip(f"{SHARED} is absent")
+    transfer = require_dataset("transfer-splits")
     splits = ("train", "align", "extract")
-    mmlu = load_mmlu(SHARED / "mmlu" / "test.jsonl")
+    mmlu = load_mmlu(require_dataset("mmlu"))
     mmlu_hits = find_contamination({i.id: mmlu_item_text(i) for i in mmlu},
-                                   [SHARED / "transfer-splits" / "mmlu" / f"{s}.jsonl" for s in splits])
-    gsm = load_gsm8k(SHARED / "gsm8k" / "test.jsonl")
-    gsm_hits = contaminated_ids({i.id: i.question for i in gsm}, [SHARED / "transfer-splits" / "gsm" / f"{s}.jsonl" for s in splits])
+                                   [require_file(transfer / "mmlu" / f"{s}.jsonl") for s in splits])
+    gsm = load_gsm8k(require_file(require_dataset("gsm8k") / "test.jsonl"))
+    gsm_hits = contaminated_ids({i.id: i.question for i in gsm}, [require_file(transfer / "gsm" / f"{s}.jsonl") for s in splits])
     exact = sum(m.rule == "contained" for m in mmlu_hits.values())
     print(f"\nMMLU test items overlapping mmlu transfer splits: {len(mmlu_hits)} of {len(mmlu)} ({exact} verbatim); "
           f"GSM8K test items overlapping gsm splits: {len(gsm_hits)} of {len(gsm)}")

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from pkt_pipeline.config import load_config
-from pkt_pipeline.datasets import DatasetNotFound, find_dataset
+from conftest import require_dataset
+from pkt_pipeline.datasets import find_dataset
 from pkt_pipeline.evaluation.mmlu import load_mmlu, mmlu_prompt
 from stages import evaluate
 
@@ -20,11 +21,8 @@ from stages import evaluate
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     """Three real MMLU items, the first planted in a transfer split; the other tasks' data as found."""
-    try:
-        for name in ("mmlu", "gsm8k", "humaneval", "mbpp"):
-            find_dataset(name, allow_hub=False)
-    except DatasetNotFound as exc:
-        pytest.skip(f"evaluation data absent: {exc}")
+    for name in ("mmlu", "gsm8k", "humaneval", "mbpp"):
+        require_dataset(name)
     root = tmp_path_factory.mktemp("evaldata")
     (root / "mmlu").mkdir()
     lines, subjects = [], set()

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import require_dataset, require_file
 from pkt_pipeline.examples import (
     PROMPT_FORMATS,
     Example,
@@ -20,7 +21,6 @@ from pkt_pipeline.examples import (
 )
 from pkt_pipeline.models import load_tokenizer
 
-GSM_TRAIN = Path("/work/shared/data/transfer-splits/gsm/train.jsonl")
 
 # Two assistant turns, a system turn, answers starting with a digit and with a letter (BPE fuses
 # a preceding space with a letter), a newline and non-ASCII text inside an answer.
@@ -233,10 +233,9 @@ def test_last_turn_must_be_the_assistants(tokenizer, prompt_format):
 
 
 def test_first_gsm_rows_load_with_answers_and_ids(tokenizer):
-    if not GSM_TRAIN.is_file():
-        pytest.skip(f"{GSM_TRAIN} is absent")
-    rows = read_jsonl_rows(GSM_TRAIN)[:20]
-    examples, stats = load_examples(GSM_TRAIN, tokenizer, limit=20)
+    gsm_train = require_file(require_dataset("transfer-splits") / "gsm" / "train.jsonl")
+    rows = read_jsonl_rows(gsm_train)[:20]
+    examples, stats = load_examples(gsm_train, tokenizer, limit=20)
     assert stats["examples"] == 20 and stats["truncated"] == 0
     assert [e.example_id for e in examples] == [row["id"] for row in rows]
     for example, row in zip(examples, rows):

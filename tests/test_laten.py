@@ -4,6 +4,7 @@ non-vanishing edit at the published recipe), and the two stages end to end throu
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -21,11 +22,13 @@ from pkt_pipeline.cache import CacheError, open_cache
 from pkt_pipeline.config import LatenExtractConfig, for_method, load_config
 from pkt_pipeline.examples import format_example
 from pkt_pipeline.laten import ModelShape, Readout, answer_target, check_settings, locate, neuron_counts
+from pkt_pipeline.loader import ExampleMeta
 from pkt_pipeline.methods import AlignContext, get_method
-from pkt_pipeline.methods.laten import NeuronInjection
+from pkt_pipeline.methods.laten import LatenBatches, NeuronInjection
 from pkt_pipeline.models import load_model, load_tokenizer
 from pkt_pipeline.training import steps_for, train
 from stages import extract as extract_stage
+from batch_sources import drain, protocol_gaps
 from tiny_data import SMALL_LAYOUT, extract_config, write_dataset
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -283,7 +286,7 @@ def test_only_the_translator_gets_gradients(tiny_pair, laten_cache):
                      for i in (0, 2)}
     with method.loader(phase, 0) as loader:
         batch = next(iter(loader.batches(1)))
-    assert len(batch.example_ids) == 16 and batch.example_ids[0].startswith("0/locate:0:")
+    assert len(batch.example_ids) == 16 and batch.meta[0] == ExampleMeta(position=0, role="locate", anchor=0)
     loss, parts = method.loss(model, batch, phase)
     loss.backward()
     # The published objective sums the 16 examples' losses (parts are per example).
@@ -304,6 +307,26 @@ def test_only_the_translator_gets_gradients(tiny_pair, laten_cache):
         method.loss(model, batch, phase)[0].backward()
         reached = [p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if n in names]
         assert all(reached) if hooked else not any(reached)
+
+
+def test_laten_batches_are_a_batch_source_whose_meta_says_whose_deltas_to_inject(tiny_pair, laten_cache):
+    """What a member's id used to encode (`located/role:position:id`) is its `meta`: the located example
+    whose deltas its step injects, its role and its position among the LaTen examples; ids are the examples'."""
+    method, model, _ = make_method(tiny_pair, laten_cache)
+    phase = method.phases(LOCATE, 2)[0]
+    assert protocol_gaps(LatenBatches) == []
+    first, again = drain(method.loader(phase, 0), LOCATE + 1)  # into the second epoch
+    examples = method.examples
+    for step, batch in enumerate(first):
+        located = step % LOCATE
+        assert batch.meta[0] == ExampleMeta(position=located, role="locate", anchor=located)
+        assert all(m.role == "align" and m.anchor == located and m.position in examples.align for m in batch.meta[1:])
+        assert batch.example_ids == [examples.ids[m.position] for m in batch.meta]
+        assert [part.meta[0].anchor for part in batch.split(1)] == [located] * len(batch.meta)
+    assert [b.meta for b in again] == [b.meta for b in first]
+    with pytest.raises(ValueError, match=r"a LaTen batch names its located example in `meta`; this one has none "
+                                         r"\(examples \['"):
+        method.loss(model, dataclasses.replace(first[0], meta=()), phase)
 
 
 def test_micro_batches_give_the_whole_batch_gradient(tiny_pair, laten_cache):

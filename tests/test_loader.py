@@ -16,7 +16,9 @@ import pytest
 import torch
 
 from pkt_pipeline.cache import CacheError, CacheFiles, open_cache
-from pkt_pipeline.loader import Batch, CacheLoader
+from pkt_pipeline.loader import Batch, CacheLoader, ExampleMeta
+
+from batch_sources import drain, protocol_gaps
 
 SMALL = {"batch_size": 3, "shuffle_buffer": 8}
 
@@ -340,3 +342,25 @@ def test_reader_thread_stops_with_its_consumer_and_the_position_survives(cache):
     assert next(iter(loader)).example_ids == reference[2]
     loader.close()
     wait_for_no_reader()
+
+
+def test_the_cache_loader_is_a_batch_source_and_its_meta_names_each_row(cache):
+    """The trainer's Protocol, checked structurally; `meta` gives each row's position among the loader's
+    examples (row order), carried through `split` and `to` with its row."""
+    assert protocol_gaps(CacheLoader) == []
+    first, again = drain(CacheLoader(cache, layers=[1], topk=False, **SMALL), 4)
+    assert [b.example_ids for b in again] == [b.example_ids for b in first]
+    in_row_order = sorted(ids_of(cache), key=dict(zip(ids_of(cache), cache.index.column("offset").to_pylist())).get)
+    for batch in first:
+        assert [in_row_order[m.position] for m in batch.meta] == batch.example_ids
+        assert {(m.role, m.anchor) for m in batch.meta} == {("train", None)}
+        parts = batch.to("cpu").split(2)
+        assert [m for part in parts for m in part.meta] == list(batch.meta)
+        assert all(len(part.meta) == len(part.example_ids) for part in parts)
+
+
+def test_a_batch_refuses_meta_that_does_not_match_its_rows():
+    ids = torch.zeros((2, 3), dtype=torch.int64)
+    with pytest.raises(ValueError, match=r"a batch of 2 examples got meta for 1 \(one per example, or none\)"):
+        Batch(["a", "b"], ids, ids, ids.bool(), {}, None, None, meta=(ExampleMeta(0),))
+    assert Batch(["a", "b"], ids, ids, ids.bool(), {}, None, None).split(1)[1].meta == ()

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import ast
+import importlib
+import inspect
 import json
 import resource
 import subprocess
 import sys
+import typing
 
 import pytest
 import torch
@@ -199,3 +203,41 @@ def test_with_lora_wraps_the_model_as_align_lora_says(tiny_pair):
     assert (lora.r, lora.lora_alpha, sorted(lora.target_modules)) == (4, 8, ["o_proj", "v_proj"])
     trainable = {name.split(".lora_")[0].rsplit(".", 1)[-1] for name, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"v_proj", "o_proj"}
+
+
+ANNOTATED = ("models", "training", "losses", "examples", "residual", "attribution")
+"""Modules whose public signatures must say what `model`, `tokenizer` and `echo` are."""
+
+
+def type_hints(module, function) -> dict[str, object]:
+    """`function`'s annotations resolved as a type checker sees them, `if TYPE_CHECKING:` imports included."""
+    namespace = dict(vars(module))
+    for node in ast.parse(inspect.getsource(module)).body:
+        if isinstance(node, ast.If) and ast.unparse(node.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING"):
+            exec(compile(ast.Module(node.body, []), module.__file__, "exec"), namespace)
+    return typing.get_type_hints(function, globalns=namespace)
+
+
+def test_public_signatures_annotate_model_tokenizer_and_echo():
+    unannotated, checked = [], 0
+    for name in ANNOTATED:
+        module = importlib.import_module(f"pkt_pipeline.{name}")
+        functions = [(f"{name}.{attr}", value) for attr, value in vars(module).items()
+                     if inspect.isfunction(value) and value.__module__ == module.__name__ and not attr.startswith("_")]
+        functions += [(f"{name}.{cls}.{attr}", value) for cls, owner in vars(module).items()
+                      if inspect.isclass(owner) and owner.__module__ == module.__name__ and not cls.startswith("_")
+                      for attr, value in vars(owner).items() if inspect.isfunction(value) and not attr.startswith("_")]
+        for qualified, function in functions:
+            hints = type_hints(module, function)
+            for parameter in inspect.signature(function).parameters:
+                if parameter in ("model", "tokenizer", "echo"):
+                    checked += 1
+                    if parameter not in hints:
+                        unannotated.append(f"{qualified}({parameter})")
+    assert unannotated == [] and checked >= 10
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from pkt_pipeline import models
+
+    assert type_hints(models, models.load_model)["return"] is PreTrainedModel
+    assert type_hints(models, models.load_tokenizer)["return"] is PreTrainedTokenizerBase

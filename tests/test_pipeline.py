@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from pkt_pipeline.datasets import DatasetNotFound, find_dataset
+from conftest import require_dataset
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -28,11 +28,8 @@ def sh(*args: str, cwd: Path, env: dict) -> str:
 
 @pytest.fixture(scope="module")
 def scratch(tmp_path_factory) -> tuple[Path, dict]:
-    try:
-        shared = find_dataset("transfer-splits", allow_hub=False).parent
-        find_dataset("mmlu", allow_hub=False)
-    except DatasetNotFound as exc:
-        pytest.skip(f"the tiny pipeline needs the MMLU transfer split and test set: {exc}")
+    shared = require_dataset("transfer-splits").parent  # the tiny pipeline needs the MMLU transfer split ...
+    require_dataset("mmlu")  # ... and test set
     repo = tmp_path_factory.mktemp("pipeline") / "repo"
     tracked = subprocess.run(["git", "ls-files"], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True)
     # The default pipeline only: experiments/ holds other pipelines, whose locked outputs are not here to push.

@@ -139,17 +139,11 @@ class Cache:
             by_group.setdefault(group, []).append(example_id)
         return by_group
 
-    def group_rows(self, key: str, group: int) -> tuple[np.ndarray, int]:
-        """All used rows of one group of array `key` in one read, and the group's first row.
+    def read_group(self, keys: list[str], group: int, workers: int = 4) -> tuple[dict[str, np.ndarray], int]:
+        """All used rows of one group of each array in `keys`, read on `workers` threads, and the group's first row.
 
         Streaming whole groups is how to read fast: one call decodes a shard's chunks
         together, where a call per example pays zarr's per-call cost each time.
-        """
-        start, stop = self._group_span(group)
-        return self._shard(key, group)[start:stop], start
-
-    def read_group(self, keys: list[str], group: int, workers: int = 4) -> tuple[dict[str, np.ndarray], int]:
-        """`group_rows` of several arrays at once, read on `workers` threads, and the group's first row.
 
         Decompression releases the GIL, so reading the layers of a group side by side keeps the
         disk and the cores busy together; one array at a time leaves both idle in turn.

@@ -95,12 +95,3 @@ def score_dev(model, tokenizer, rows: list[DevRow], batch_size: int = 8, progres
             records[index].update(p_correct=result["p_correct"], correct=result["correct"])
     return records
 
-
-def summarise_dev(records: list[dict]) -> dict:
-    """Means over the rows: nll (all), p_correct and accuracy (MMLU-style rows), and the counts."""
-    choice = [r for r in records if "p_correct" in r]
-    summary = {"nll": sum(r["nll"] for r in records) / len(records), "n": len(records)}
-    if choice:
-        summary.update(p_correct=sum(r["p_correct"] for r in choice) / len(choice),
-                       accuracy=sum(r["correct"] for r in choice) / len(choice), n_choice=len(choice))
-    return summary

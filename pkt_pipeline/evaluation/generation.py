@@ -109,8 +109,6 @@ def gsm8k_stop(text: str) -> int | None:
     return match.end() if match is not None else None
 
 
-GSM8K_STOP: StopRule = gsm8k_stop
-CODE_STOP: StopRule = code_stop
 TASK_STOPS: dict[str, StopRule] = {"gsm8k": gsm8k_stop, "humaneval": code_stop, "mbpp": code_stop}
 
 

@@ -177,17 +177,3 @@ def score_mmlu(model, tokenizer, items: list[MmluItem], batch_size: int = 8, cha
         })
     return results
 
-
-def mmlu_accuracy(results: list[dict]) -> dict:
-    """{"accuracy", "p_correct", "n", "by_subject": {subject: accuracy}} over `score_mmlu` results."""
-    if not results:
-        raise ValueError("no MMLU results to summarise")
-    by_subject: dict[str, list[bool]] = {}
-    for result in results:
-        by_subject.setdefault(result["subject"], []).append(result["correct"])
-    return {
-        "accuracy": sum(r["correct"] for r in results) / len(results),
-        "p_correct": sum(r["p_correct"] for r in results) / len(results),
-        "n": len(results),
-        "by_subject": {s: sum(v) / len(v) for s, v in sorted(by_subject.items())},
-    }

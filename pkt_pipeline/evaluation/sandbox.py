@@ -327,11 +327,6 @@ def sandbox_mode() -> Mode:
     )
 
 
-def namespace_command() -> tuple[str, ...]:
-    """The `unshare` prefix the programs run under (empty in the weak mode)."""
-    return _prefix(sandbox_mode())
-
-
 def _child_env(workdir: str) -> dict[str, str]:
     env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8"}
     # Thread pools of BLAS libraries reserve address space per thread and would eat RLIMIT_AS.

@@ -17,7 +17,7 @@ from transformers import get_scheduler
 
 from ..cache import Cache, CacheError
 from ..config import AlignConfig
-from ..loader import TOKEN_MASKS, Batch
+from ..loader import TOKEN_MASKS, Batch, BatchSource
 from ..losses import next_token_mask
 from ..residual import decoder_of, forward_with_residual_stream, unwrapped
 
@@ -134,10 +134,9 @@ class Method:
         loss, parts = self.loss(model, batch, phase)
         return loss * share, {key: value * share for key, value in parts.items()}
 
-    def loader(self, phase: Phase, seed: int):
-        """Batches for `phase` when the method makes its own (from a teacher extra, say), following the
-        `CacheLoader` protocol: len, batches(n), state_dict/load_state_dict, a context manager.
-        None, the default, means the cache loader."""
+    def loader(self, phase: Phase, seed: int) -> BatchSource | None:
+        """Batches for `phase` when the method makes its own (from a teacher extra, say); None, the default,
+        means the cache loader."""
         return None
 
     def finalize(self, model: nn.Module) -> nn.Module:

@@ -54,7 +54,7 @@ from torch import nn
 from ..cache import CacheError
 from ..config import LatenConfig
 from ..laten import MODULE_KIND, ROW_MODULES, ModelShape, Readout, locate, module_of
-from ..loader import Batch
+from ..loader import Batch, ExampleMeta
 from . import register
 from .base import Method, Phase, forward_student
 
@@ -154,23 +154,25 @@ class LatenExamples:
         self.inject = self.steps
         self.align = list(range(self.steps + 1, len(self.ids)))
 
-    def batch_id(self, position: int, located: int) -> str:
-        """`located/role:position:id`: every member names its step's located example, so any micro-batch
-        of the step knows whose deltas to inject (positions, since ids may repeat across splits)."""
-        role = "align" if position > self.steps else "locate"
-        return f"{located}/{role}:{position}:{self.ids[position]}"
+    def meta(self, position: int, located: int) -> ExampleMeta:
+        """Every member names its step's located example, so any micro-batch of the step knows whose deltas
+        to inject (positions, since ids may repeat across splits)."""
+        return ExampleMeta(position, "align" if position > self.steps else "locate", located)
 
-    def located(self, batch_id: str) -> int:
-        located = batch_id.partition("/")[0]
-        if not located.isdigit() or not 0 <= int(located) < self.steps:
-            raise ValueError(f"not a laten batch member: {batch_id!r}")
-        return int(located)
+    def located(self, batch: Batch) -> int:
+        if not batch.meta:
+            raise ValueError(f"a LaTen batch names its located example in `meta`; this one has none "
+                             f"(examples {batch.example_ids[:4]})")
+        located = batch.meta[0].anchor
+        if located is None or not 0 <= located < self.steps:
+            raise ValueError(f"not a LaTen batch member: {batch.meta[0]} (examples {batch.example_ids[:4]})")
+        return located
 
 
 class LatenBatches:
     """One batch per located example: it first, then `align` seeded alignment examples; resumable.
 
-    Follows the CacheLoader protocol the trainer uses (len, batches, state_dict, context manager).
+    A `BatchSource`, like the cache loader.
     """
 
     def __init__(self, examples: LatenExamples, align: int, seed: int):
@@ -200,7 +202,8 @@ class LatenBatches:
         supervised = torch.zeros(mask.shape, dtype=torch.bool)
         input_ids[mask] = torch.from_numpy(np.concatenate([self.examples.tokens[i] for i in members]))
         supervised[mask] = torch.from_numpy(np.concatenate([self.examples.supervised[i] for i in members]))
-        return Batch([self.examples.batch_id(i, step) for i in members], input_ids, mask.long(), supervised, {}, None, None)
+        return Batch([self.examples.ids[i] for i in members], input_ids, mask.long(), supervised, {}, None, None,
+                     meta=tuple(self.examples.meta(i, step) for i in members))
 
     def state_dict(self) -> dict:
         return {"epoch": self._epoch, "batches_done": self._done, "fingerprint": self._fingerprint}
@@ -304,7 +307,7 @@ class LaTen(Method):
         return self.injection.translator({module: vectors[located] for module, vectors in self.teacher_vectors.items()})
 
     def loss(self, model, batch, phase):
-        located = self.examples.located(batch.example_ids[0])
+        located = self.examples.located(batch)
         deltas = self.translate(located)
         self.injection.activate(deltas, self.student_neurons[located])
         try:
