@@ -60,14 +60,14 @@ def hide_library_progress() -> None:
     hf_logging.disable_progress_bar()  # also huggingface_hub's download bars
 
 
-def run_stage(stage, config, no_progress: bool, *args, interrupted: type[Exception] | tuple = ()) -> dict:
-    """Run a stage module (`stage.run(config, *args, ...)`). An interruption it reports (state saved) exits
-    130, and so does a Ctrl-C anywhere else (loading, attribution, the teacher extras): every stage keeps
-    what it finished (ledger, checkpoint, journal), so the same command resumes."""
+def run_stage(stage, config, no_progress: bool, interrupted: type[Exception] | tuple = ()) -> dict:
+    """Run a stage module (`stage.run(config, progress, echo)`, see `stages`). An interruption it reports
+    (state saved) exits 130, and so does a Ctrl-C anywhere else (loading, attribution, the teacher extras):
+    every stage keeps what it finished (ledger, checkpoint, journal), so the same command resumes."""
     if no_progress:
         hide_library_progress()
     try:
-        return stage.run(config, *args, progress=not no_progress, echo=click.echo)
+        return stage.run(config, progress=not no_progress, echo=click.echo)
     except interrupted as exc:
         click.echo(str(exc), err=True)
     except KeyboardInterrupt:
@@ -304,7 +304,8 @@ def evaluate(config_path, overrides, model, tasks, out, limit, nll_limit, no_gen
     extra += ["eval.generate=false"] if no_generate else []
     extra += ["eval.tasks=[dev]", f"eval.dev_data={json.dumps(list(dev_data))}"] if dev_data else []
     config = load_config(config_path, [*overrides, *extra])
-    metrics = run_stage(stage, config, no_progress, model)
+    config.eval.model = model
+    metrics = run_stage(stage, config, no_progress)
     click.echo(f"wrote {config.eval.out}/metrics.json in {metrics['seconds']} s")
 
 
