@@ -331,7 +331,8 @@ def report(eval_dir, runs_dir, metrics_dir, out, comparisons) -> None:
         if not sep or not a or not b:
             raise click.BadParameter(f"{text!r} is not of the form A:B (e.g. semalign:kd)", param_hint="--compare")
         pairs.append((a, b))
-    stage.run(eval_dir, out, runs_dir, metrics_dir, echo=click.echo, comparisons=pairs or None)
+    settings = stage.ReportConfig(eval_dir, out, runs_dir, metrics_dir, tuple(pairs) or stage.DEFAULT_COMPARISONS)
+    run_stage(stage, settings, no_progress=False)
 
 
 @main.group()
