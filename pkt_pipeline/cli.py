@@ -9,6 +9,7 @@ import functools
 import json
 import logging
 import sys
+import traceback
 
 import click
 
@@ -36,13 +37,17 @@ def _known_errors():
 
 
 def friendly_errors(command):
-    """Show pkt's own errors as one clear line and exit 1, instead of a traceback."""
+    """Show pkt's own errors as one clear line and exit 1, instead of a traceback; `pkt -v` prints the
+    traceback above that line (for a bug report)."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
         except _known_errors() as exc:
+            context = click.get_current_context(silent=True)
+            if context is not None and context.find_root().params.get("verbose"):
+                traceback.print_exc()
             raise click.ClickException(str(exc)) from exc
 
     return wrapper
@@ -96,7 +101,8 @@ def recipe_option(command):
 
 @click.group(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="pkt")
-@click.option("-v", "--verbose", is_flag=True, help="Log what pkt does in detail.")
+@click.option("-v", "--verbose", is_flag=True,
+              help="Log what pkt does in detail, and show the full traceback of an error (e.g. pkt -v extract ...).")
 def main(verbose: bool) -> None:
     """pkt moves task knowledge from a large teacher LM into a smaller student LM.
 
