@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import subprocess
 import sys
 
@@ -68,3 +70,11 @@ def test_a_bad_number_or_method_section_exits_1_with_one_line(tmp_path, override
     assert result.returncode == 1, result.stderr
     assert result.stderr.startswith(message) and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("name", ["assets", "extract", "align", "evaluate", "report"])
+def test_every_stage_has_the_one_run_signature(name):
+    """`cli.run_stage` calls each stage as `run(config, progress=..., echo=...)` (stages/__init__.py)."""
+    parameters = inspect.signature(importlib.import_module(f"stages.{name}").run).parameters
+    assert list(parameters) == ["config", "progress", "echo"]
+    assert parameters["progress"].default is True and parameters["echo"].default is print

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -41,6 +43,22 @@ def test_report_computes_change_and_gap_closed(tmp_path):
     assert "| evaluate teacher | 12.5 | 3.0 |" in table
     assert (tmp_path / "report" / "scores.png").read_bytes().startswith(b"\x89PNG")
     assert report.gap_closed(0.3, 0.3, 0.3) is None
+
+
+def test_the_report_command_builds_its_config_from_the_flags(tmp_path):
+    write_eval(tmp_path / "eval", "student", mmlu=0.30)
+    write_eval(tmp_path / "eval", "kd", mmlu=0.40)
+    for name, verdicts in (("student", [i % 10 < 3 for i in range(100)]), ("kd", [i % 10 < 4 for i in range(100)])):
+        write_items(tmp_path / "eval", name, "mmlu", verdicts)
+    result = subprocess.run([sys.executable, "-m", "pkt_pipeline.cli", "report", "--eval-dir", str(tmp_path / "eval"),
+                             "--out", str(tmp_path / "out"), "--runs-dir", str(tmp_path / "runs"),
+                             "--metrics-dir", str(tmp_path / "metrics"), "--compare", "kd:student"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert f"wrote {tmp_path / 'out' / 'report.md'}" in result.stdout
+    compared = json.loads((tmp_path / "out" / "report.json").read_text())["comparisons"]
+    assert [(c["a"], c["b"], c["metric"]) for c in compared] == [("kd", "student", "accuracy")]
+    assert compared[0]["mean"] == pytest.approx(0.10)
 
 
 def test_report_needs_the_student(tmp_path):
