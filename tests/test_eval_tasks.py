@@ -134,3 +134,33 @@ def test_a_task_registered_twice_under_one_name_is_refused():
     with pytest.raises(ValueError, match="task 'mmlu' is already registered by pkt_pipeline.evaluation.tasks"):
         register(Other)
     assert REGISTRY["mmlu"] is not Other
+
+
+EVALUATION_MODULES = ["pkt_pipeline.evaluation." + name for name in (
+    "batching", "code_tasks", "decontamination", "dev", "generation", "gsm8k", "journal", "mmlu", "reference_nll",
+    "sandbox", "stats", "tasks")] + ["stages.evaluate", "stages.report", "stages.assets"]
+
+
+def test_public_signatures_annotate_model_tokenizer_and_echo():
+    """A reader (and a type checker) sees what `model`, `tokenizer` and `echo` are: a transformers
+    model and tokenizer, a `str -> None` callable."""
+    import importlib
+    import inspect
+
+    expected = {"model": "PreTrainedModel", "tokenizer": "PreTrainedTokenizerBase", "echo": "Callable[[str], None]"}
+    missing = []
+    for name in EVALUATION_MODULES:
+        module = importlib.import_module(name)
+        functions = [(f"{name}.{key}", value) for key, value in vars(module).items()
+                     if inspect.isfunction(value) and value.__module__ == name and not key.startswith("_")]
+        functions += [(f"{name}.{cls.__name__}.{key}", value) for cls in vars(module).values()
+                      if inspect.isclass(cls) and cls.__module__ == name and not cls.__name__.startswith("_")
+                      for key, value in vars(cls).items() if inspect.isfunction(value) and not key.startswith("_")]
+        for where, function in functions:
+            for parameter in inspect.signature(function).parameters.values():
+                annotation = parameter.annotation
+                if parameter.name in expected and annotation is inspect.Parameter.empty:
+                    missing.append(f"{where}({parameter.name})")
+                elif parameter.name in expected and name != "pkt_pipeline.evaluation.stats":  # stats' `model` is a run's values
+                    assert annotation == expected[parameter.name], f"{where}({parameter.name}: {annotation})"
+    assert not missing, f"unannotated: {missing}"
