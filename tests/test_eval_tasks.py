@@ -127,6 +127,14 @@ def test_eval_refuses_an_unknown_task_naming_the_registered_ones(tiny_pair):
     assert "unknown: ['triviaqa']" in result.stderr
 
 
+def test_eval_without_a_model_says_which_key_names_it(tmp_path):
+    from pkt_pipeline.config import ConfigError, load_config
+    from stages import evaluate
+
+    with pytest.raises(ConfigError, match=r"eval.model is empty: name the model to score \(pkt eval MODEL\)"):
+        evaluate.run(load_config(overrides=[f"eval.out={tmp_path}"]), progress=False)
+
+
 def test_a_task_registered_twice_under_one_name_is_refused():
     class Other(Task):
         name = "mmlu"
