@@ -1,6 +1,6 @@
 """Items/s of evaluation's greedy generation: transformers `model.generate` (before) vs pkt's loop (after).
 
-For each model and task, the same `--limit` seeded items (stages.evaluate's loading and subset, the
+For each model and task, the same `--limit` seeded items (the registered tasks' loading and subset, the
 prompts rendered as `pkt eval` renders them) are generated twice:
   before  `generate_reference`: model.generate(do_sample=False) on length-sorted left-padded batches
           of 8, each batch running until its longest row ends (evaluation's path until now);
@@ -33,7 +33,8 @@ from pkt_pipeline.evaluation.generation import (
 )
 from pkt_pipeline.evaluation.gsm8k import extract_final_number, gsm8k_correct
 from pkt_pipeline.models import cpu_facts, load_model, load_tokenizer, resolve_device, resolve_dtype
-from stages.evaluate import _item_id, _load, _subset, _user_turn
+from pkt_pipeline.config import EvalConfig
+from pkt_pipeline.evaluation.tasks import get_task, subset
 
 GENERATIVE = ("gsm8k", "humaneval", "mbpp")
 
@@ -82,7 +83,7 @@ def verdict(task: str, item, output: str):
 
 
 def time_task(model, tokenizer, task: str, items: list, args) -> dict:
-    prompts = [render_user_turn(tokenizer, _user_turn(task, i), not args.no_chat) for i in items]
+    prompts = [render_user_turn(tokenizer, get_task(task).user_turn(i), not args.no_chat) for i in items]
     max_new = args.max_new_tokens or (args.max_new_tokens_gsm8k if task == "gsm8k" else args.max_new_tokens_code)
     started = time.perf_counter()
     before = generate_reference(model, tokenizer, prompts, max_new, args.reference_batch_size, desc=f"{task} before")
@@ -91,7 +92,7 @@ def time_task(model, tokenizer, task: str, items: list, args) -> dict:
     after = greedy_generate(model, tokenizer, prompts, max_new, args.batch_size, desc=f"{task} after",
                             stop=None if args.no_stop else TASK_STOPS[task])
     after_s = time.perf_counter() - started
-    differing = [_item_id(task, item) for item, b, a in zip(items, before, after)
+    differing = [get_task(task).item_id(item) for item, b, a in zip(items, before, after)
                  if verdict(task, item, b) != verdict(task, item, a.text)]
     result = {
         "n": len(items), "max_new_tokens": max_new, "stop_rule": None if args.no_stop else TASK_STOPS[task].__name__,
@@ -107,10 +108,10 @@ def time_task(model, tokenizer, task: str, items: list, args) -> dict:
     if task == "gsm8k":
         result["score_before"] = sum(gsm8k_correct(b, i) for i, b in zip(items, before)) / len(items)
         result["score_after"] = sum(gsm8k_correct(a.text, i) for i, a in zip(items, after)) / len(items)
-        result["extracted_differ_ids"] = [_item_id(task, i) for i, b, a in zip(items, before, after)
+        result["extracted_differ_ids"] = [get_task(task).item_id(i) for i, b, a in zip(items, before, after)
                                           if extract_final_number(b) != extract_final_number(a.text)]
     if args.keep_outputs:
-        result["outputs"] = [{"id": _item_id(task, i), "before": b, "after": a.text, "finish": a.finish}
+        result["outputs"] = [{"id": get_task(task).item_id(i), "before": b, "after": a.text, "finish": a.finish}
                              for i, b, a in zip(items, before, after)]
     return result
 
@@ -145,7 +146,8 @@ def main() -> None:
         parser.error(f"unknown tasks {unknown}; known: {list(GENERATIVE)} (+ mmlu, skipped)")
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    items = {task: _subset(_load(task, args.data_dir), args.limit, args.seed) for task in tasks if task in GENERATIVE}
+    items = {task: subset(get_task(task).load(args.data_dir, EvalConfig()), args.limit, args.seed)
+             for task in tasks if task in GENERATIVE}
     rows = []
     for name in (["tiny"] if args.tiny else args.models):
         started = time.perf_counter()

@@ -9,6 +9,7 @@ import functools
 import json
 import logging
 import sys
+import traceback
 
 import click
 
@@ -36,13 +37,17 @@ def _known_errors():
 
 
 def friendly_errors(command):
-    """Show pkt's own errors as one clear line and exit 1, instead of a traceback."""
+    """Show pkt's own errors as one clear line and exit 1, instead of a traceback; `pkt -v` prints the
+    traceback above that line (for a bug report)."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
         except _known_errors() as exc:
+            context = click.get_current_context(silent=True)
+            if context is not None and context.find_root().params.get("verbose"):
+                traceback.print_exc()
             raise click.ClickException(str(exc)) from exc
 
     return wrapper
@@ -60,14 +65,14 @@ def hide_library_progress() -> None:
     hf_logging.disable_progress_bar()  # also huggingface_hub's download bars
 
 
-def run_stage(stage, config, no_progress: bool, *args, interrupted: type[Exception] | tuple = ()) -> dict:
-    """Run a stage module (`stage.run(config, *args, ...)`). An interruption it reports (state saved) exits
-    130, and so does a Ctrl-C anywhere else (loading, attribution, the teacher extras): every stage keeps
-    what it finished (ledger, checkpoint, journal), so the same command resumes."""
+def run_stage(stage, config, no_progress: bool, interrupted: type[Exception] | tuple = ()) -> dict:
+    """Run a stage module (`stage.run(config, progress, echo)`, see `stages`). An interruption it reports
+    (state saved) exits 130, and so does a Ctrl-C anywhere else (loading, attribution, the teacher extras):
+    every stage keeps what it finished (ledger, checkpoint, journal), so the same command resumes."""
     if no_progress:
         hide_library_progress()
     try:
-        return stage.run(config, *args, progress=not no_progress, echo=click.echo)
+        return stage.run(config, progress=not no_progress, echo=click.echo)
     except interrupted as exc:
         click.echo(str(exc), err=True)
     except KeyboardInterrupt:
@@ -96,7 +101,8 @@ def recipe_option(command):
 
 @click.group(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="pkt")
-@click.option("-v", "--verbose", is_flag=True, help="Log what pkt does in detail.")
+@click.option("-v", "--verbose", is_flag=True,
+              help="Log what pkt does in detail, and show the full traceback of an error (e.g. pkt -v extract ...).")
 def main(verbose: bool) -> None:
     """pkt moves task knowledge from a large teacher LM into a smaller student LM.
 
@@ -304,7 +310,8 @@ def evaluate(config_path, overrides, model, tasks, out, limit, nll_limit, no_gen
     extra += ["eval.generate=false"] if no_generate else []
     extra += ["eval.tasks=[dev]", f"eval.dev_data={json.dumps(list(dev_data))}"] if dev_data else []
     config = load_config(config_path, [*overrides, *extra])
-    metrics = run_stage(stage, config, no_progress, model)
+    config.eval.model = model
+    metrics = run_stage(stage, config, no_progress)
     click.echo(f"wrote {config.eval.out}/metrics.json in {metrics['seconds']} s")
 
 
@@ -330,7 +337,8 @@ def report(eval_dir, runs_dir, metrics_dir, out, comparisons) -> None:
         if not sep or not a or not b:
             raise click.BadParameter(f"{text!r} is not of the form A:B (e.g. semalign:kd)", param_hint="--compare")
         pairs.append((a, b))
-    stage.run(eval_dir, out, runs_dir, metrics_dir, echo=click.echo, comparisons=pairs or None)
+    settings = stage.ReportConfig(eval_dir, out, runs_dir, metrics_dir, tuple(pairs) or stage.DEFAULT_COMPARISONS)
+    run_stage(stage, settings, no_progress=False)
 
 
 @main.group()

@@ -414,8 +414,12 @@ class EvalConfig(Checked):
                   generation_batch_size=AT_LEAST_ONE, max_new_tokens_gsm8k=AT_LEAST_ONE, max_new_tokens_code=AT_LEAST_ONE,
                   timeout_s=POSITIVE, memory_mb=AT_LEAST_ONE, workers=AT_LEAST_ONE)
 
+    model: str = ""
+    """The model to score: hub id, local HF directory, .gguf file or an `pkt align` output's model/ folder
+    (`pkt eval MODEL` sets it)."""
     tasks: list[str] = field(default_factory=lambda: ["mmlu"])
-    """Any of `mmlu`, `gsm8k`, `humaneval`, `mbpp` (test sets: for reporting), and `dev` (for tuning)."""
+    """Registered evaluation tasks (`evaluation/tasks.py`, plug-ins included): pkt's own are `mmlu`, `gsm8k`,
+    `humaneval`, `mbpp` (test sets: for reporting) and `dev` (for tuning)."""
     dev_data: list[str] = field(default_factory=lambda: ["mmlu/align"])
     """The `dev` task's rows: transfer splits or .jsonl files, each with an optional slice, e.g.
     `gsm/train[512:]` (train rows past those a cache of 512 holds)."""

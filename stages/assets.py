@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Callable
 
 from pkt_pipeline.assets import fetch_dataset, fetch_model, load_pins
 from pkt_pipeline.config import PktConfig
@@ -12,7 +13,7 @@ from pkt_pipeline.datasets import DATASETS, DatasetNotFound, find_dataset, find_
 from pkt_pipeline.mmlu_transfer import SPLIT_SIZES, carve_mmlu_transfer
 
 
-def run(config: PktConfig, progress: bool = True, echo=print) -> dict:
+def run(config: PktConfig, progress: bool = True, echo: Callable[[str], None] = print) -> dict:
     """Fetch every selected model and pinned data file, then report where each data set is.
 
     Writes `<models_dir>/assets.json` with what was done, for DVC and for people.
@@ -57,7 +58,7 @@ def run(config: PktConfig, progress: bool = True, echo=print) -> dict:
     return summary
 
 
-def _mmlu_transfer_splits(data_dir: Path, echo) -> dict:
+def _mmlu_transfer_splits(data_dir: Path, echo: Callable[[str], None]) -> dict:
     """Locate the published MMLU transfer splits, or carve them from the MMLU test set (see
     `pkt_pipeline.mmlu_transfer`) so the default experiment runs on a machine without them."""
     try:

@@ -28,6 +28,7 @@ import math
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from pkt_pipeline.evaluation.stats import mean_half_width, paired_difference, score_half_width
 from pkt_pipeline.jsonl import jsonl_records
@@ -78,11 +79,22 @@ def gap_closed(method: float, student: float, teacher: float) -> float | None:
     return None if teacher == student else (method - student) / (teacher - student)
 
 
-def run(eval_dir: str | Path, out: str | Path, runs_dir: str | Path = "runs", metrics_dir: str | Path = "metrics",
-        echo=print, comparisons: list[tuple[str, str]] | None = None) -> dict:
-    """Build the report; `comparisons` are (A, B) method pairs for A − B (default: DEFAULT_COMPARISONS),
-    skipped where either is absent."""
-    eval_dir, out = Path(eval_dir), Path(out)
+@dataclass(frozen=True)
+class ReportConfig:
+    """What `pkt report` reads and writes. Its own settings, not a `PktConfig` section: the report reads
+    only result folders, so it does not depend on (or rerun for) the pipeline's config."""
+
+    eval_dir: str | Path = "eval"
+    out: str | Path = "report"
+    runs_dir: str | Path = "runs"
+    metrics_dir: str | Path = "metrics"
+    comparisons: tuple[tuple[str, str], ...] = DEFAULT_COMPARISONS
+    """(A, B) method pairs for A − B, skipped where either is absent."""
+
+
+def run(config: ReportConfig, progress: bool = True, echo: Callable[[str], None] = print) -> dict:
+    """Build the report (`progress` is accepted for the stages' common signature: nothing here takes long)."""
+    eval_dir, out = Path(config.eval_dir), Path(config.out)
     scores = {path.parent.name: json.loads(path.read_text()) for path in sorted(eval_dir.glob("*/metrics.json"))}
     # Every change is paired against the student, so it is required; the teacher only sets the gap
     # closed, and a dev grid is worth reading before the teacher's costly scores exist.
@@ -103,8 +115,7 @@ def run(eval_dir: str | Path, out: str | Path, runs_dir: str | Path = "runs", me
                                    for metric in metrics_of(task)}
             row["scores"][task] = {k: v for k, v in row["scores"][task].items() if v is not None}
         rows.append(row)
-    pairs = [(a, b) for a, b in (comparisons if comparisons is not None else DEFAULT_COMPARISONS)
-             if a in scores and b in scores]
+    pairs = [(a, b) for a, b in config.comparisons if a in scores and b in scores]
     compared = []
     for a, b in pairs:
         for task in tasks:
@@ -113,7 +124,7 @@ def run(eval_dir: str | Path, out: str | Path, runs_dir: str | Path = "runs", me
                 if difference:
                     compared.append({"a": a, "b": b, "task": task, "metric": metric.name, **difference})
     report = {"tasks": tasks, "rows": rows, "has_teacher": "teacher" in scores, "comparisons": compared, "resolution": _resolution(rows, tasks),
-              "stages": _stage_costs(scores, Path(runs_dir), Path(metrics_dir))}
+              "stages": _stage_costs(scores, Path(config.runs_dir), Path(config.metrics_dir))}
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "report.md").write_text(_markdown(report))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import subprocess
 import sys
 
@@ -37,6 +39,20 @@ def test_config_errors_are_one_clear_line(tmp_path):
     assert result.stderr.strip() == "Error: defaults: unknown key 'assets.nope'"
 
 
+def test_verbose_shows_the_traceback_of_an_error_and_the_default_stays_one_line(tmp_path):
+    """`pkt -v` (global, before the command) prints the traceback behind a user-facing error, for a
+    bug report; without it the error is the one line alone. Either way the exit status is 1."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("eval:\n  limit: -3\n")
+    quiet = pkt("eval", "some-model", "--config", str(bad), cwd=tmp_path)
+    loud = pkt("-v", "eval", "some-model", "--config", str(bad), cwd=tmp_path)
+    message = f"Error: {bad}: eval.limit must be >= 0, got -3"
+    assert quiet.returncode == loud.returncode == 1
+    assert quiet.stderr.strip() == message
+    assert loud.stderr.startswith("Traceback (most recent call last):") and loud.stderr.rstrip().endswith(message)
+    assert "pkt_pipeline/config.py" in loud.stderr and "ConfigError: " in loud.stderr
+
+
 def test_config_prints_the_resolved_values():
     result = pkt("config", "--set", "runtime.device=cpu")
     assert result.returncode == 0 and "device: cpu" in result.stdout
@@ -54,3 +70,11 @@ def test_a_bad_number_or_method_section_exits_1_with_one_line(tmp_path, override
     assert result.returncode == 1, result.stderr
     assert result.stderr.startswith(message) and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("name", ["assets", "extract", "align", "evaluate", "report"])
+def test_every_stage_has_the_one_run_signature(name):
+    """`cli.run_stage` calls each stage as `run(config, progress=..., echo=...)` (stages/__init__.py)."""
+    parameters = inspect.signature(importlib.import_module(f"stages.{name}").run).parameters
+    assert list(parameters) == ["config", "progress", "echo"]
+    assert parameters["progress"].default is True and parameters["echo"].default is print

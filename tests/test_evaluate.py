@@ -49,9 +49,9 @@ def data_dir(tmp_path_factory) -> Path:
 def test_eval_scores_every_task_and_drops_contaminated_items(tiny_pair, data_dir, tmp_path):
     out = tmp_path / "eval"
     config = load_config(overrides=[f"assets.data_dir={data_dir}", f"eval.out={out}", "eval.limit=2",
-                                    "eval.tasks=[mmlu, gsm8k, humaneval, mbpp]", "eval.max_new_tokens_gsm8k=8",
+                                    f"eval.model={tiny_pair['student']}", "eval.tasks=[mmlu, gsm8k, humaneval, mbpp]", "eval.max_new_tokens_gsm8k=8",
                                     "eval.max_new_tokens_code=8", "eval.timeout_s=5", "runtime.dtype=float32"])
-    metrics = evaluate.run(config, str(tiny_pair["student"]), progress=False)
+    metrics = evaluate.run(config, progress=False)
     assert json.loads((out / "metrics.json").read_text()) == metrics
     assert metrics["mmlu"]["dropped"] == 1 and metrics["mmlu"]["n"] == 2
     for task in ("mmlu", "gsm8k", "humaneval", "mbpp"):
@@ -72,15 +72,13 @@ def test_eval_scores_every_task_and_drops_contaminated_items(tiny_pair, data_dir
 
 
 def test_nll_items_contain_the_generated_ones_and_generation_can_be_skipped(tiny_pair, data_dir, tmp_path):
-    base = [f"assets.data_dir={data_dir}", "eval.tasks=[gsm8k]", "eval.max_new_tokens_gsm8k=4", "runtime.dtype=float32"]
-    both = evaluate.run(load_config(overrides=base + [f"eval.out={tmp_path / 'both'}", "eval.limit=2", "eval.nll_limit=5"]),
-                        str(tiny_pair["student"]), progress=False)
+    base = [f"assets.data_dir={data_dir}", f"eval.model={tiny_pair['student']}", "eval.tasks=[gsm8k]", "eval.max_new_tokens_gsm8k=4", "runtime.dtype=float32"]
+    both = evaluate.run(load_config(overrides=base + [f"eval.out={tmp_path / 'both'}", "eval.limit=2", "eval.nll_limit=5"]), progress=False)
     records = [json.loads(line) for line in (tmp_path / "both" / "items" / "gsm8k.jsonl").read_text().splitlines()]
     assert len(records) == 5 and both["gsm8k"]["nll_n"] == 5 and both["gsm8k"]["n"] == 2
     generated = {r["id"] for r in records if r["correct"] is not None}
     assert len(generated) == 2 and all("output" in r for r in records if r["id"] in generated)
-    nll_only = evaluate.run(load_config(overrides=base + [f"eval.out={tmp_path / 'nll'}", "eval.limit=5", "eval.generate=false"]),
-                            str(tiny_pair["student"]), progress=False)
+    nll_only = evaluate.run(load_config(overrides=base + [f"eval.out={tmp_path / 'nll'}", "eval.limit=5", "eval.generate=false"]), progress=False)
     assert nll_only["gsm8k"]["n"] == 0 and nll_only["gsm8k"]["nll_n"] == 5
     again = {r["id"]: r["nll"] for r in map(json.loads, (tmp_path / "nll" / "items" / "gsm8k.jsonl").open())}
     assert again == pytest.approx({r["id"]: r["nll"] for r in records})  # the same nested subset, the same values
@@ -91,8 +89,8 @@ def test_mmlu_answer_prefix_opens_the_reply_before_the_letter_is_read(tiny_pair,
     for prefix in ("", "The answer is:"):
         out = tmp_path / ("prefixed" if prefix else "plain")
         config = load_config(overrides=[f"assets.data_dir={data_dir}", f"eval.out={out}", "eval.limit=2",
-                                        "runtime.dtype=float32"] + [f"eval.mmlu_answer_prefix='{prefix}'"] * bool(prefix))
-        evaluate.run(config, str(tiny_pair["student"]), progress=False)
+                                        f"eval.model={tiny_pair['student']}", "runtime.dtype=float32"] + [f"eval.mmlu_answer_prefix='{prefix}'"] * bool(prefix))
+        evaluate.run(config, progress=False)
         records[prefix] = {r["id"]: r for r in map(json.loads, (out / "items" / "mmlu.jsonl").open())}
     plain, prefixed = records[""], records["The answer is:"]
     assert plain.keys() == prefixed.keys() and plain
@@ -115,9 +113,9 @@ def test_a_killed_eval_resumes_from_its_journal(tiny_pair, data_dir, tmp_path, m
     from pkt_pipeline.evaluation import reference_nll as nll_module
 
     monkeypatch.setattr(journal_module, "CHUNK_ITEMS", 2)
-    overrides = [f"assets.data_dir={data_dir}", "eval.tasks=[gsm8k]", "eval.limit=5", "eval.generate=false",
+    overrides = [f"assets.data_dir={data_dir}", f"eval.model={tiny_pair['student']}", "eval.tasks=[gsm8k]", "eval.limit=5", "eval.generate=false",
                  "runtime.dtype=float32"]
-    evaluate.run(load_config(overrides=overrides + [f"eval.out={tmp_path / 'whole'}"]), str(tiny_pair["student"]), progress=False)
+    evaluate.run(load_config(overrides=overrides + [f"eval.out={tmp_path / 'whole'}"]), progress=False)
     whole = (tmp_path / "whole" / "items" / "gsm8k.jsonl").read_text()
     assert not (tmp_path / "whole" / ".journal").exists(), "the journal is removed once records are written"
 
@@ -132,7 +130,7 @@ def test_a_killed_eval_resumes_from_its_journal(tiny_pair, data_dir, tmp_path, m
     out = tmp_path / "killed"
     monkeypatch.setattr(nll_module, "reference_nll", killed_after_one_chunk)
     with pytest.raises(KeyboardInterrupt):
-        evaluate.run(load_config(overrides=overrides + [f"eval.out={out}"]), str(tiny_pair["student"]), progress=False)
+        evaluate.run(load_config(overrides=overrides + [f"eval.out={out}"]), progress=False)
     assert not (out / "items" / "gsm8k.jsonl").exists() and (out / ".journal" / "gsm8k.jsonl").is_file()
 
     counted = []
@@ -143,7 +141,7 @@ def test_a_killed_eval_resumes_from_its_journal(tiny_pair, data_dir, tmp_path, m
 
     monkeypatch.setattr(nll_module, "reference_nll", counting)
     messages = []
-    evaluate.run(load_config(overrides=overrides + [f"eval.out={out}"]), str(tiny_pair["student"]), progress=False,
+    evaluate.run(load_config(overrides=overrides + [f"eval.out={out}"]), progress=False,
                  echo=messages.append)
     assert sum(counted) == 3 and any("resuming, 2 item record(s)" in m for m in messages)
     assert (out / "items" / "gsm8k.jsonl").read_text() == whole
@@ -151,11 +149,10 @@ def test_a_killed_eval_resumes_from_its_journal(tiny_pair, data_dir, tmp_path, m
     # another scoring setting: the journal of the old one is discarded, every item scored again
     monkeypatch.setattr(nll_module, "reference_nll", killed_after_one_chunk)
     with pytest.raises(KeyboardInterrupt):
-        evaluate.run(load_config(overrides=overrides + [f"eval.out={out}"]), str(tiny_pair["student"]), progress=False)
+        evaluate.run(load_config(overrides=overrides + [f"eval.out={out}"]), progress=False)
     counted.clear()
     monkeypatch.setattr(nll_module, "reference_nll", counting)
-    evaluate.run(load_config(overrides=overrides + [f"eval.out={out}", "eval.chat=false"]), str(tiny_pair["student"]),
-                 progress=False)
+    evaluate.run(load_config(overrides=overrides + [f"eval.out={out}", "eval.chat=false"]), progress=False)
     assert sum(counted) == 5
 
 

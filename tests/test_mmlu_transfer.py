@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 
 from pkt_pipeline.evaluation.mmlu import LETTERS, load_mmlu, mmlu_prompt
+from pkt_pipeline.evaluation.tasks import drop_contaminated, get_task
 from pkt_pipeline.examples import load_examples
 from pkt_pipeline.models import load_tokenizer
 from pkt_pipeline.mmlu_transfer import SPLIT_SIZES, carve_mmlu_transfer
-from stages import assets, evaluate
+from stages import assets
 
 
 @pytest.fixture
@@ -61,7 +62,7 @@ def test_assets_carve_once_and_evaluation_drops_exactly_the_carved_items(isolate
     assert assets._mmlu_transfer_splits(isolated, messages.append)["action"] == "located"
 
     items = load_mmlu(isolated / "mmlu" / "test.jsonl")
-    kept, dropped = evaluate._decontaminate("mmlu", items, str(isolated))
+    kept, dropped = drop_contaminated(get_task("mmlu"), items, str(isolated))
     carved = {json.loads(line)["test_item_id"] for split in SPLIT_SIZES
               for line in (isolated / "transfer-splits" / "mmlu" / f"{split}.jsonl").read_text().splitlines()}
     assert dropped == len(carved) == sum(SPLIT_SIZES.values())

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import json
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from stages import report
+
+
+def settings(tmp_path: Path) -> report.ReportConfig:
+    return report.ReportConfig(tmp_path / "eval", tmp_path / "report", tmp_path / "runs", tmp_path / "metrics")
 
 
 def write_eval(root: Path, name: str, **scores: float) -> None:
@@ -27,7 +33,7 @@ def test_report_computes_change_and_gap_closed(tmp_path):
     write_eval(tmp_path / "eval", "teacher", mmlu=0.53, gsm8k=0.40)
     write_eval(tmp_path / "eval", "student", mmlu=0.29, gsm8k=0.20)
     write_eval(tmp_path / "eval", "semalign", mmlu=0.41, gsm8k=0.20)
-    result = report.run(tmp_path / "eval", tmp_path / "report", tmp_path / "runs", tmp_path / "metrics", echo=lambda *_: None)
+    result = report.run(settings(tmp_path), echo=lambda *_: None)
     semalign = next(row for row in result["rows"] if row["name"] == "semalign")["scores"]
     accuracy = semalign["mmlu"]["accuracy"]
     assert accuracy["gap_closed"] == pytest.approx(0.5) and accuracy["delta"] == pytest.approx(0.12)
@@ -39,10 +45,26 @@ def test_report_computes_change_and_gap_closed(tmp_path):
     assert report.gap_closed(0.3, 0.3, 0.3) is None
 
 
+def test_the_report_command_builds_its_config_from_the_flags(tmp_path):
+    write_eval(tmp_path / "eval", "student", mmlu=0.30)
+    write_eval(tmp_path / "eval", "kd", mmlu=0.40)
+    for name, verdicts in (("student", [i % 10 < 3 for i in range(100)]), ("kd", [i % 10 < 4 for i in range(100)])):
+        write_items(tmp_path / "eval", name, "mmlu", verdicts)
+    result = subprocess.run([sys.executable, "-m", "pkt_pipeline.cli", "report", "--eval-dir", str(tmp_path / "eval"),
+                             "--out", str(tmp_path / "out"), "--runs-dir", str(tmp_path / "runs"),
+                             "--metrics-dir", str(tmp_path / "metrics"), "--compare", "kd:student"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert f"wrote {tmp_path / 'out' / 'report.md'}" in result.stdout
+    compared = json.loads((tmp_path / "out" / "report.json").read_text())["comparisons"]
+    assert [(c["a"], c["b"], c["metric"]) for c in compared] == [("kd", "student", "accuracy")]
+    assert compared[0]["mean"] == pytest.approx(0.10)
+
+
 def test_report_needs_the_student(tmp_path):
     write_eval(tmp_path / "eval", "teacher", mmlu=0.5)
     with pytest.raises(FileNotFoundError, match="lacks student/metrics.json"):
-        report.run(tmp_path / "eval", tmp_path / "report")
+        report.run(settings(tmp_path))
 
 
 def test_report_without_the_teacher_pairs_changes_and_leaves_the_gap_blank(tmp_path):
@@ -50,7 +72,7 @@ def test_report_without_the_teacher_pairs_changes_and_leaves_the_gap_blank(tmp_p
     write_eval(tmp_path / "eval", "kd", mmlu=0.40)
     write_items(tmp_path / "eval", "student", "mmlu", [i % 10 < 3 for i in range(100)])
     write_items(tmp_path / "eval", "kd", "mmlu", [i % 10 < 4 for i in range(100)])
-    result = report.run(tmp_path / "eval", tmp_path / "report", echo=lambda *_: None)
+    result = report.run(settings(tmp_path), echo=lambda *_: None)
     kd = next(row for row in result["rows"] if row["name"] == "kd")["scores"]["mmlu"]["accuracy"]
     assert kd["delta"] == pytest.approx(0.10) and kd["delta_interval_95"] is not None and kd["gap_closed"] is None
     assert "gap closed needs `pkt eval TEACHER" in (tmp_path / "report" / "report.md").read_text()
@@ -64,7 +86,7 @@ def test_change_interval_is_paired_over_the_same_items(tmp_path):
     write_eval(tmp_path / "eval", "kd", mmlu=0.40)
     write_items(tmp_path / "eval", "student", "mmlu", student)
     write_items(tmp_path / "eval", "kd", "mmlu", method)
-    result = report.run(tmp_path / "eval", tmp_path / "report", tmp_path / "runs", tmp_path / "metrics", echo=lambda *_: None)
+    result = report.run(settings(tmp_path), echo=lambda *_: None)
     cell = next(row for row in result["rows"] if row["name"] == "kd")["scores"]["mmlu"]["accuracy"]
     differences = [float(m) - float(s) for m, s in zip(method, student)]
     half = 1.959964 * statistics.stdev(differences) / len(differences) ** 0.5
@@ -89,7 +111,7 @@ def test_continuous_metric_and_method_vs_method_interval_by_hand(tmp_path):
     for name, values in nll.items():
         write_records(tmp_path / "eval", name, "gsm8k", [
             {"id": f"g{i}", "nll": v, "correct": (name != "student") if i < 2 else None} for i, v in enumerate(values)])
-    result = report.run(tmp_path / "eval", tmp_path / "report", tmp_path / "runs", tmp_path / "metrics", echo=lambda *_: None)
+    result = report.run(settings(tmp_path), echo=lambda *_: None)
     semalign = next(row for row in result["rows"] if row["name"] == "semalign")["scores"]["gsm8k"]
     assert semalign["nll"]["value"] == pytest.approx(1.5) and semalign["nll"]["n"] == 4
     # change from the student: differences -0.5, -0.6, -0.3, -0.6 -> mean -0.5, sd 0.141421
@@ -130,7 +152,7 @@ def test_dev_rows_are_reported_by_p_correct_and_nll_paired(tmp_path):
     write_dev("teacher", [0.8, 0.9, None], [0.5, 0.6, 0.7])
     write_dev("student", [0.3, 0.4, None], [1.5, 1.6, 1.7])
     write_dev("kd", [0.4, 0.6, None], [1.0, 1.2, 1.2])
-    result = report.run(tmp_path / "eval", tmp_path / "report", tmp_path / "runs", tmp_path / "metrics", echo=lambda *_: None)
+    result = report.run(settings(tmp_path), echo=lambda *_: None)
     kd = next(row for row in result["rows"] if row["name"] == "kd")["scores"]["dev"]
     assert kd["p_correct"]["n"] == 2 and kd["p_correct"]["delta"] == pytest.approx(0.15)
     assert kd["nll"]["n"] == 3 and kd["nll"]["delta"] == pytest.approx(-1.4 / 3)

@@ -7,10 +7,15 @@ the positions of an unbatched forward.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
-def pad_token_id(tokenizer) -> int:
+
+def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
     """The pad id, else the eos id (padding is masked, so any id serves); an error when it has neither."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_id is None:

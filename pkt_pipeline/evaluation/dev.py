@@ -17,11 +17,15 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..datasets import resolve_data
 from ..jsonl import jsonl_records
 from .mmlu import LETTERS, MmluItem, score_mmlu
 from .reference_nll import reference_nll
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 SLICE = re.compile(r"^(?P<source>.+?)\[(?P<start>-?\d*):(?P<stop>-?\d*)\]$")
 MMLU_HEADER = re.compile(r"^The following are multiple choice questions \(with answers\) about (?P<subject>.+)\.\n\n")
@@ -79,7 +83,8 @@ def as_mmlu_item(row: DevRow) -> tuple[MmluItem, str] | None:
     return item, reply["prefix"]
 
 
-def score_dev(model, tokenizer, rows: list[DevRow], batch_size: int = 8, progress: bool = True) -> list[dict]:
+def score_dev(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows: list[DevRow], batch_size: int = 8,
+              progress: bool = True) -> list[dict]:
     """Per row, in input order: {id, nll, tokens} and, for MMLU-style rows, {p_correct, correct}."""
     contexts = [tokenizer.apply_chat_template([{"role": "user", "content": row.prompt}], tokenize=False,
                                               add_generation_prompt=True) for row in rows]

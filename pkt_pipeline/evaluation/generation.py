@@ -43,7 +43,7 @@ import inspect
 import re
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -51,12 +51,15 @@ from tqdm.auto import tqdm
 
 from pkt_pipeline.evaluation.code_tasks import _FENCE
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
 CODE_INSTRUCTION = "Complete the following Python code. Answer with the code in one ```python block."
 
 StopRule = Callable[[str], "int | None"]
 
 
-def render_user_turn(tokenizer, text: str, chat: bool = True) -> str:
+def render_user_turn(tokenizer: PreTrainedTokenizerBase, text: str, chat: bool = True) -> str:
     if chat and getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                              add_generation_prompt=True)
@@ -135,7 +138,7 @@ _UNSUPPORTED_SETTINGS: dict[str, tuple] = {
 }
 
 
-def eos_token_ids(model, tokenizer) -> set[int]:
+def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
     """EOS ids: the model's generation config (an int or a list) and the tokenizer's."""
     ids: set[int] = set()
     for source in (getattr(getattr(model, "generation_config", None), "eos_token_id", None),
@@ -268,9 +271,9 @@ def _prefill(model, prompt_ids: list[list[int]], items: list[int], pad_id: int, 
 
 
 @torch.inference_mode()
-def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 16, *,
-                    stop: StopRule | str | Sequence[str] | None = None, refill: bool = True, progress: bool = True,
-                    desc: str = "generate") -> list[Generation]:
+def greedy_generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_new_tokens: int,
+                    batch_size: int = 16, *, stop: StopRule | str | Sequence[str] | None = None, refill: bool = True,
+                    progress: bool = True, desc: str = "generate") -> list[Generation]:
     """Greedy continuations of already-rendered prompts, in input order (see the module docstring).
 
     `stop`: a stop rule (`gsm8k_stop`, `code_stop`, any `text -> cut | None`), a string or a list of
@@ -355,9 +358,9 @@ def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int, b
     return results  # type: ignore[return-value]
 
 
-def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 8,
-             progress: bool = True, desc: str = "generate", *, stop: StopRule | str | Sequence[str] | None = None,
-             refill: bool = True) -> list[str]:
+def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_new_tokens: int,
+             batch_size: int = 8, progress: bool = True, desc: str = "generate", *,
+             stop: StopRule | str | Sequence[str] | None = None, refill: bool = True) -> list[str]:
     """Greedy continuations of already-rendered prompts, in input order, special tokens removed.
 
     Same outputs as `model.generate(do_sample=False)` per prompt (see the module docstring), cut

@@ -28,11 +28,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..jsonl import jsonl_records
 from .batching import left_padded, pad_token_id
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 LETTERS = ("A", "B", "C", "D")
 LETTER_SPELLINGS = ("{}", " {}")
@@ -94,7 +98,8 @@ def mmlu_item_text(item: MmluItem) -> str:
     return item.question + "\n" + "\n".join(f"{letter}. {choice}" for letter, choice in zip(LETTERS, item.choices))
 
 
-def render_prompt(item: MmluItem, tokenizer, chat: bool = True, answer_prefix: str = "") -> str:
+def render_prompt(item: MmluItem, tokenizer: PreTrainedTokenizerBase, chat: bool = True,
+                  answer_prefix: str = "") -> str:
     """The exact text fed to the model: chat-templated for instruct models, raw otherwise."""
     text = mmlu_prompt(item)
     if chat:
@@ -102,7 +107,7 @@ def render_prompt(item: MmluItem, tokenizer, chat: bool = True, answer_prefix: s
     return text + answer_prefix
 
 
-def letter_token_ids(tokenizer) -> list[list[int]]:
+def letter_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
     """For each letter, the ids of its single-token spellings ("A", " A"), deduplicated."""
     ids = []
     for letter in LETTERS:
@@ -127,8 +132,8 @@ def letter_logprobs(logprobs: torch.Tensor, letter_ids: list[list[int]]) -> torc
 
 
 @torch.no_grad()
-def score_mmlu(model, tokenizer, items: list[MmluItem], batch_size: int = 8, chat: bool = True,
-               progress: bool = True, answer_prefix: str = "") -> list[dict]:
+def score_mmlu(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, items: list[MmluItem], batch_size: int = 8,
+               chat: bool = True, progress: bool = True, answer_prefix: str = "") -> list[dict]:
     """Predict each item's letter; returns, in input order, one dict per item:
     {id, subject, prompt, prediction, answer, correct, letter_logprobs {letter: float}, p_correct,
     log_p_correct}.

@@ -15,15 +15,21 @@ assistant header, a clean token boundary.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from tqdm.auto import tqdm
 
 from .batching import left_padded, pad_token_id
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
 
 @torch.no_grad()
-def reference_nll(model, tokenizer, contexts: list[str], targets: list[str], batch_size: int = 8,
-                  progress: bool = True, desc: str = "nll", add_special_tokens: bool = False) -> list[dict]:
+def reference_nll(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, contexts: list[str], targets: list[str],
+                  batch_size: int = 8, progress: bool = True, desc: str = "nll",
+                  add_special_tokens: bool = False) -> list[dict]:
     """Per item, in input order: {"nll": mean NLL per target token (nats), "tokens": target length}.
 
     Items are batched shortest-first and left-padded, so every row's target occupies the last
