@@ -238,7 +238,7 @@ def test_head_vocabulary_readout_refuses_the_own_norm():
 
 def test_extra_holds_the_teacher_rows_of_the_located_neurons(tiny_pair, laten_cache):
     cache = open_cache(laten_cache)
-    arrays, provenance = cache.extra("laten"), cache.manifest["extras"]["laten"]
+    arrays, provenance = cache.extra("laten"), cache.manifest.extras["laten"].provenance
     teacher = load_model(tiny_pair["teacher"], dtype="float32", device="cpu")
     student = ModelShape.of(AutoConfig.from_pretrained(tiny_pair["student"]))
     counts = neuron_counts(student, 0.1)
@@ -412,7 +412,7 @@ def test_a_run_at_the_published_recipe_makes_a_non_vanishing_edit(tiny_pair, rec
     weights: ~1e-9 relative), which is what a translator that never learned — no gradient, hooks not
     firing — would leave. (Measured: 8e-6 to 6e-5; the tiny width keeps it small, see
     pkt_pipeline/methods/laten.py.)"""
-    provenance = open_cache(recipe_cache).manifest["extras"]["laten"]
+    provenance = open_cache(recipe_cache).manifest.extras["laten"].provenance
     assert provenance["settings"]["readout_vocab"] == 0 and provenance["extract_examples"] == PUBLISHED_EXTRACT_SPLIT
     method, model, cfg = make_method(tiny_pair, recipe_cache, "align.checkpoint_every=1000", recipe="published")
     assert (method.examples.steps, method.schedule_length(), method.step_examples) == (8, 20, 16)
