@@ -19,6 +19,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from pkt_pipeline.cache import CacheError, open_cache
 from pkt_pipeline.config import LatenExtractConfig, for_method, load_config
+from pkt_pipeline.datasets import DatasetNotFound
 from pkt_pipeline.examples import format_example
 from pkt_pipeline.laten import ModelShape, Readout, answer_target, check_settings, locate, neuron_counts
 from pkt_pipeline.methods import AlignContext, get_method
@@ -525,9 +526,9 @@ def test_a_task_without_an_align_split_is_refused_naming_the_key(tiny_pair, tmp_
     data = write_dataset(tmp_path / "train.jsonl", 4)
     config = extract_config(tiny_pair["teacher"], data, tmp_path / "cache", "extract.extras=[laten]",
                             f"student={tiny_pair['student']}")
-    message = (f"LaTen needs the task's align split: there is no align.jsonl beside {data}; "
-               "set extract.laten.align_data")
-    with pytest.raises(ValueError, match=re.escape(message)):
+    message = (f"extract.laten.align_data defaults to the task's align split, but there is no align.jsonl beside "
+               f"{data}; set extract.laten.align_data")
+    with pytest.raises(DatasetNotFound, match=re.escape(message)):
         extract_stage.run(config, progress=False, echo=lambda *_: None)
     with pytest.raises(CacheError, match="not a complete pkt cache"):
         open_cache(tmp_path / "cache")  # nothing half-made is taken for a finished cache
