@@ -134,7 +134,7 @@ def run_mode(args) -> dict:
         started = time.perf_counter()
         batch = next(source)
         if teacher is not None:
-            batch = online_teacher_signals(teacher, batch, phase, method.teacher_kind, cache.manifest["capture"]["top_k"])
+            batch = online_teacher_signals(teacher, batch, phase, method.teacher_kind, cache.manifest.capture.top_k)
         student_step(method, student, params, optimizer, batch, phase)
         if step >= args.warmup:
             times.append(time.perf_counter() - started)

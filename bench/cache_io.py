@@ -27,7 +27,9 @@ import numpy as np
 import pyarrow as pa
 
 from pkt_pipeline.cache import ArraySpec, CacheWriter, cache_info, open_cache
-from pkt_pipeline.cache.layout import compressor
+from pkt_pipeline import __version__
+from pkt_pipeline.cache.layout import (FINAL_LAYER_RAW, AttributionSource, AttributionSummary, Capture, Counts,
+                                       DatasetInfo, Layout, Prompt, TeacherInfo, TokenizerInfo, compressor, run_record)
 from pkt_pipeline.models import cpu_facts
 
 WIDTH, LAYERS, SHARD, CHUNK = 1536, 29, 4096, 512
@@ -67,6 +69,23 @@ def raw_speed(folder: Path, total: int) -> tuple[float, float]:
     return write, read
 
 
+def synthetic_run(codec_name: str, level: int, groups: int, examples: int) -> dict:
+    """The run record of a cache of synthetic activations, so it opens as any cache does."""
+    unknown = "0" * 64
+    return run_record(
+        version=__version__,
+        teacher=TeacherInfo(id=f"synthetic ({codec_name})", weights_sha256=unknown, dtype="bfloat16", num_layers=LAYERS - 1,
+                            hidden_size=WIDTH, vocab_size=0, architecture="none"),
+        tokenizer=TokenizerInfo(sha256=unknown, vocab_size=0),
+        capture=Capture(layers=tuple(range(LAYERS)), kinds=("hidden",), top_k=0, storage_dtype="bfloat16",
+                        compressor=codec_name, compression_level=level, final_layer=FINAL_LAYER_RAW),
+        prompt=Prompt(format="none", max_length=SHARD, train_on_inputs=False),
+        layout=Layout(chunk_tokens=CHUNK, shard_tokens=SHARD, groups=groups),
+        dataset=DatasetInfo(path="synthetic", fingerprint=unknown),
+        counts=Counts(examples=examples, tokens=groups * SHARD, supervised_tokens=0, truncated=0),
+        attribution=AttributionSource(data="none", aggregation="abs", limit=0))
+
+
 def cache_speed(folder: Path, total: int, codec_name: str, level: int, workers: int) -> dict:
     shutil.rmtree(folder, ignore_errors=True)
     bytes_per_group = SHARD * WIDTH * 2 * LAYERS
@@ -77,8 +96,7 @@ def cache_speed(folder: Path, total: int, codec_name: str, level: int, workers: 
                       "content_hash": ["0" * 64] * (groups * examples),
                       "offset": pa.array([g * SHARD + e * 512 for g in range(groups) for e in range(examples)], pa.int64()),
                       "length": pa.array([512] * (groups * examples), pa.int32())})
-    run = {"identity": {"bench": codec_name}, "layout": {"chunk_tokens": CHUNK, "shard_tokens": SHARD, "groups": groups},
-           "capture": {"storage_dtype": "bfloat16", "layers": list(range(LAYERS)), "kinds": ["hidden"], "top_k": 0}}
+    run = synthetic_run(codec_name, level, groups, groups * examples)
     specs = [ArraySpec(f"hidden/{layer:02d}", (WIDTH,), "uint16") for layer in range(LAYERS)]
     codec = compressor(codec_name, level)
     writer = CacheWriter.open(folder, run, index, specs, codec)
@@ -92,7 +110,7 @@ def cache_speed(folder: Path, total: int, codec_name: str, level: int, workers: 
         writer.write_group(group, payload, {"examples": examples, "tokens": SHARD})
     os.sync()
     write_s = time.perf_counter() - started
-    writer.finalize({"counts": {"examples": groups * examples, "tokens": groups * SHARD}})
+    writer.finalize(AttributionSummary(aggregation="abs", examples=0), {})
     stored = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
     dropped = drop_page_cache()
     cache = open_cache(folder)
@@ -143,7 +161,7 @@ def real_codec_ratios(path: str, codecs: list[str], max_tokens: int = 4096) -> d
         stored = sum(len(codec.encode(c)) for c in chunks)
         seconds = time.perf_counter() - started
         results[spec] = {"ratio": raw / stored, "encode_mb_per_s": raw / seconds / 1e6}
-    return {"path": path, "teacher": cache.manifest["teacher"]["id"], "tokens_sampled": rows,
+    return {"path": path, "teacher": cache.manifest.teacher.id, "tokens_sampled": rows,
             "layers": len(cache.layers), "raw_bytes": raw, "codecs": results}
 
 

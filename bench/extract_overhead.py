@@ -4,11 +4,11 @@ Three timings over identical batches (same examples, order, padding, dtype, devi
   forward   model(input_ids, attention_mask): what running the teacher costs anyway;
   capture   + output_hidden_states, per-example slicing, float32 log-softmax and top-k;
   extract   the stage's own loop: capture + bf16 encoding + compressed whole-shard writes
-            on a background thread + ledger (stages.extract.extract_groups).
+            on a background thread + ledger (pkt_pipeline.extraction.extract_groups).
 The target is extract / forward >= 0.90.
 
 It also compares the two ways of cutting a shard group into batches: in example order (pkt
-before length batching) and by similar length (`stages.extract.length_batches`, what the stage
+before length batching) and by similar length (`pkt_pipeline.extraction.length_batches`, what the stage
 does now): the share of computed positions that are padding, and real (unpadded) tokens/s of a
 plain forward under each.
 
@@ -32,12 +32,11 @@ import numpy as np
 import torch
 
 from pkt_pipeline.cache import CacheWriter
-from pkt_pipeline.cache.layout import assign_offsets, compressor, plan_groups
+from pkt_pipeline.cache.layout import array_specs, assign_offsets, compressor, plan_groups
 from pkt_pipeline.datasets import resolve_data
 from pkt_pipeline.examples import load_examples
-from pkt_pipeline.extraction import CaptureSettings, capture_batch
+from pkt_pipeline.extraction import CaptureSettings, capture_batch, extract_groups, length_batches
 from pkt_pipeline.models import cpu_facts, load_model, load_tokenizer, resolve_device, resolve_dtype
-from stages.extract import array_specs, extract_groups, length_batches
 
 
 def random_model(shape: str, device, dtype):

@@ -63,7 +63,7 @@ def measure(cache_path: str, student_path: str, examples: int, kind: str, batch_
         batches.append((mask, {k: layer_state(states, k, kind).float() for k in pairs},
                         {p: batch.teacher[p].float() for p in teacher_rows}))
     head = cache.teacher_head()
-    vocab = int(cache.manifest["tokenizer"]["vocab_size"])
+    vocab = cache.manifest.tokenizer.vocab_size
     results = {}
     for recompose in RECOMPOSE:
         started = time.perf_counter()

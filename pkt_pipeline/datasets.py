@@ -101,16 +101,32 @@ def find_transfer_split(task: str, split: str, data_dir: str | Path = "data") ->
                           "Set PKT_SHARED_DATA to a folder that holds transfer-splits/.")
 
 
-def resolve_data(reference: str, data_dir: str | Path = "data") -> Path:
-    """A jsonl path as given, or TASK/SPLIT of the transfer splits (e.g. `gsm/train`)."""
+def resolve_data(reference: str, data_dir: str | Path = "data", beside: Path | None = None,
+                 default_name: str = "", setting: str = "") -> Path:
+    """The data file a setting names: a jsonl path as given, or TASK/SPLIT of the transfer splits
+    (e.g. `gsm/train`); an empty reference means `default_name` in the folder of `beside` (a
+    task's other split next to the data being cached), and `setting` is the key to name then.
+
+    Every data setting resolves through here (`extract.data`, LaTen's `extract_data`, ...), so a
+    reference means the same wherever it is written. Raises DatasetNotFound.
+    """
+    if not reference:
+        if beside is None or not default_name:
+            raise DatasetNotFound(f"no data set given{f' for {setting}' if setting else ''}")
+        path = beside.with_name(default_name)
+        if not path.is_file():
+            split = default_name.removesuffix(".jsonl")
+            raise DatasetNotFound(f"{setting or 'this step'} defaults to the task's {split} split, but there is no "
+                                  f"{default_name} beside {beside}; set {setting or 'a data file'}")
+        return path
     path = Path(reference)
     if path.is_file():
         return path
-    if path.suffix == ".jsonl" or path.exists():
-        raise FileNotFoundError(f"dataset not found: {path}")
     parts = reference.split("/")
-    if len(parts) != 2:
-        raise FileNotFoundError(f"dataset not found: {reference} (give a .jsonl file or TASK/SPLIT, e.g. gsm/train)")
+    if path.suffix == ".jsonl" or path.exists() or len(parts) != 2:
+        where = f" ({setting})" if setting else ""
+        hint = "" if path.suffix == ".jsonl" else " (give a .jsonl file or TASK/SPLIT, e.g. gsm/train)"
+        raise DatasetNotFound(f"dataset not found{where}: {reference}{hint}")
     return find_transfer_split(parts[0], parts[1], data_dir)
 
 

@@ -1,28 +1,29 @@
 """What stage one computes from the teacher: per-layer hidden states, top-k log-probs, weights.
 
 `capture_batch` runs one padded forward pass and returns, per example, exactly the tensors the
-cache stores; `group_blocks` lays a group's examples into whole-shard blocks for the writer.
+cache stores; `group_blocks` lays a group's examples into whole-shard blocks for the writer;
+`extract_groups` runs both over the groups to write, overlapping each group's write with the
+next group's forward.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+import signal
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-from .cache.layout import CacheError, delta_key, encode, hidden_key
+from .cache.layout import CacheError, CaptureSettings, TeacherInfo, TokenizerInfo, delta_key, encode, hidden_key
+from .cache.store import CacheWriter
 from .residual import decoder_of, forward_with_residual_stream, residual_delta
+from .write_errors import write_failed
 
-
-@dataclass(frozen=True)
-class CaptureSettings:
-    layers: tuple[int, ...]
-    kinds: tuple[str, ...]  # "hidden" and/or "delta"
-    top_k: int
-    storage_dtype: str
-
+__all__ = ["CAPTURE_KINDS", "CaptureSettings", "Interrupted", "NonFiniteTeacher", "capture_batch", "extract_groups",
+           "group_blocks", "length_batches", "teacher_info", "tokenizer_info"]
 
 CAPTURE_KINDS = ("hidden", "delta")
 
@@ -161,3 +162,99 @@ def final_norm_and_head(model) -> tuple[torch.Tensor, torch.Tensor, float]:
         raise ValueError(f"cannot find the final norm of {type(model).__name__}")
     eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", None) or model.config.rms_norm_eps
     return norm.weight.detach(), head.detach(), float(eps)
+
+
+def teacher_info(model, teacher_id: str) -> TeacherInfo:
+    """The manifest's record of the teacher: what it is, and a hash of its weights."""
+    return TeacherInfo(id=teacher_id, weights_sha256=weights_sha256(model), dtype=str(model.dtype).replace("torch.", ""),
+                       num_layers=model.config.num_hidden_layers, hidden_size=model.config.hidden_size,
+                       vocab_size=model.config.vocab_size, architecture=type(model).__name__)
+
+
+def tokenizer_info(tokenizer) -> TokenizerInfo:
+    return TokenizerInfo(sha256=tokenizer_sha256(tokenizer), vocab_size=len(tokenizer),
+                         vocabulary_sha256=vocabulary_sha256(tokenizer))
+
+
+class Interrupted(RuntimeError):
+    """Ctrl-C arrived; the group in flight was finished and the cache is consistent."""
+
+
+def length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Indices into `lengths` in batches of similar length (sorted, then cut), longest first.
+
+    A group's examples are batched by length rather than in order: MMLU rows run from ~60 to 512
+    tokens, and a batch padded to its longest row spends most of its compute on padding. Only the
+    forward's batching changes; the group is written in its own order, so the cache is the same.
+    Longest first, so a batch that does not fit in memory fails at once.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+def extract_groups(model: torch.nn.Module, writer: CacheWriter, examples: list, groups: list[list[int]],
+                   offsets: list[int], todo: list[int], settings: CaptureSettings, batch_size: int,
+                   progress: bool = True) -> int:
+    """Capture and write the groups in `todo`; each group's write overlaps the next group's forward.
+
+    Returns the number of tokens written. Ctrl-C stops after the group in flight (Interrupted).
+    """
+    shard_tokens, chunk_tokens = writer.layout.shard_tokens, writer.layout.chunk_tokens
+    interrupted = {"flag": False}
+
+    def on_sigint(signum, frame):
+        if interrupted["flag"]:
+            raise KeyboardInterrupt
+        interrupted["flag"] = True
+        tqdm.write("interrupt: finishing the group in flight, then stopping (Ctrl-C again to abort at once)")
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, on_sigint) if main_thread else None
+    tokens_total = sum(len(examples[i].input_ids) for g in todo for i in groups[g])
+    bar = tqdm(total=tokens_total, desc="extract", unit="tok", unit_scale=True, disable=not progress)
+    pending: Future | None = None
+    written = 0
+    try:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pkt-writer") as pool:
+            for g in todo:
+                members = [examples[i] for i in groups[g]]
+                captured: list = [None] * len(members)
+                for rows in length_batches([len(e.input_ids) for e in members], batch_size):
+                    batch = [members[r] for r in rows]
+                    for r, result in zip(rows, capture_batch(model, batch, settings)):
+                        captured[r] = result
+                    bar.update(sum(len(e.input_ids) for e in batch))
+                blocks = group_blocks(members, captured, [offsets[i] for i in groups[g]], g * shard_tokens,
+                                      chunk_tokens, settings)
+                if pending is not None:
+                    finish_write(pending, writer)
+                group_tokens = sum(len(e.input_ids) for e in members)
+                pending = pool.submit(writer.write_group, g, blocks, {"examples": len(members), "tokens": group_tokens})
+                written += group_tokens
+                if interrupted["flag"]:
+                    break
+            if pending is not None:
+                finish_write(pending, writer)
+    finally:
+        bar.close()
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    if interrupted["flag"]:
+        raise Interrupted(
+            f"interrupted: {len(writer.finished_groups())}/{writer.layout.groups} groups are safely in "
+            f"{writer.files.url}; rerun the same command to resume"
+        )
+    return written
+
+
+def finish_write(pending: Future, writer: CacheWriter) -> None:
+    """Wait for a group's write; a failed one (a full disk) is reported with what is safe."""
+    try:
+        pending.result()
+    except OSError as exc:
+        raise write_error(writer, exc) from exc
+
+
+def write_error(writer: CacheWriter, exc: OSError) -> CacheError:
+    return CacheError(write_failed(writer.files.url, exc,
+                                   f"The {len(writer.finished_groups())} groups in the ledger are intact"))

@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import LatenExtractConfig, PktConfig
+from .datasets import resolve_data
 from .examples import Example, load_examples
 from .residual import decoder_of
 from .teacher_extras import ExtraOutput, TeacherExtra, register_extra
@@ -359,30 +360,6 @@ def student_shape(config: PktConfig) -> ModelShape:
         "--student (or set `student`)")))
 
 
-def resolve_split(reference: str, default_name: str, data_path: Path, data_dir: str) -> Path:
-    """A jsonl path, TASK/SPLIT of the transfer splits, or (empty) `default_name` beside the cached data."""
-    from .datasets import DatasetNotFound, find_transfer_split
-
-    # ValueError, not FileNotFoundError: stage one reports an OSError from an extra as a failed write.
-    if not reference:
-        path = data_path.with_name(default_name)
-        if not path.is_file():
-            key = {"extract.jsonl": "extract_data", "align.jsonl": "align_data"}[default_name]
-            raise ValueError(f"LaTen needs the task's {default_name.removesuffix('.jsonl')} split: there is no "
-                             f"{default_name} beside {data_path}; set extract.laten.{key}")
-        return path
-    path = Path(reference)
-    if path.is_file():
-        return path
-    parts = reference.split("/")
-    if path.suffix != ".jsonl" and len(parts) == 2:
-        try:
-            return find_transfer_split(parts[0], parts[1], data_dir)
-        except DatasetNotFound as exc:
-            raise ValueError(str(exc)) from exc
-    raise ValueError(f"LaTen data not found: {reference}")
-
-
 def _with_targets(examples: list[Example], tokenizer) -> list[tuple[Example, int]]:
     usable = [(example, answer_target(example, tokenizer)) for example in examples]
     dropped = [example.example_id for example, target in usable if target is None]
@@ -423,10 +400,10 @@ class LatenExtra(TeacherExtra):
         counts = neuron_counts(student, settings.transfer_rate)
         counts = {kind: counts[kind] for kind in kinds_of(settings.modules)}
         check_pair(teacher_shape, student, counts)
-        paths = {"extract": resolve_split(settings.extract_data, "extract.jsonl", data_path, config.assets.data_dir),
-                 "align": resolve_split(settings.align_data, "align.jsonl", data_path, config.assets.data_dir),
-                 "inject": (resolve_split(settings.inject_data, "", data_path, config.assets.data_dir)
-                            if settings.inject_data else data_path)}
+        defaults = {"extract": "extract.jsonl", "align": "align.jsonl", "inject": data_path.name}  # beside the data
+        paths = {role: resolve_data(getattr(settings, f"{role}_data"), config.assets.data_dir, beside=data_path,
+                                    default_name=name, setting=f"extract.laten.{role}_data")
+                 for role, name in defaults.items()}
         prompt = {"prompt_format": cfg.prompt_format, "max_length": cfg.max_length,
                   "train_on_inputs": cfg.train_on_inputs}
         loaded = {role: load_examples(path, tokenizer, **prompt)[0] for role, path in paths.items()}

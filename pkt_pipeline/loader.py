@@ -174,7 +174,7 @@ class CacheLoader:
         self.prefetch, self.read_workers = prefetch, read_workers
         self.layers, self.kind, self.topk = tuple(dict.fromkeys(int(layer) for layer in layers)), kind, topk
         self._sources = self._teacher_sources()
-        if topk and not self.cache.manifest["capture"].get("top_k"):
+        if topk and not self.cache.manifest.capture.top_k:
             raise CacheError(f"the cache at {self.cache.files.url} holds no top-k log-probs; pass topk=False")
         teacher_keys = [key for keys in self._sources.values() for key in keys]
         answer = ["answer"] if self.cache.has_answer_mask else []
@@ -189,24 +189,24 @@ class CacheLoader:
 
     def _teacher_sources(self) -> dict[int, tuple[str, ...]]:
         """The arrays each requested layer is read from: one stored array, or (h_l, h_l-1) to derive a delta."""
-        capture, cached = self.cache.manifest["capture"], self.cache.layers
+        kinds, cached = list(self.cache.manifest.capture.kinds), self.cache.layers
         sources: dict[int, tuple[str, ...]] = {}
         for layer in self.layers:
             self.cache.check_final_layer(layer)
             if self.kind == "hidden":
-                if layer not in cached or "hidden" not in capture["kinds"]:
+                if layer not in cached or "hidden" not in kinds:
                     raise CacheError(f"layer {layer} was not captured (hidden); cached layers: {cached}, "
-                                     f"kinds: {capture['kinds']}")
+                                     f"kinds: {kinds}")
                 sources[layer] = (hidden_key(layer),)
             elif layer < 1:
                 raise ValueError("delta is defined for layers >= 1 (layer 0 is the embedding output)")
-            elif "delta" in capture["kinds"] and layer in cached:
+            elif "delta" in kinds and layer in cached:
                 sources[layer] = (delta_key(layer),)
-            elif "hidden" in capture["kinds"] and layer in cached and layer - 1 in cached:
+            elif "hidden" in kinds and layer in cached and layer - 1 in cached:
                 sources[layer] = (hidden_key(layer), hidden_key(layer - 1))
             else:
                 raise CacheError(f"delta of layer {layer} needs it stored or layers {layer - 1} and {layer}; "
-                                 f"cached layers: {cached}, kinds: {capture['kinds']}")
+                                 f"cached layers: {cached}, kinds: {kinds}")
         return sources
 
     def _select(self, examples: Mapping[str, str] | None) -> None:

@@ -36,14 +36,14 @@ __all__ = ["TrainingInterrupted", "run", "check_vocabulary"]
 
 def check_vocabulary(cache, tokenizer, student: str) -> None:
     """Refuse a student whose token ids would mean something else than the cached ones."""
-    recorded = cache.manifest["tokenizer"]
+    recorded = cache.manifest.tokenizer
     ours = {"vocabulary_sha256": vocabulary_sha256(tokenizer), "vocab_size": len(tokenizer)}
-    theirs = {key: recorded.get(key) for key in ours}
+    theirs = {key: getattr(recorded, key) for key in ours}
     if ours != theirs:
         raise CacheError(
             f"the student's tokenizer does not match the cache: student {student} has vocabulary "
             f"{ours['vocabulary_sha256'][:12]} ({ours['vocab_size']} tokens), the cache's teacher "
-            f"{cache.manifest['teacher']['id']} has {str(theirs['vocabulary_sha256'])[:12]} "
+            f"{cache.manifest.teacher.id} has {str(theirs['vocabulary_sha256'])[:12]} "
             f"({theirs['vocab_size']} tokens). Stage two trains on the cached token ids, so both must share one "
             "vocabulary; extract a cache with a teacher of the student's family.")
 
@@ -59,7 +59,7 @@ def run(config: PktConfig, progress: bool = True, echo=print) -> dict:
     check_vocabulary(cache, tokenizer, config.student)
     out = Path(cfg.out)
     record = {"pkt_version": __version__, "student": config.student, "cache": cfg.cache,
-              "cache_identity": cache.manifest["identity"], "align": to_dict(config)["align"]}
+              "cache_identity": cache.manifest.identity, "align": to_dict(config)["align"]}
     _restart_diverged(out, record, cfg.overwrite, echo)
     if _prepare_out(out, record, cfg.overwrite) == "done":
         echo(f"{out} already holds this finished run; nothing to do (--overwrite to train again)")
@@ -90,7 +90,7 @@ def run(config: PktConfig, progress: bool = True, echo=print) -> dict:
     if not cfg.steps:
         total = _cover_phases(method, total, student_layers, cfg, echo)
     phases = method.phases(total, student_layers)
-    source = (f"{cache.manifest['counts']['examples']} cached examples, batch {cfg.batch_size}"
+    source = (f"{cache.manifest.counts.examples} cached examples, batch {cfg.batch_size}"
               if isinstance(probe, CacheLoader) else f"{len(probe)} batches of the method's own per epoch")
     micro = micro_batch_size_for(cfg, method)
     echo(f"{method.name}: {sum(p.steps for p in phases)} steps in {len(phases)} phase(s) over {source}"
@@ -124,7 +124,7 @@ def _finish(config, requested, method, model, tokenizer, cache, out: Path, summa
     saved["loss_curves"] = str(plot_training_log(log, out / "loss_curves.png",
                                                  f"{method.name}: {config.student} from {cfg.cache}"))
     metrics = {"method": method.name, **({"variant": requested} if requested != method.name else {}), "student": config.student, "cache": cfg.cache,
-               "teacher": cache.manifest["teacher"]["id"], "steps": summary["steps"],
+               "teacher": cache.manifest.teacher.id, "steps": summary["steps"],
                "phases": phase_summaries(log), "seconds": round(time.perf_counter() - started, 1),
                "train_seconds": summary["seconds"], "tokens_per_second": summary["tokens_per_second"],
                "peak_rss_gib": peak_rss_gib(), **saved}
@@ -247,7 +247,7 @@ def _map_report(method, model, cache, cfg, make_loader, when: str, report: dict 
         hidden = CacheLoader(cache, batch_size=cfg.batch_size, layers=layers, kind="hidden", topk=False,
                              examples={e: cache.content_hash(e) for e in examples}, shuffle_buffer=max(cfg.batch_size, 8))
         fidelity = teacher_fidelity(hidden, cache.teacher_head()["lm_head"],
-                                    list(layers), int(cache.manifest["tokenizer"]["vocab_size"]))
+                                    list(layers), cache.manifest.tokenizer.vocab_size)
         report["fidelity"] = {str(layer): value for layer, value in fidelity.items()}
     report[f"cka_{when}"] = {str(k): v for k, v in
                              layer_similarity(model, loader, pairs, method.semantic_map, method.teacher_kind).items()}

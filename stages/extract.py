@@ -13,54 +13,56 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import torch
-from tqdm.auto import tqdm
 
 from pkt_pipeline import __version__
 from pkt_pipeline.attribution import TARGETS, accumulate_attribution
-from pkt_pipeline.cache import ArraySpec, CacheError, CacheWriter, WriterLock
+from pkt_pipeline.cache import CacheError, CacheWriter, Manifest, WriterLock
 from pkt_pipeline.cache.layout import (
     ATTRIBUTION_KEYS,
     FINAL_LAYER_RAW,
     COMPRESSORS,
     LEDGER_DIR,
+    MANIFEST_FILE,
     STORAGE_DTYPES,
+    AttributionSource,
+    AttributionSummary,
+    Capture,
+    CaptureSettings,
+    Counts,
+    DatasetInfo,
+    ExtraEntry,
+    Layout,
+    Prompt,
+    array_specs,
     assign_offsets,
     compressor,
-    delta_key,
-    hidden_key,
     ledger_key,
-    numpy_dtype,
     plan_groups,
+    run_record,
 )
 from pkt_pipeline.cache.verify import TOKEN_MAJOR, damaged_files
 from pkt_pipeline.config import ExtractConfig, PktConfig
-from pkt_pipeline.datasets import resolve_data
+from pkt_pipeline.datasets import DatasetNotFound, resolve_data
 from pkt_pipeline.examples import PROMPT_FORMATS, dataset_fingerprint, load_examples
 from pkt_pipeline.extraction import (
     CAPTURE_KINDS,
-    CaptureSettings,
-    capture_batch,
+    Interrupted,
+    extract_groups,
     final_norm_and_head,
-    group_blocks,
-    tokenizer_sha256,
-    vocabulary_sha256,
-    weights_sha256,
+    teacher_info,
+    tokenizer_info,
+    write_error,
 )
 from pkt_pipeline.models import load_model, load_tokenizer, peak_rss_gib
 from pkt_pipeline.teacher_extras import get_extra
-from pkt_pipeline.write_errors import write_failed
 
-
-class Interrupted(RuntimeError):
-    """Ctrl-C arrived; the group in flight was finished and the cache is consistent."""
+__all__ = ["Interrupted", "reopen_damaged_groups", "resolve_attribution_data", "run", "validate"]
 
 
 def validate(cfg: ExtractConfig) -> None:
@@ -129,8 +131,8 @@ def _run(config: PktConfig, progress: bool = True, echo=print) -> dict:
     offsets, group_of = assign_offsets(groups, lengths, cfg.shard_tokens)
 
     attribution_path = resolve_attribution_data(cfg, data_path)
-    run_record = _run_record(config, model, tokenizer, examples, counts, settings, prompt, data_path,
-                             attribution_path, len(groups))
+    record = _run_record(config, model, tokenizer, examples, counts, settings, prompt, data_path, attribution_path,
+                         len(groups))
     index = pa.table({
         "example_id": [e.example_id for e in examples],
         "content_hash": [e.content_hash for e in examples],
@@ -141,7 +143,7 @@ def _run(config: PktConfig, progress: bool = True, echo=print) -> dict:
         "truncated": [e.truncated for e in examples],
     })
     codec = compressor(cfg.compressor, cfg.compression_level)
-    writer_args = (cfg.out, run_record, index, array_specs(settings, model.config.hidden_size), codec)
+    writer_args = (cfg.out, record, index, array_specs(settings, model.config.hidden_size), codec)
     repaired: list[int] = []
     if rank == 0:
         writer = CacheWriter.open(*writer_args, overwrite=cfg.overwrite, create=True)
@@ -150,11 +152,11 @@ def _run(config: PktConfig, progress: bool = True, echo=print) -> dict:
     if rank != 0:
         writer = CacheWriter.open(*writer_args, create=False)
     timings: dict[str, float] = {}  # the extras' run times: in the summary, never in the manifest (reproducible)
-    manifest = writer.files.read_json("manifest.json") if writer.files.exists("manifest.json") else None
-    kept_extras = manifest.get("extras", {}) if manifest else {}
+    manifest = Manifest.read(writer.files) if writer.files.exists(MANIFEST_FILE) else None
+    kept_extras = dict(manifest.extras) if manifest is not None else {}
     if manifest is not None and len(writer.finished_groups()) == len(groups):
-        stale = _stale_extras(cfg.extras, manifest.get("extras", {}), config)
-        missing = [name for name in cfg.extras if name not in manifest.get("extras", {}) or name in stale]
+        stale = _stale_extras(cfg.extras, manifest.extras, config)
+        missing = [name for name in cfg.extras if name not in manifest.extras or name in stale]
         if not missing:
             echo(f"{cfg.out} is already complete for this teacher, data and settings; nothing to do")
             return {"out": cfg.out, "action": "up to date", "seconds": round(time.perf_counter() - started, 1)}
@@ -162,10 +164,10 @@ def _run(config: PktConfig, progress: bool = True, echo=print) -> dict:
             for name, changed in stale.items():
                 echo(f"{cfg.out}: recomputing the teacher extra {name}: its settings changed ({', '.join(changed)})")
             echo(f"{cfg.out} is complete; adding the teacher extras {', '.join(missing)}")
-            extras = {**manifest.get("extras", {}),
+            extras = {**manifest.extras,
                       **_run_extras(missing, writer, model, tokenizer, config, data_path, codec, progress, timings)}
-            manifest = writer.finalize({"attribution": manifest.get("attribution", {}), "extras": extras})
-        return {"out": cfg.out, "action": "extras added", "extras": missing, "stored_bytes": manifest["stored_bytes"],
+            manifest = writer.finalize(manifest.attribution, extras)
+        return {"out": cfg.out, "action": "extras added", "extras": missing, "stored_bytes": manifest.stored_bytes,
                 "extras_seconds": timings, "seconds": round(time.perf_counter() - started, 1)}
 
     todo = [g for g in range(rank, len(groups), world) if g not in writer.finished_groups()]
@@ -189,11 +191,13 @@ def _run(config: PktConfig, progress: bool = True, echo=print) -> dict:
                                                    progress, timings)}
         _barrier(world)
         if rank == 0:
-            manifest = writer.finalize({"attribution": {"aggregation": cfg.attribution_aggregation, "examples": n_used},
-                                        "extras": extras})
-            summary["stored_bytes"] = manifest["stored_bytes"]
+            manifest = writer.finalize(AttributionSummary(aggregation=cfg.attribution_aggregation, examples=n_used),
+                                       extras)
+            summary["stored_bytes"] = manifest.stored_bytes
+    except DatasetNotFound:
+        raise  # an extra's data is missing: nothing failed to write
     except OSError as exc:
-        raise _write_failed(writer, exc) from exc
+        raise write_error(writer, exc) from exc
     summary["extras_seconds"] = timings
     summary["seconds"] = round(time.perf_counter() - started, 1)
     summary["peak_rss_gib"] = peak_rss_gib()
@@ -248,97 +252,6 @@ def resolve_attribution_data(cfg: ExtractConfig, data_path: Path) -> Path:
     return sibling if sibling.is_file() else data_path
 
 
-def array_specs(settings: CaptureSettings, width: int) -> list[ArraySpec]:
-    """The token-major arrays a cache of these capture settings holds."""
-    float_type = numpy_dtype(settings.storage_dtype)
-    attrs = {"pkt_dtype": settings.storage_dtype}
-    specs = [ArraySpec("tokens", (), "int32"), ArraySpec("supervised", (), "bool"), ArraySpec("answer", (), "bool")]
-    for layer in settings.layers:
-        if "hidden" in settings.kinds:
-            specs.append(ArraySpec(hidden_key(layer), (width,), float_type, attrs))
-        if "delta" in settings.kinds and layer >= 1:
-            specs.append(ArraySpec(delta_key(layer), (width,), float_type, attrs))
-    specs += [ArraySpec("topk/logprobs", (settings.top_k,), "float32"), ArraySpec("topk/indices", (settings.top_k,), "int32")]
-    return specs
-
-
-def length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
-    """Indices into `lengths` in batches of similar length (sorted, then cut), longest first.
-
-    A group's examples are batched by length rather than in order: MMLU rows run from ~60 to 512
-    tokens, and a batch padded to its longest row spends most of its compute on padding. Only the
-    forward's batching changes; the group is written in its own order, so the cache is the same.
-    Longest first, so a batch that does not fit in memory fails at once.
-    """
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
-
-
-def extract_groups(model, writer: CacheWriter, examples: list, groups: list[list[int]], offsets: list[int],
-                   todo: list[int], settings: CaptureSettings, batch_size: int, progress: bool = True) -> int:
-    """Capture and write the groups in `todo`; each group's write overlaps the next group's forward.
-
-    Returns the number of tokens written. Ctrl-C stops after the group in flight (Interrupted).
-    """
-    shard_tokens = writer.shard_tokens
-    interrupted = {"flag": False}
-
-    def on_sigint(signum, frame):
-        if interrupted["flag"]:
-            raise KeyboardInterrupt
-        interrupted["flag"] = True
-        tqdm.write("interrupt: finishing the group in flight, then stopping (Ctrl-C again to abort at once)")
-
-    previous = signal.signal(signal.SIGINT, on_sigint) if _main_thread() else None
-    tokens_total = sum(len(examples[i].input_ids) for g in todo for i in groups[g])
-    bar = tqdm(total=tokens_total, desc="extract", unit="tok", unit_scale=True, disable=not progress)
-    pending: Future | None = None
-    written = 0
-    try:
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pkt-writer") as pool:
-            for g in todo:
-                members = [examples[i] for i in groups[g]]
-                captured: list = [None] * len(members)
-                for rows in length_batches([len(e.input_ids) for e in members], batch_size):
-                    batch = [members[r] for r in rows]
-                    for r, result in zip(rows, capture_batch(model, batch, settings)):
-                        captured[r] = result
-                    bar.update(sum(len(e.input_ids) for e in batch))
-                blocks = group_blocks(members, captured, [offsets[i] for i in groups[g]], g * shard_tokens,
-                                      writer.run["layout"]["chunk_tokens"], settings)
-                if pending is not None:
-                    _finish(pending, writer)
-                group_tokens = sum(len(e.input_ids) for e in members)
-                pending = pool.submit(writer.write_group, g, blocks, {"examples": len(members), "tokens": group_tokens})
-                written += group_tokens
-                if interrupted["flag"]:
-                    break
-            if pending is not None:
-                _finish(pending, writer)
-    finally:
-        bar.close()
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
-    if interrupted["flag"]:
-        raise Interrupted(
-            f"interrupted: {len(writer.finished_groups())}/{writer.run['layout']['groups']} groups are safely in "
-            f"{writer.files.url}; rerun the same command to resume"
-        )
-    return written
-
-
-def _finish(pending: Future, writer: CacheWriter) -> None:
-    try:
-        pending.result()
-    except OSError as exc:
-        raise _write_failed(writer, exc) from exc
-
-
-def _write_failed(writer: CacheWriter, exc: OSError) -> CacheError:
-    return CacheError(write_failed(writer.files.url, exc,
-                                   f"The {len(writer.finished_groups())} groups in the ledger are intact"))
-
-
 def _attribution(config, tokenizer, model, path: Path, rank: int, world: int,
                  progress: bool) -> tuple[dict[str, np.ndarray], int]:
     cfg = config.extract
@@ -365,8 +278,8 @@ def _write_teacher_head(writer: CacheWriter, model, storage_dtype: str, codec) -
 
 
 def _run_extras(names: list[str], writer: CacheWriter, model, tokenizer, config: PktConfig, data_path: Path, codec,
-                progress: bool, timings: dict[str, float] | None = None) -> dict[str, dict]:
-    """Run each requested teacher extra and store its arrays; returns {name: provenance} for the manifest.
+                progress: bool, timings: dict[str, float] | None = None) -> dict[str, ExtraEntry]:
+    """Run each requested teacher extra and store its arrays; returns {name: its record} for the manifest.
 
     Each extra's run time goes to `timings`, not to its provenance: the manifest must not vary between runs."""
     provenance = {}
@@ -378,13 +291,13 @@ def _run_extras(names: list[str], writer: CacheWriter, model, tokenizer, config:
             rows = max(1, (16 << 20) // max(1, data[:1].nbytes)) if data.ndim else 1
             chunks = (min(rows, data.shape[0]), *data.shape[1:]) if data.ndim else ()
             writer.write_array(f"extras/{name}/{key}", data, chunks=chunks, codec=codec, attributes={})
-        provenance[name] = {**output.provenance, "inputs": extra.inputs(config)}
+        provenance[name] = ExtraEntry({**output.provenance, "inputs": extra.inputs(config)})
         if timings is not None:
             timings[name] = round(time.perf_counter() - started, 1)
     return provenance
 
 
-def _stale_extras(names: list[str], stored: dict[str, dict], config: PktConfig) -> dict[str, list[str]]:
+def _stale_extras(names: list[str], stored: dict[str, ExtraEntry], config: PktConfig) -> dict[str, list[str]]:
     """{name: the changed input keys} for each requested extra the cache holds for other inputs.
 
     An extra stored without `inputs` (made before they were recorded) counts as stale: what it was
@@ -393,7 +306,7 @@ def _stale_extras(names: list[str], stored: dict[str, dict], config: PktConfig) 
     for name in names:
         if name not in stored:
             continue
-        before, now = stored[name].get("inputs"), get_extra(name)().inputs(config)
+        before, now = stored[name].inputs, get_extra(name)().inputs(config)
         if before is None:
             stale[name] = ["inputs not recorded"]
         elif before != now:
@@ -403,37 +316,19 @@ def _stale_extras(names: list[str], stored: dict[str, dict], config: PktConfig) 
 
 def _run_record(config, model, tokenizer, examples, counts, settings, prompt, data_path, attribution_path, n_groups) -> dict:
     cfg = config.extract
-    capture = {"layers": list(settings.layers), "kinds": list(settings.kinds), "final_layer": FINAL_LAYER_RAW,
-               "top_k": settings.top_k, "storage_dtype": settings.storage_dtype, "compressor": cfg.compressor,
-               "compression_level": cfg.compression_level}
-    layout = {"chunk_tokens": cfg.chunk_tokens, "shard_tokens": cfg.shard_tokens, "groups": n_groups}
-    fingerprint = dataset_fingerprint(examples, prompt)
-    teacher = {
-        "id": str(config.teacher), "weights_sha256": weights_sha256(model), "dtype": str(model.dtype).replace("torch.", ""),
-        "num_layers": model.config.num_hidden_layers, "hidden_size": model.config.hidden_size,
-        "vocab_size": model.config.vocab_size, "architecture": type(model).__name__,
-    }
-    tok = {"sha256": tokenizer_sha256(tokenizer), "vocabulary_sha256": vocabulary_sha256(tokenizer),
-           "vocab_size": len(tokenizer)}
-    attribution = {"data": str(attribution_path), "aggregation": cfg.attribution_aggregation,
-                   "limit": cfg.attribution_examples}
-    return {
-        "identity": {"teacher": teacher["id"], "teacher_weights_sha256": teacher["weights_sha256"],
-                     "tokenizer_sha256": tok["sha256"], "dataset_fingerprint": fingerprint,
-                     "capture": capture, "prompt": prompt, "layout": layout, "attribution": attribution},
-        "pkt_version": __version__,
-        "teacher": teacher, "tokenizer": tok, "capture": capture, "prompt": prompt, "layout": layout,
-        "dataset": {"path": str(data_path), "fingerprint": fingerprint},
-        "counts": counts,
-    }
+    capture = Capture(layers=settings.layers, kinds=settings.kinds, final_layer=FINAL_LAYER_RAW, top_k=settings.top_k,
+                      storage_dtype=settings.storage_dtype, compressor=cfg.compressor,
+                      compression_level=cfg.compression_level)
+    return run_record(
+        version=__version__, teacher=teacher_info(model, str(config.teacher)), tokenizer=tokenizer_info(tokenizer),
+        capture=capture, prompt=Prompt(**prompt), layout=Layout(cfg.chunk_tokens, cfg.shard_tokens, n_groups),
+        dataset=DatasetInfo(path=str(data_path), fingerprint=dataset_fingerprint(examples, prompt)),
+        counts=Counts(**counts),
+        attribution=AttributionSource(data=str(attribution_path), aggregation=cfg.attribution_aggregation,
+                                      limit=cfg.attribution_examples))
 
 
 def _barrier(world: int) -> None:
     if world > 1:
         torch.distributed.barrier()
 
-
-def _main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()

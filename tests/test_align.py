@@ -198,7 +198,7 @@ def test_teacher_equal_to_student_gives_identity_map_and_zero_relation_loss(tiny
     cache = open_cache(cache_dir)
     student = AutoModelForCausalLM.from_pretrained(tiny_pair["student"]).eval()
     semantic_map = build_semantic_map(cache.teacher_head(), student.get_output_embeddings().weight.detach(),
-                                      cache.manifest["tokenizer"]["vocab_size"], recompose="lstsq")
+                                      cache.manifest.tokenizer.vocab_size, recompose="lstsq")
     scale = semantic_map.matrix.diagonal().mean()
     torch.testing.assert_close(semantic_map.matrix / scale, torch.eye(STUDENT_SHAPE.hidden), atol=2e-3, rtol=0)
     loader = CacheLoader(cache, batch_size=4, layers=[1, 2], kind="delta", topk=False, shuffle_buffer=8)

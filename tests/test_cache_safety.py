@@ -88,14 +88,14 @@ def test_extract_overwrite_keeps_a_users_file_inside_a_cache(tiny_pair, tiny_dat
     assert "holds files pkt did not write (notes.txt)" in str(refused.value)
     assert "--overwrite" not in str(refused.value)
     assert (out / "notes.txt").read_text() == "mine"
-    assert open_cache(out).manifest["teacher"]["hidden_size"] == 64  # the teacher's cache is untouched
+    assert open_cache(out).manifest.teacher.hidden_size == 64  # the teacher's cache is untouched
 
 
 def test_extract_overwrite_still_replaces_another_cache(tiny_pair, tiny_dataset, clean, tmp_path):
     out = tmp_path / "cache"
     shutil.copytree(clean, out)
     extract_small(tiny_pair, tiny_dataset, out, "extract.overwrite=true", teacher="student")
-    assert open_cache(out).manifest["teacher"]["hidden_size"] == 32
+    assert open_cache(out).manifest.teacher.hidden_size == 32
     assert not (out / LOCK_FILE).exists()
 
 

@@ -150,7 +150,7 @@ def test_attribution_equals_independent_autograd(tiny_pair, dataset, extracted):
     cache = open_cache(extracted)
     for target in ("output", "contribution"):
         np.testing.assert_allclose(cache.attribution(target), expected[target], rtol=1e-5)
-    assert cache.manifest["attribution"]["examples"] == 3
+    assert cache.manifest.attribution.examples == 3
 
 
 def test_teacher_head_and_manifest(tiny_pair, extracted):
@@ -161,13 +161,13 @@ def test_teacher_head_and_manifest(tiny_pair, extracted):
     torch.testing.assert_close(head["final_norm"].float(), model.model.norm.weight.to(torch.bfloat16).float())
     assert head["norm_eps"] == pytest.approx(model.config.rms_norm_eps)
     manifest = cache.manifest
-    assert manifest["format_version"] == 1 and manifest["pkt_version"]
-    assert manifest["teacher"]["num_layers"] == 4 and manifest["teacher"]["hidden_size"] == 64
-    assert manifest["capture"]["final_layer"] == "raw"
-    assert manifest["tokenizer"]["vocab_size"] == len(load_tokenizer(tiny_pair["teacher"]))
-    assert manifest["counts"]["examples"] == 24 and manifest["counts"]["tokens"] == sum(cache.index.column("length").to_pylist())
-    assert manifest["capture"]["top_k"] == 64 and manifest["prompt"]["format"] == "chat"
-    assert len(manifest["dataset"]["fingerprint"]) == 64
+    assert manifest.format_version == 1 and manifest.pkt_version
+    assert manifest.teacher.num_layers == 4 and manifest.teacher.hidden_size == 64
+    assert manifest.capture.final_layer == "raw"
+    assert manifest.tokenizer.vocab_size == len(load_tokenizer(tiny_pair["teacher"]))
+    assert manifest.counts.examples == 24 and manifest.counts.tokens == sum(cache.index.column("length").to_pylist())
+    assert manifest.capture.top_k == 64 and manifest.prompt.format == "chat"
+    assert len(manifest.dataset.fingerprint) == 64
     assert verify_cache(extracted) == []
 
 
@@ -221,7 +221,7 @@ def test_overwrite_replaces_another_cache(tiny_pair, dataset, tmp_path):
     out = tmp_path / "c"
     extract.run(extract_config(tiny_pair["teacher"], dataset, out, "extract.limit=4"), progress=False)
     extract.run(extract_config(tiny_pair["student"], dataset, out, "extract.limit=4", "extract.overwrite=true"), progress=False)
-    assert open_cache(out).manifest["teacher"]["hidden_size"] == 32
+    assert open_cache(out).manifest.teacher.hidden_size == 32
 
 
 def test_truncation_is_counted(tiny_pair, dataset, tmp_path):
@@ -229,7 +229,7 @@ def test_truncation_is_counted(tiny_pair, dataset, tmp_path):
 
     extract.run(extract_config(tiny_pair["teacher"], dataset, tmp_path / "c", "extract.max_length=40"), progress=False)
     cache = open_cache(tmp_path / "c")
-    assert cache.manifest["counts"]["truncated"] == sum(cache.index.column("truncated").to_pylist()) > 0
+    assert cache.manifest.counts.truncated == sum(cache.index.column("truncated").to_pylist()) > 0
     assert max(cache.index.column("length").to_pylist()) == 40
 
 
@@ -382,10 +382,36 @@ def test_torchrun_matches_single_process(tiny_pair, long_dataset, reference_run,
 
 
 def test_length_batches_cover_every_example_once_longest_first():
-    from stages.extract import length_batches
+    from pkt_pipeline.extraction import length_batches
 
     lengths = [60, 512, 75, 300, 61, 510, 64]
     batches = length_batches(lengths, 3)
     assert sorted(i for batch in batches for i in batch) == list(range(len(lengths)))
     assert [len(b) for b in batches] == [3, 3, 1]
     assert batches[0] == [1, 5, 3] and batches[1] == [2, 6, 4]  # similar lengths share a batch
+
+
+STAGE_IMPORTS_PENDING = {"bench/eval_speed.py", "bench/teacher_student_gap.py"}
+"""Benches that still reach into stages/evaluate.py and stages/report.py: the evaluation helpers they
+use move into pkt_pipeline/evaluation with the evaluation work of issue 15."""
+
+
+def test_the_library_and_the_benches_import_no_stage():
+    """Stages orchestrate, the library computes: a bench (or a library module) timing the extraction loop
+    or the cache builder must get them from the library, not from `stages/`. The CLI is the one part
+    of `pkt_pipeline/` that calls the stages."""
+    import ast
+
+    root = Path(__file__).resolve().parent.parent
+    files = [*sorted((root / "pkt_pipeline").rglob("*.py")), *sorted((root / "bench").glob("*.py"))]
+    offenders = []
+    for path in files:
+        name = path.relative_to(root).as_posix()
+        if name == "pkt_pipeline/cli.py" or name in STAGE_IMPORTS_PENDING:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            modules = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                       else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            offenders += [f"{name}:{node.lineno} imports {module}" for module in modules
+                          if module == "stages" or module.startswith("stages.")]
+    assert offenders == []

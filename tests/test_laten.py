@@ -20,6 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from pkt_pipeline.cache import CacheError, open_cache
 from pkt_pipeline.config import LatenExtractConfig, for_method, load_config
+from pkt_pipeline.datasets import DatasetNotFound
 from pkt_pipeline.examples import format_example
 from pkt_pipeline.laten import ModelShape, Readout, answer_target, check_settings, locate, neuron_counts
 from pkt_pipeline.loader import ExampleMeta
@@ -241,7 +242,7 @@ def test_head_vocabulary_readout_refuses_the_own_norm():
 
 def test_extra_holds_the_teacher_rows_of_the_located_neurons(tiny_pair, laten_cache):
     cache = open_cache(laten_cache)
-    arrays, provenance = cache.extra("laten"), cache.manifest["extras"]["laten"]
+    arrays, provenance = cache.extra("laten"), cache.manifest.extras["laten"].provenance
     teacher = load_model(tiny_pair["teacher"], dtype="float32", device="cpu")
     student = ModelShape.of(AutoConfig.from_pretrained(tiny_pair["student"]))
     counts = neuron_counts(student, 0.1)
@@ -435,7 +436,7 @@ def test_a_run_at_the_published_recipe_makes_a_non_vanishing_edit(tiny_pair, rec
     weights: ~1e-9 relative), which is what a translator that never learned — no gradient, hooks not
     firing — would leave. (Measured: 8e-6 to 6e-5; the tiny width keeps it small, see
     pkt_pipeline/methods/laten.py.)"""
-    provenance = open_cache(recipe_cache).manifest["extras"]["laten"]
+    provenance = open_cache(recipe_cache).manifest.extras["laten"].provenance
     assert provenance["settings"]["readout_vocab"] == 0 and provenance["extract_examples"] == PUBLISHED_EXTRACT_SPLIT
     method, model, cfg = make_method(tiny_pair, recipe_cache, "align.checkpoint_every=1000", recipe="published")
     assert (method.examples.steps, method.schedule_length(), method.step_examples) == (8, 20, 16)
@@ -548,9 +549,9 @@ def test_a_task_without_an_align_split_is_refused_naming_the_key(tiny_pair, tmp_
     data = write_dataset(tmp_path / "train.jsonl", 4)
     config = extract_config(tiny_pair["teacher"], data, tmp_path / "cache", "extract.extras=[laten]",
                             f"student={tiny_pair['student']}")
-    message = (f"LaTen needs the task's align split: there is no align.jsonl beside {data}; "
-               "set extract.laten.align_data")
-    with pytest.raises(ValueError, match=re.escape(message)):
+    message = (f"extract.laten.align_data defaults to the task's align split, but there is no align.jsonl beside "
+               f"{data}; set extract.laten.align_data")
+    with pytest.raises(DatasetNotFound, match=re.escape(message)):
         extract_stage.run(config, progress=False, echo=lambda *_: None)
     with pytest.raises(CacheError, match="not a complete pkt cache"):
         open_cache(tmp_path / "cache")  # nothing half-made is taken for a finished cache

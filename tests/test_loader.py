@@ -240,7 +240,7 @@ def test_exact_resume_mid_epoch_and_across_the_epoch_boundary_with_other_layers(
     assert [b.example_ids for b in rest] == [b.example_ids for b in batches[3:per_epoch]]
     needed = set(groups_of(cache, [e for b in rest for e in b.example_ids]))
     assert sorted(calls) == sorted(needed)
-    assert len(needed) < cache.manifest["layout"]["groups"]
+    assert len(needed) < cache.manifest.layout.groups
     assert resumed.state_dict()["epoch"] == 1 and resumed.state_dict()["batches_done"] == 0
 
 

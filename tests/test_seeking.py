@@ -196,7 +196,7 @@ def test_start_model_is_the_student_and_its_lora_the_teachers_block(tiny_pair, s
 
     # The adapter's update is the rank-4 SVD of the teacher block the provenance names.
     teacher = AutoModelForCausalLM.from_pretrained(tiny_pair["teacher"], dtype=torch.float32)
-    provenance = cache.manifest["extras"]["seeking"]
+    provenance = cache.manifest.extras["seeking"].provenance
     layers = lora_modules(model)
     assert set(layers) == set(itertools.product(range(STUDENT_SHAPE.layers), MODULES))
     for (layer, module), lora in layers.items():
@@ -217,7 +217,7 @@ def test_extract_then_align_end_to_end(tiny_pair, seeking_cache, tmp_path):
     assert extracted.exit_code == 0, extracted.output
     assert f"added seeking to {cache_dir}" in extracted.output
     assert verify_cache(cache_dir) == []
-    provenance = open_cache(cache_dir).manifest["extras"]["seeking"]
+    provenance = open_cache(cache_dir).manifest.extras["seeking"].provenance
     chosen = provenance["teacher_layers"]
     assert len(chosen) == STUDENT_SHAPE.layers and chosen == sorted(chosen) and set(chosen) <= set(range(4))
     totals = provenance["layer_sensitivity"]
@@ -302,7 +302,7 @@ def test_bad_inputs_are_refused_with_clear_errors(tiny_pair, tiny_dataset, tiny_
     refused = run_pkt(*cache_settings(tiny_pair, tiny_dataset, cache), "--with", "seeking", "--set", f"student={deep}")
     assert refused.exit_code == 1
     assert "the student has 6 layers, the teacher 4" in refused.output and "must not be deeper" in refused.output
-    assert "seeking" not in open_cache(cache).manifest.get("extras", {})
+    assert "seeking" not in open_cache(cache).manifest.extras
 
 
 def test_a_changed_extra_setting_recomputes_the_extra(tiny_pair, tiny_dataset, seeking_cache, tmp_path):
@@ -311,7 +311,7 @@ def test_a_changed_extra_setting_recomputes_the_extra(tiny_pair, tiny_dataset, s
     out = tmp_path / "cache"
     shutil.copytree(seeking_cache[0], out)
     command = [*cache_settings(tiny_pair, tiny_dataset, out), "--with", "seeking"]
-    inputs = open_cache(out).manifest["extras"]["seeking"]["inputs"]
+    inputs = open_cache(out).manifest.extras["seeking"].inputs
     assert inputs["student"] == str(tiny_pair["student"]) and inputs["lora_r"] == 16
     assert "nothing to do" in run_pkt(*command).output
 
@@ -319,7 +319,7 @@ def test_a_changed_extra_setting_recomputes_the_extra(tiny_pair, tiny_dataset, s
     assert changed.exit_code == 0, changed.output
     assert "recomputing the teacher extra seeking: its settings changed (seeking)" in changed.output
     manifest = open_cache(out).manifest
-    assert manifest["extras"]["seeking"]["rank"] == 4 and manifest["extras"]["seeking"]["seed_examples"] == 3
+    assert manifest.extras["seeking"].provenance["rank"] == 4 and manifest.extras["seeking"].provenance["seed_examples"] == 3
     assert verify_cache(out) == []
     assert "nothing to do" in run_pkt(*command, "--set", "extract.seeking.seed_examples=3",
                                       "--set", "extract.seeking.rank=4").output

@@ -50,24 +50,24 @@ def test_extra_is_written_with_provenance(tiny_pair, tiny_dataset, tmp_path):
     norms, rows = expected(tiny_pair["teacher"])
     np.testing.assert_allclose(arrays["down_norms"], norms, rtol=1e-6)
     np.testing.assert_array_equal(arrays["nested/embedding_rows"], rows)
-    assert cache.manifest["extras"][WeightNorms.name]["layers"] == len(norms)
+    assert cache.manifest.extras[WeightNorms.name].provenance["layers"] == len(norms)
     assert verify_cache(out) == []
 
 
 def test_extra_is_added_to_a_complete_cache_without_reextracting(tiny_pair, tiny_cache, tmp_path):
     out = tmp_path / "cache"
     shutil.copytree(tiny_cache, out)
-    before = open_cache(out).manifest["checksums"]
+    before = open_cache(out).manifest.checksums
     with pytest.raises(CacheError, match=f"pkt extract --with {WeightNorms.name}"):
         open_cache(out).extra(WeightNorms.name)
 
-    config = extract_config(tiny_pair["teacher"], Path(open_cache(out).manifest["dataset"]["path"]), out,
+    config = extract_config(tiny_pair["teacher"], Path(open_cache(out).manifest.dataset.path), out,
                             "extract.capture=[hidden, delta]", f"extract.extras=[{WeightNorms.name}]")
     summary = extract_stage.run(config, progress=False, echo=lambda *_: None)
     assert summary["action"] == "extras added"
     after = open_cache(out).manifest
-    assert {k: v for k, v in after["checksums"].items() if not k.startswith("extras/")} == before
-    assert after["attribution"] == open_cache(tiny_cache).manifest["attribution"]
+    assert {k: v for k, v in after.checksums.items() if not k.startswith("extras/")} == before
+    assert after.attribution == open_cache(tiny_cache).manifest.attribution
     np.testing.assert_allclose(open_cache(out).extra(WeightNorms.name)["down_norms"], expected(tiny_pair["teacher"])[0],
                                rtol=1e-6)
     assert verify_cache(out) == []

@@ -19,13 +19,25 @@ example id to its rows.
     <cache>/attribution/contribution       float64                 [L+1]  grad x contribution delta_l
     <cache>/teacher/lm_head, final_norm    storage dtype           [V, D], [D]
     <cache>/manifest.json                  written last: its presence means the cache is complete
+
+`run_record` builds run.json and `build_manifest` the manifest: both are composed here, so the
+contract between the stages is written down in one place; `Manifest` is how a reader sees it.
 """
 
 from __future__ import annotations
 
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import MISSING, dataclass, field, fields
+from typing import TYPE_CHECKING, Any, TypeVar
+
 import numpy as np
 import torch
 import zarr.codecs as zc
+
+if TYPE_CHECKING:
+    from .store import CacheFiles
 
 FORMAT_NAME = "pkt-activation-cache"
 FORMAT_VERSION = 1
@@ -139,3 +151,290 @@ def decode(array: np.ndarray, storage_dtype: str) -> torch.Tensor:
 
 def numpy_dtype(storage_dtype: str) -> str:
     return "uint16" if storage_dtype == "bfloat16" else "float16"
+
+
+@dataclass(frozen=True)
+class CaptureSettings:
+    """What a cache captures of the teacher per token (`pkt extract`'s capture settings)."""
+
+    layers: tuple[int, ...]
+    kinds: tuple[str, ...]  # "hidden" and/or "delta"
+    top_k: int
+    storage_dtype: str
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """A token-major array: `row_shape` is the shape of one token's row."""
+
+    key: str
+    row_shape: tuple[int, ...]
+    dtype: str
+    attributes: dict = field(default_factory=dict)
+
+
+def array_specs(settings: CaptureSettings, width: int) -> list[ArraySpec]:
+    """The token-major arrays a cache of these capture settings holds."""
+    float_type = numpy_dtype(settings.storage_dtype)
+    attrs = {"pkt_dtype": settings.storage_dtype}
+    specs = [ArraySpec("tokens", (), "int32"), ArraySpec("supervised", (), "bool"), ArraySpec("answer", (), "bool")]
+    for layer in settings.layers:
+        if "hidden" in settings.kinds:
+            specs.append(ArraySpec(hidden_key(layer), (width,), float_type, attrs))
+        if "delta" in settings.kinds and layer >= 1:
+            specs.append(ArraySpec(delta_key(layer), (width,), float_type, attrs))
+    specs += [ArraySpec("topk/logprobs", (settings.top_k,), "float32"), ArraySpec("topk/indices", (settings.top_k,), "int32")]
+    return specs
+
+
+# The manifest, typed. Every manifest pkt has written reads back and writes back the same JSON:
+# keys added over time are optional (absent in older caches, and left absent when written back);
+# keys a newer writer of the same format version added are kept in `other`, so nothing is lost;
+# a newer format version is refused. Free-form records (the identity compared as a whole, an
+# extra's provenance, the checksums) stay plain dicts.
+
+class ManifestError(ValueError):
+    """A manifest key that is missing or of the wrong type; `Manifest.from_json` names the file."""
+
+
+_Self = TypeVar("_Self", bound="_Record")
+
+
+@dataclass(frozen=True)
+class _Record:
+    other: dict = field(default_factory=dict, kw_only=True)
+    """Keys this pkt does not know, as they were read."""
+    absent: frozenset = field(default=frozenset(), kw_only=True, repr=False)
+    """Optional keys the record did not have: written back as absent, not as their default."""
+
+    @classmethod
+    def from_json(cls: type[_Self], data: Any, where: str = "") -> _Self:
+        _expect(isinstance(data, dict), where, "an object", data)
+        hints = typing.get_type_hints(cls)
+        values, absent = {}, set()
+        own = [f for f in fields(cls) if f.name not in ("other", "absent")]
+        for f in own:
+            key = f"{where}.{f.name}" if where else f.name
+            if f.name in data:
+                values[f.name] = _read(hints[f.name], data[f.name], key)
+            elif f.default is MISSING and f.default_factory is MISSING:
+                raise ManifestError(f"key {key!r} is missing")
+            else:
+                absent.add(f.name)
+        names = {f.name for f in own}
+        return cls(**values, other={k: v for k, v in data.items() if k not in names}, absent=frozenset(absent))
+
+    def to_json(self) -> dict:
+        record = {f.name: _write(getattr(self, f.name)) for f in fields(self)
+                  if f.name not in ("other", "absent") and f.name not in self.absent}
+        return {**record, **self.other}
+
+
+def _expect(ok: bool, key: str, what: str, value: Any) -> None:
+    if not ok:
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        raise ManifestError(f"key {key!r} should be {what}, not {shown}" if key else
+                            f"it should be {what}, not {shown}")
+
+
+def _read(hint: Any, value: Any, key: str) -> Any:
+    """`value` as type `hint`, checked: lists become tuples, objects become records."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [arg for arg in args if arg is not type(None)]
+        return _read(inner, value, key)
+    if isinstance(hint, type) and hasattr(hint, "from_json"):
+        return hint.from_json(value, key)
+    if origin is tuple:
+        _expect(isinstance(value, list), key, "a list", value)
+        return tuple(_read(args[0], item, f"{key}[{i}]") for i, item in enumerate(value))
+    if hint is dict or origin is dict:
+        _expect(isinstance(value, dict), key, "an object", value)
+        return {name: _read(args[1], item, f"{key}.{name}") for name, item in value.items()} if args else value
+    if hint is bool:
+        _expect(isinstance(value, bool), key, "true or false", value)
+    elif hint is int:
+        _expect(isinstance(value, int) and not isinstance(value, bool), key, "an integer", value)
+    elif hint is str:
+        _expect(isinstance(value, str), key, "a string", value)
+    return value
+
+
+def _write(value: Any) -> Any:
+    if hasattr(value, "to_json"):
+        return value.to_json()
+    if isinstance(value, tuple):
+        return [_write(item) for item in value]
+    if isinstance(value, dict):
+        return {name: _write(item) for name, item in value.items()}
+    return value
+
+
+@dataclass(frozen=True)
+class TeacherInfo(_Record):
+    id: str
+    weights_sha256: str
+    dtype: str
+    num_layers: int
+    hidden_size: int
+    vocab_size: int
+    architecture: str
+
+
+@dataclass(frozen=True)
+class TokenizerInfo(_Record):
+    sha256: str
+    """Of the token <-> id mapping and the chat template."""
+    vocab_size: int
+    vocabulary_sha256: str | None = None
+    """Of the mapping alone: what a student must share (caches of the first days lack it)."""
+
+
+@dataclass(frozen=True)
+class Capture(_Record):
+    layers: tuple[int, ...]
+    kinds: tuple[str, ...]
+    top_k: int
+    storage_dtype: str
+    compressor: str
+    compression_level: int
+    final_layer: str | None = None
+    """`FINAL_LAYER_RAW`, or None for a cache whose h_L is after the final norm (it predates the key)."""
+
+    @property
+    def settings(self) -> CaptureSettings:
+        return CaptureSettings(self.layers, self.kinds, self.top_k, self.storage_dtype)
+
+
+@dataclass(frozen=True)
+class Prompt(_Record):
+    format: str
+    max_length: int
+    train_on_inputs: bool
+
+
+@dataclass(frozen=True)
+class Layout(_Record):
+    chunk_tokens: int
+    shard_tokens: int
+    groups: int
+
+
+@dataclass(frozen=True)
+class DatasetInfo(_Record):
+    path: str
+    fingerprint: str
+
+
+@dataclass(frozen=True)
+class Counts(_Record):
+    examples: int
+    tokens: int
+    supervised_tokens: int
+    truncated: int
+
+
+@dataclass(frozen=True)
+class AttributionSource(_Record):
+    """What the attribution scores were computed from (part of the identity)."""
+
+    data: str
+    aggregation: str
+    limit: int
+
+
+@dataclass(frozen=True)
+class AttributionSummary(_Record):
+    """How the stored attribution scores were aggregated, over how many examples."""
+
+    aggregation: str
+    examples: int
+
+
+@dataclass(frozen=True)
+class ExtraEntry:
+    """A teacher extra's record (`pkt extract --with NAME`): what it chose, from what data, made from which inputs."""
+
+    provenance: dict
+
+    @property
+    def inputs(self) -> dict | None:
+        """The settings the extra was made from; None for an extra made before they were recorded."""
+        return self.provenance.get("inputs")
+
+    @classmethod
+    def from_json(cls, data: Any, where: str = "") -> "ExtraEntry":
+        _expect(isinstance(data, dict), where, "an object", data)
+        return cls(dict(data))
+
+    def to_json(self) -> dict:
+        return dict(self.provenance)
+
+
+@dataclass(frozen=True)
+class Manifest(_Record):
+    """`manifest.json`, the record of a finished cache: what it holds, from what, and each file's sha256."""
+
+    format: str
+    format_version: int
+    pkt_version: str
+    identity: dict
+    """What decides the cache's content (teacher, data, settings), compared whole to decide a rerun."""
+    teacher: TeacherInfo
+    tokenizer: TokenizerInfo
+    capture: Capture
+    prompt: Prompt
+    layout: Layout
+    dataset: DatasetInfo
+    counts: Counts
+    attribution: AttributionSummary
+    stored_bytes: int
+    checksums: dict[str, str | None]
+    """sha256 of every file; None for a shard never written (all fill value)."""
+    extras: dict[str, ExtraEntry] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, data: Any, where: str = "") -> "Manifest":
+        """Read a manifest; `where` names it (the file) in a refusal. Raises CacheError."""
+        source = where or MANIFEST_FILE
+        if isinstance(data, dict) and data.get("format") not in (None, FORMAT_NAME):
+            raise CacheError(f"{source} is not a pkt cache manifest (its format is {data.get('format')!r}, "
+                             f"not {FORMAT_NAME!r})")
+        version = data.get("format_version") if isinstance(data, dict) else None
+        if isinstance(version, int) and version > FORMAT_VERSION:
+            raise CacheError(f"{source} is format version {version} of {FORMAT_NAME}; this pkt reads version "
+                             f"{FORMAT_VERSION}: upgrade pkt to read it")
+        try:
+            return super().from_json(data, "")
+        except ManifestError as exc:
+            raise CacheError(f"{source} is not a valid pkt manifest: {exc}; delete it and rerun the same "
+                             "`pkt extract` command to write it again") from None
+
+    @classmethod
+    def read(cls, files: "CacheFiles") -> "Manifest":
+        """The manifest of the cache in `files`."""
+        return cls.from_json(files.read_json(MANIFEST_FILE), files.where(MANIFEST_FILE))
+
+
+def run_record(version: str, teacher: TeacherInfo, tokenizer: TokenizerInfo, capture: Capture, prompt: Prompt,
+               layout: Layout, dataset: DatasetInfo, counts: Counts, attribution: AttributionSource) -> dict:
+    """run.json: the cache's identity (what decides its content) and the records its manifest repeats."""
+    identity = {"teacher": teacher.id, "teacher_weights_sha256": teacher.weights_sha256,
+                "tokenizer_sha256": tokenizer.sha256, "dataset_fingerprint": dataset.fingerprint,
+                "capture": capture.to_json(), "prompt": prompt.to_json(), "layout": layout.to_json(),
+                "attribution": attribution.to_json()}
+    return {"identity": identity, "pkt_version": version, "teacher": teacher.to_json(),
+            "tokenizer": tokenizer.to_json(), "capture": capture.to_json(), "prompt": prompt.to_json(),
+            "layout": layout.to_json(), "dataset": dataset.to_json(), "counts": counts.to_json()}
+
+
+def build_manifest(run: dict, attribution: AttributionSummary, extras: Mapping[str, ExtraEntry], stored_bytes: int,
+                   checksums: Mapping[str, str | None], where: str = "") -> Manifest:
+    """The manifest of a finished cache: its run record, what stage one added after the groups, every file's sha256."""
+    return Manifest.from_json({
+        "format": FORMAT_NAME, "format_version": FORMAT_VERSION, **run,
+        "attribution": attribution.to_json(), "extras": {name: entry.to_json() for name, entry in extras.items()},
+        "stored_bytes": stored_bytes, "checksums": dict(sorted(checksums.items())),
+    }, where)

@@ -1,7 +1,7 @@
 """Read a finished activation cache, from a notebook or from stage two.
 
     cache = open_cache("cache/qwen1.5b-mmlu")            # or "s3://bucket/cache", "memory://..."
-    cache.manifest["teacher"]["id"], cache.index.num_rows
+    cache.manifest.teacher.id, cache.index.num_rows
     cache.hidden(12, "professional_law_124")            # torch [T, D] in the stored dtype
     cache.topk("professional_law_124")                  # (log-probs [T, k] float32, token ids [T, k] int64)
 
@@ -24,7 +24,8 @@ import torch
 import zarr
 
 from ..residual import residual_delta
-from .layout import ATTRIBUTION_KEYS, FINAL_LAYER_RAW, INDEX_FILE, MANIFEST_FILE, CacheError, decode, delta_key, hidden_key
+from .layout import (ATTRIBUTION_KEYS, FINAL_LAYER_RAW, INDEX_FILE, MANIFEST_FILE, CacheError, Manifest, decode, delta_key,
+                     hidden_key)
 from .store import CacheFiles, shard_file
 from .verify import TOKEN_MAJOR, file_problem
 
@@ -45,9 +46,9 @@ class Cache:
 
     def __init__(self, files: CacheFiles):
         self.files = files
-        self.manifest: dict = files.read_json(MANIFEST_FILE)
+        self.manifest: Manifest = Manifest.read(files)
         self.root = zarr.open_group(files.zarr_store(read_only=True), mode="r", zarr_format=3)
-        self.storage_dtype: str = self.manifest["capture"]["storage_dtype"]
+        self.storage_dtype: str = self.manifest.capture.storage_dtype
         self._verified: set[str] = set()
         self._verifying: dict[str, threading.Lock] = {}
         self._verify_guard = threading.Lock()
@@ -61,7 +62,7 @@ class Cache:
         with lock:  # another reader thread hashing the same file: wait for its verdict
             if key in self._verified:
                 return
-            checksums = self.manifest.get("checksums", {})
+            checksums = self.manifest.checksums
             problem = (file_problem(self.files, key, checksums[key]) if key in checksums
                        else f"{key} is not in the manifest's checksums")
             if problem:
@@ -89,12 +90,12 @@ class Cache:
 
     def _rows_of(self, key: str, example_id: str) -> np.ndarray:
         start, stop = self.span(example_id)
-        return self._shard(key, start // self.manifest["layout"]["shard_tokens"])[start:stop]
+        return self._shard(key, start // self.manifest.layout.shard_tokens)[start:stop]
 
     def _whole(self, key: str) -> zarr.Array:
         """A small array that is not token-major, every file of it verified."""
         array = self._array(key)
-        for name in self.manifest.get("checksums", {}):
+        for name in self.manifest.checksums:
             if name.startswith(f"{key}/"):
                 self.verify_file(name)
         return array
@@ -111,7 +112,7 @@ class Cache:
 
     @property
     def layers(self) -> list[int]:
-        return list(self.manifest["capture"]["layers"])
+        return list(self.manifest.capture.layers)
 
     def span(self, example_id: str) -> tuple[int, int]:
         """Rows [start, stop) of one example in every token-major array."""
@@ -156,7 +157,7 @@ class Cache:
             return dict(zip(keys, arrays)), start
 
     def _group_span(self, group: int) -> tuple[int, int]:
-        start = group * self.manifest["layout"]["shard_tokens"]
+        start = group * self.manifest.layout.shard_tokens
         examples = self.group_examples(group)
         if not examples:
             raise CacheError(f"group {group} holds no examples in the cache at {self.files.url}")
@@ -188,7 +189,7 @@ class Cache:
         """The residual contribution h_layer - h_(layer-1), [T, D]: stored, or derived from stored layers."""
         if layer < 1:
             raise ValueError("delta is defined for layers >= 1 (layer 0 is the embedding output)")
-        if "delta" in self.manifest["capture"]["kinds"] and layer in self.layers:
+        if "delta" in self.manifest.capture.kinds and layer in self.layers:
             self.check_final_layer(layer)
             return decode(self._rows_of(delta_key(layer), example_id), self.storage_dtype)
         if layer in self.layers and layer - 1 in self.layers:
@@ -223,9 +224,9 @@ class Cache:
 
     def extra(self, name: str) -> dict[str, np.ndarray]:
         """The arrays a method's teacher-side extra stored (`pkt extract --with NAME`); provenance
-        is in `manifest["extras"][name]`."""
-        if name not in self.manifest.get("extras", {}):
-            present = ", ".join(sorted(self.manifest.get("extras", {}))) or "none"
+        is in `manifest.extras[name]`."""
+        if name not in self.manifest.extras:
+            present = ", ".join(sorted(self.manifest.extras)) or "none"
             raise CacheError(f"{self.files.url} has no {name!r} teacher extra (it has: {present}); "
                              f"add it with `pkt extract --with {name}` and the same settings")
         group = self.root[f"extras/{name}"]
@@ -240,11 +241,10 @@ class Cache:
     def check_final_layer(self, layer: int) -> None:
         """Refuse the last layer of a cache whose h_L is the normed final state (`residual.py`): written
         before pkt captured it raw, so its h_L and every delta of it are not the layer's output."""
-        if (layer == int(self.manifest["teacher"]["num_layers"])
-                and self.manifest["capture"].get("final_layer") != FINAL_LAYER_RAW):
+        if layer == self.manifest.teacher.num_layers and self.manifest.capture.final_layer != FINAL_LAYER_RAW:
             raise CacheError(f"the cache at {self.files.url} holds the teacher's last layer ({layer}) after the final "
                              "norm, not the layer's own output (the cache predates `capture.final_layer`): "
                              "re-extract it with `pkt extract --overwrite`, or train on earlier layers")
 
     def __repr__(self) -> str:
-        return f"<pkt cache {self.files.url}: {self.manifest['counts']['examples']} examples, teacher {self.manifest['teacher']['id']}>"
+        return f"<pkt cache {self.files.url}: {self.manifest.counts.examples} examples, teacher {self.manifest.teacher.id}>"

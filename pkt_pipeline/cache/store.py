@@ -21,7 +21,7 @@ import socket
 import stat
 import sys
 import time
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Any
 
 import fsspec
@@ -41,7 +41,13 @@ from .layout import (
     PARTIAL,
     RUN_FILE,
     ZARR_GROUP_FILE,
+    ArraySpec,
+    AttributionSummary,
     CacheError,
+    ExtraEntry,
+    Layout,
+    Manifest,
+    build_manifest,
     is_layout_entry,
     ledger_key,
 )
@@ -348,16 +354,6 @@ def shard_file(array_key: str, ndim: int, group: int) -> str:
     return f"{array_key}/c/{group}" + "/0" * (ndim - 1)
 
 
-@dataclass(frozen=True)
-class ArraySpec:
-    """A token-major array: `row_shape` is the shape of one token's row."""
-
-    key: str
-    row_shape: tuple[int, ...]
-    dtype: str
-    attributes: dict = field(default_factory=dict)
-
-
 class CacheWriter:
     """Creates (or reopens, to resume) a cache and writes whole groups into it."""
 
@@ -399,8 +395,12 @@ class CacheWriter:
         return cls(files, run)
 
     @property
+    def layout(self) -> Layout:
+        return Layout.from_json(self.run["layout"], "layout")
+
+    @property
     def shard_tokens(self) -> int:
-        return self.run["layout"]["shard_tokens"]
+        return self.layout.shard_tokens
 
     def finished_groups(self) -> set[int]:
         return {int(name[len("group-"):-len(".json")]) for name in self.files.listdir(LEDGER_DIR) if name.endswith(".json")}
@@ -432,9 +432,9 @@ class CacheWriter:
         )
         array[...] = data
 
-    def finalize(self, manifest: dict) -> dict:
+    def finalize(self, attribution: AttributionSummary, extras: Mapping[str, ExtraEntry]) -> Manifest:
         """Check every group is in the ledger, gather checksums and write the manifest last."""
-        groups = self.run["layout"]["groups"]
+        groups = self.layout.groups
         missing = sorted(set(range(groups)) - self.finished_groups())
         if missing:
             raise CacheError(f"cannot finalize {self.files.url}: groups {missing[:10]} are not written yet")
@@ -454,16 +454,10 @@ class CacheWriter:
                 continue
             checksums[key] = self.files.sha256(key)
         stats["stored_bytes"] = sum(self.files.size(k) for k, v in checksums.items() if v is not None)
-        full = {
-            "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
-            **self.run,
-            **manifest,
-            "stored_bytes": stats["stored_bytes"],
-            "checksums": dict(sorted(checksums.items())),
-        }
-        self.files.write_json(MANIFEST_FILE, full)
-        return full
+        manifest = build_manifest(self.run, attribution, extras, stats["stored_bytes"], checksums,
+                                  self.files.where(MANIFEST_FILE))
+        self.files.write_json(MANIFEST_FILE, manifest.to_json())
+        return manifest
 
 
 def _prepare_folder(files: CacheFiles, run: dict, overwrite: bool) -> dict | None:

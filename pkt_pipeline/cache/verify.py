@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import zarr
 
-from .layout import INDEX_FILE, LEDGER_DIR, MANIFEST_FILE, RUN_FILE, CacheError, ledger_key
+from .layout import INDEX_FILE, LEDGER_DIR, MANIFEST_FILE, RUN_FILE, CacheError, Manifest, ledger_key
 from .store import CacheFiles
 
 TOKEN_MAJOR = ("tokens", "supervised", "answer", "hidden", "delta", "topk")
@@ -42,7 +42,7 @@ def expected_checksums(files: CacheFiles) -> tuple[dict[str, str | None], dict[s
     From the manifest of a finished cache, else from the ledger of the groups written so far.
     """
     if files.exists(MANIFEST_FILE):
-        return files.read_json(MANIFEST_FILE)["checksums"], {}
+        return dict(Manifest.read(files).checksums), {}
     expected: dict[str, str | None] = {}
     unreadable: dict[str, str] = {}
     for group in range(files.read_json(RUN_FILE)["layout"]["groups"]):
@@ -88,10 +88,10 @@ def non_finite_values(files: CacheFiles) -> list[str]:
     A cache made before extraction checked its teacher (or from a teacher whose weights overflow)
     has intact checksums over wrong numbers; training on them gives a NaN loss much later.
     """
-    manifest = files.read_json(MANIFEST_FILE)
+    layout = Manifest.read(files).layout
     root = zarr.open_group(files.zarr_store(read_only=True), mode="r", zarr_format=3)
-    shard_tokens = manifest["layout"]["shard_tokens"]
-    token_rows = manifest["layout"]["groups"] * shard_tokens
+    shard_tokens = layout.shard_tokens
+    token_rows = layout.groups * shard_tokens
     problems = []
     for key, array in sorted(root.members(max_depth=None)):
         if not isinstance(array, zarr.Array):
@@ -136,38 +136,37 @@ def cache_info(path: str | os.PathLike, storage_options: dict | None = None) -> 
     files = CacheFiles(path, storage_options)
     if not files.exists(MANIFEST_FILE):
         raise CacheError(f"{files.url} has no {MANIFEST_FILE}: not a finished pkt cache")
-    manifest = files.read_json(MANIFEST_FILE)
-    counts, capture = manifest["counts"], manifest["capture"]
-    width = manifest["teacher"]["hidden_size"]
-    layers = capture["layers"]
-    float_rows = len(layers) * ("hidden" in capture["kinds"]) + sum(l >= 1 for l in layers) * ("delta" in capture["kinds"])
-    raw_per_token = float_rows * width * 2 + capture["top_k"] * 8 + 4 + 1  # + top-k values/ids, token id, mask
-    for key in manifest["checksums"]:
+    manifest = Manifest.read(files)
+    counts, capture = manifest.counts, manifest.capture
+    layers = list(capture.layers)
+    float_rows = len(layers) * ("hidden" in capture.kinds) + sum(l >= 1 for l in layers) * ("delta" in capture.kinds)
+    raw_per_token = float_rows * manifest.teacher.hidden_size * 2 + capture.top_k * 8 + 4 + 1  # + top-k, token id, mask
+    for key in manifest.checksums:
         files.safe_path(key)
-    sizes = {key: files.size(key) for key, checksum in manifest["checksums"].items() if checksum is not None}
+    sizes = {key: files.size(key) for key, checksum in manifest.checksums.items() if checksum is not None}
     stored = sum(sizes.values())
     teacher_bytes = sum(size for key, size in sizes.items() if key.startswith("teacher/"))
     token_major = ("hidden/", "delta/", "topk/", "tokens/", "supervised/", "answer/")
     activation_bytes = sum(size for key, size in sizes.items() if key.startswith(token_major))
     return {
         "path": files.url,
-        "teacher": manifest["teacher"]["id"],
-        "examples": counts["examples"],
-        "tokens": counts["tokens"],
-        "supervised_tokens": counts["supervised_tokens"],
-        "truncated": counts["truncated"],
-        "layers": capture["layers"],
-        "kinds": capture["kinds"],
-        "top_k": capture["top_k"],
-        "storage_dtype": capture["storage_dtype"],
-        "compressor": f"{capture['compressor']}-{capture['compression_level']}",
+        "teacher": manifest.teacher.id,
+        "examples": counts.examples,
+        "tokens": counts.tokens,
+        "supervised_tokens": counts.supervised_tokens,
+        "truncated": counts.truncated,
+        "layers": layers,
+        "kinds": list(capture.kinds),
+        "top_k": capture.top_k,
+        "storage_dtype": capture.storage_dtype,
+        "compressor": f"{capture.compressor}-{capture.compression_level}",
         "stored_bytes": stored,
         "activation_bytes": activation_bytes,
         "teacher_weight_bytes": teacher_bytes,
         "extras": {name: sum(size for key, size in sizes.items() if key.startswith(f"extras/{name}/"))
-                   for name in manifest.get("extras", {})},
-        "bytes_per_token": activation_bytes / max(counts["tokens"], 1),
-        "compression_ratio": raw_per_token * counts["tokens"] / max(activation_bytes, 1),
-        "groups": manifest["layout"]["groups"],
+                   for name in manifest.extras},
+        "bytes_per_token": activation_bytes / max(counts.tokens, 1),
+        "compression_ratio": raw_per_token * counts.tokens / max(activation_bytes, 1),
+        "groups": manifest.layout.groups,
         "ledger_entries": len(files.listdir(LEDGER_DIR)),
     }

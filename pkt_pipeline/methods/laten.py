@@ -235,7 +235,7 @@ class LaTen(Method):
         super().__init__(context)
         self.settings = check_settings(self.config.laten)
         self.arrays = context.cache.extra("laten")
-        self.provenance = context.cache.manifest["extras"]["laten"]
+        self.provenance = context.cache.manifest.extras["laten"].provenance
         self.modules: list[str] = list(self.provenance["modules"])
         self.examples = LatenExamples(self.arrays, self.provenance)
         if self.examples.steps == 0:

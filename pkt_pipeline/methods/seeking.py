@@ -66,7 +66,7 @@ class Seeking(LoraSFT):
     def __init__(self, context):
         super().__init__(context)
         self.factors = context.cache.extra(EXTRA)  # a cache without it is refused, naming `pkt extract --with seeking`
-        self.provenance = context.cache.manifest["extras"][EXTRA]
+        self.provenance = context.cache.manifest.extras[EXTRA].provenance
         self.initial: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
         """(A0, B0) as the LoRA started, to undo the base offset in `finalize`."""
 

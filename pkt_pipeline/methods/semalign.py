@@ -62,7 +62,7 @@ class SemAlign(Method):
     def setup(self, model: nn.Module) -> None:
         cache, settings = self.context.cache, self.settings
         student_layers = decoder_of(model).config.num_hidden_layers
-        teacher_layers = int(cache.manifest["teacher"]["num_layers"])
+        teacher_layers = cache.manifest.teacher.num_layers
         if settings.pairing == "attributed":
             pairing = attributed_pairing(cache.attribution(settings.pairing_score), student_layers,
                                          settings.pairing_window, settings.critical_layers,
@@ -75,7 +75,7 @@ class SemAlign(Method):
             raise ValueError(f"align.semalign.layers {bad} are outside this student's layers 1..{student_layers}")
         self.pairs = {k: pairing[k - 1] for k in sorted(set(chosen))}
         needed = {p for p in self.pairs.values()}
-        if self.teacher_kind == "delta" and "delta" not in cache.manifest["capture"]["kinds"]:
+        if self.teacher_kind == "delta" and "delta" not in cache.manifest.capture.kinds:
             needed |= {p - 1 for p in needed}
         missing = sorted(needed - set(cache.layers))
         if missing:
@@ -84,7 +84,7 @@ class SemAlign(Method):
                              "choose align.semalign.layers")
         head = cache.teacher_head()
         self.semantic_map = build_semantic_map(
-            head, model.get_output_embeddings().weight.detach(), int(cache.manifest["tokenizer"]["vocab_size"]),
+            head, model.get_output_embeddings().weight.detach(), cache.manifest.tokenizer.vocab_size,
             recompose=settings.recompose, map_space=settings.map_space)
 
     def phases(self, total_steps: int, student_layers: int) -> list[Phase]:
