@@ -21,7 +21,7 @@ from pathlib import Path
 
 from pkt_pipeline.models import cpu_facts
 from pkt_pipeline.evaluation.stats import paired_change_interval, score_half_width
-from stages.report import item_verdicts
+from pkt_pipeline.evaluation.records import item_verdicts
 
 GROUPS = {"mmlu": ["mmlu"], "gen": ["gsm8k", "humaneval"]}
 

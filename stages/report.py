@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from pkt_pipeline.evaluation.records import ACCURACY, NLL, P_CORRECT, Metric, item_values, item_verdicts
 from pkt_pipeline.evaluation.stats import mean_half_width, paired_difference, score_half_width
-from pkt_pipeline.jsonl import jsonl_records
 
 REFERENCES = ("teacher", "student")
 TASKS = ("mmlu", "gsm8k", "humaneval", "mbpp", "dev")
@@ -41,38 +41,12 @@ says how many items would reach it, from the spread this run measured."""
 DEFAULT_COMPARISONS = (("semalign", "kd"), ("semalign", "lora-sft"), ("kd", "lora-sft"),
                        ("semalign", "semalign-kl-only"))
 """The comparisons the papers argue about, and the ablation that says whether SemAlign's layer term helps."""
-
-
-@dataclass(frozen=True)
-class Metric:
-    name: str  # as shown
-    key: str  # in item records
-    percent: bool  # shown ×100
-    higher_is_better: bool
-
-
-ACCURACY = Metric("accuracy", "correct", True, True)
-P_CORRECT, NLL = Metric("p_correct", "p_correct", True, True), Metric("nll", "nll", False, False)
 CONTINUOUS = {"mmlu": (P_CORRECT,), "gsm8k": (NLL,), "humaneval": (NLL,), "mbpp": (NLL,), "dev": (P_CORRECT, NLL)}
 """Each task's continuous metrics; `dev` rows (`pkt eval --dev`) carry the reply NLL and, MMLU's, p_correct."""
 
 
 def metrics_of(task: str) -> tuple[Metric, ...]:
     return (ACCURACY, *CONTINUOUS[task])
-
-
-def item_values(eval_dir: Path, name: str, task: str, key: str = "correct") -> dict[str, float]:
-    """Item id -> value of `key` (booleans as 0/1), from `pkt eval`'s `EVAL_DIR/NAME/items/TASK.jsonl`;
-    items without the value (e.g. scored by NLL but not generated) are left out; empty when absent."""
-    path = eval_dir / name / "items" / f"{task}.jsonl"
-    if not path.is_file():
-        return {}
-    return {str(r["id"]): float(r[key]) for _, r in jsonl_records(path) if r.get(key) is not None}
-
-
-def item_verdicts(eval_dir: Path, name: str, task: str) -> dict[str, bool]:
-    """Item id -> correct (see `item_values`)."""
-    return {i: bool(v) for i, v in item_values(eval_dir, name, task).items()}
 
 
 def gap_closed(method: float, student: float, teacher: float) -> float | None:

@@ -391,11 +391,6 @@ def test_length_batches_cover_every_example_once_longest_first():
     assert batches[0] == [1, 5, 3] and batches[1] == [2, 6, 4]  # similar lengths share a batch
 
 
-STAGE_IMPORTS_PENDING = {"bench/eval_speed.py", "bench/teacher_student_gap.py"}
-"""Benches that still reach into stages/evaluate.py and stages/report.py: the evaluation helpers they
-use move into pkt_pipeline/evaluation with the evaluation work of issue 15."""
-
-
 def test_the_library_and_the_benches_import_no_stage():
     """Stages orchestrate, the library computes: a bench (or a library module) timing the extraction loop
     or the cache builder must get them from the library, not from `stages/`. The CLI is the one part
@@ -407,7 +402,7 @@ def test_the_library_and_the_benches_import_no_stage():
     offenders = []
     for path in files:
         name = path.relative_to(root).as_posix()
-        if name == "pkt_pipeline/cli.py" or name in STAGE_IMPORTS_PENDING:
+        if name == "pkt_pipeline/cli.py":
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             modules = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
