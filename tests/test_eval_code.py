@@ -236,3 +236,12 @@ def test_mbpp_missing_task_ids_are_named(mbpp):
     path, _ = mbpp
     with pytest.raises(ValueError, match=r"\[975, 976\]"):
         load_mbpp(path, [11, 975, 976])
+
+
+def test_a_benchmark_row_missing_a_field_is_named_by_file_and_line(tmp_path):
+    path = tmp_path / "mbpp.jsonl"
+    row = {"task_id": 11, "text": "Add two numbers.", "code": "def add(a, b):\n    return a + b",
+           "test_list": ["assert add(1, 2) == 3"], "test_setup_code": ""}
+    path.write_text(json.dumps(row) + "\n\n" + json.dumps({k: v for k, v in row.items() if k != "test_setup_code"}) + "\n")
+    with pytest.raises(ValueError, match=rf"{path}:3: this MBPP row lacks test_setup_code \(every row needs"):
+        load_mbpp(path, [11])

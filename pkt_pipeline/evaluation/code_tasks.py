@@ -83,16 +83,27 @@ def extract_code(generation: str, prompt: str | None = None) -> str:
     return generation
 
 
-def _read_jsonl(path: Path, what: str) -> list[dict]:
+def _read_jsonl(path: Path, what: str, keys: tuple[str, ...]) -> list[dict]:
+    """The rows of a benchmark file, each checked for the `keys` the loader reads (a clear error naming
+    the line, not a KeyError deep in the loader)."""
     if not path.is_file():
         raise FileNotFoundError(f"{what} data file not found: {path} (see shared/data/SOURCES.md for where it comes from)")
-    return [row for _, row in jsonl_records(path)]
+    rows = []
+    for line, row in jsonl_records(path):
+        absent = [key for key in keys if key not in row]
+        if absent:
+            raise ValueError(f"{path}:{line}: this {what} row lacks {', '.join(absent)} (every row needs {', '.join(keys)})")
+        rows.append(row)
+    return rows
+
+
+HUMANEVAL_KEYS = ("task_id", "prompt", "entry_point", "test", "canonical_solution")
 
 
 def load_humaneval(path: str | Path) -> list[CodeProblem]:
     """All HumanEval problems from `HumanEval.jsonl(.gz)`, in file order."""
     problems = []
-    for row in _read_jsonl(Path(path), "HumanEval"):
+    for row in _read_jsonl(Path(path), "HumanEval", HUMANEVAL_KEYS):
         if _def_match(row["prompt"], row["entry_point"]) is None:
             raise ValueError(f"{row['task_id']}: prompt does not define its entry point {row['entry_point']!r}")
         problems.append(CodeProblem(
@@ -127,10 +138,13 @@ def _mbpp_entry_point(code: str, first_test: str, task_id: int) -> str:
     raise ValueError(f"MBPP task {task_id}: reference code defines no function")
 
 
+MBPP_KEYS = ("task_id", "text", "code", "test_list", "test_setup_code")
+
+
 def load_mbpp(path: str | Path, task_ids: Iterable[int] = range(11, 511)) -> list[CodeProblem]:
     """MBPP problems with the given task_ids (default: the standard test split 11-510), in id order."""
     wanted = set(task_ids)
-    rows = {row["task_id"]: row for row in _read_jsonl(Path(path), "MBPP") if row["task_id"] in wanted}
+    rows = {row["task_id"]: row for row in _read_jsonl(Path(path), "MBPP", MBPP_KEYS) if row["task_id"] in wanted}
     missing = sorted(wanted - rows.keys())
     if missing:
         raise ValueError(f"MBPP task_ids not in {path}: {missing[:10]}{' ...' if len(missing) > 10 else ''}")
