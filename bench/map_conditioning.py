@@ -35,7 +35,7 @@ from pkt_pipeline.methods import AlignContext, get_method
 from pkt_pipeline.methods.base import forward_student
 from pkt_pipeline.models import cpu_facts, load_model, load_tokenizer
 from pkt_pipeline.residual import layer_state
-from pkt_pipeline.semantic_map import RECOMPOSE, build_semantic_map
+from pkt_pipeline.methods.semalign.semantic_map import RECOMPOSE, build_semantic_map
 
 
 @torch.no_grad()

@@ -232,7 +232,7 @@ def _save_outputs(model, tokenizer, out: Path, lora: bool) -> dict:
 
 def _map_report(method, model, cache, cfg, make_loader, when: str, report: dict | None = None) -> dict:
     """Pairing, fidelity and CKA on the first `diagnostic_examples` cached examples (SemAlign only)."""
-    from pkt_pipeline.diagnostics import layer_similarity, teacher_fidelity
+    from pkt_pipeline.methods.semalign.diagnostics import layer_similarity, teacher_fidelity
 
     pairs = getattr(method, "pairs", None)
     if not pairs:

@@ -55,7 +55,7 @@ from pkt_pipeline.extraction import (
     weights_sha256,
 )
 from pkt_pipeline.models import load_model, load_tokenizer, peak_rss_gib
-from pkt_pipeline.teacher_extras import get_extra
+from pkt_pipeline.methods.teacher import get_extra
 from pkt_pipeline.write_errors import write_failed
 
 

@@ -19,7 +19,7 @@ from pkt_pipeline.config import load_config
 from pkt_pipeline.loader import CacheLoader
 from pkt_pipeline.losses import relation_loss
 from pkt_pipeline.methods import Method, available_methods, forward_student, get_method, register
-from pkt_pipeline.semantic_map import attributed_pairing, build_semantic_map
+from pkt_pipeline.methods.semalign.semantic_map import attributed_pairing, build_semantic_map
 from pkt_pipeline.tiny_models import STUDENT_SHAPE, build_model, build_tokenizer
 from stages import align
 from tiny_data import extract_config

@@ -22,7 +22,7 @@ import pytest
 
 from pkt_pipeline.cache import CacheError, CacheFiles, open_cache, verify_cache
 from pkt_pipeline.cache.layout import INDEX_FILE, LOCK_FILE, RUN_FILE, ledger_key
-from pkt_pipeline.teacher_extras import EXTRAS, ExtraOutput, TeacherExtra, register_extra
+from pkt_pipeline.methods.teacher import EXTRAS, ExtraOutput, TeacherExtra, register_extra
 from stages import extract
 from tiny_data import SMALL_LAYOUT, extract_config, write_dataset
 

@@ -20,9 +20,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from pkt_pipeline.cache import CacheError, open_cache
 from pkt_pipeline.config import LatenExtractConfig, for_method, load_config
 from pkt_pipeline.examples import format_example
-from pkt_pipeline.laten import ModelShape, Readout, answer_target, check_settings, locate, neuron_counts
+from pkt_pipeline.methods.laten.teacher import ModelShape, Readout, answer_target, check_settings, locate, neuron_counts
 from pkt_pipeline.methods import AlignContext, get_method
-from pkt_pipeline.methods.laten import NeuronInjection
+from pkt_pipeline.methods.laten.student import NeuronInjection
 from pkt_pipeline.models import load_model, load_tokenizer
 from pkt_pipeline.training import steps_for, train
 from stages import extract as extract_stage

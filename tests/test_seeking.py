@@ -20,9 +20,9 @@ from pkt_pipeline.cli import main as pkt
 from pkt_pipeline.config import load_config
 from pkt_pipeline.examples import load_examples
 from pkt_pipeline.methods import AlignContext
-from pkt_pipeline.methods.seeking import Seeking, lora_modules
+from pkt_pipeline.methods.seeking.student import Seeking, lora_modules
 from pkt_pipeline.models import load_model, load_tokenizer, with_lora
-from pkt_pipeline.seeking import SeekingExtra, best_subblock, lora_factors, seed_examples, select_layers, sensitivity
+from pkt_pipeline.methods.seeking.teacher import SeekingExtra, best_subblock, lora_factors, seed_examples, select_layers, sensitivity
 from pkt_pipeline.tiny_models import STUDENT_SHAPE, TEACHER_SHAPE
 from tiny_data import SMALL_LAYOUT
 

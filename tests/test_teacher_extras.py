@@ -12,7 +12,7 @@ import torch
 
 from pkt_pipeline.cache import CacheError, open_cache, verify_cache
 from pkt_pipeline.models import load_model
-from pkt_pipeline.teacher_extras import EXTRAS, ExtraOutput, TeacherExtra, register_extra
+from pkt_pipeline.methods.teacher import EXTRAS, ExtraOutput, TeacherExtra, register_extra
 from stages import extract as extract_stage
 from tiny_data import extract_config
 

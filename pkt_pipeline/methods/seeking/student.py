@@ -2,7 +2,7 @@
 
 Seeking Neural Nuggets (Zhong et al., ICLR 2024; METHOD.md section 2), the PostPKT baseline.
 
-Stage one (`pkt extract --with seeking`, `pkt_pipeline.seeking`) cached, per student layer and LoRA
+Stage one (`pkt extract --with seeking`, `teacher.py`) cached, per student layer and LoRA
 target, rank-r factors B0 [out, r], A0 [r, in] of a teacher weight block. Here the student's peft
 LoRA starts as B = B0 / scaling, A = A0, so that the adapter's update scaling · B @ A is that block's
 rank-r approximation, and each base weight is offset by the same amount, W' = W - scaling · B @ A:
@@ -37,9 +37,9 @@ import re
 import torch
 from torch import nn
 
-from ..seeking import EXTRA, factor_key
-from . import register
-from .sft import LoraSFT
+from .teacher import EXTRA, factor_key
+from .. import register
+from ..sft.student import LoraSFT
 
 LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
 

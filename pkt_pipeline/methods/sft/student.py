@@ -3,9 +3,9 @@ method must beat (METHOD.md section 2)."""
 
 from __future__ import annotations
 
-from ..losses import cross_entropy
-from . import register
-from .base import Method, forward_student
+from ...losses import cross_entropy
+from .. import register
+from ..base import Method, forward_student
 
 
 @register

@@ -17,7 +17,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from .config import PktConfig
+from ..config import PktConfig
 
 
 @dataclass

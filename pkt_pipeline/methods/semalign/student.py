@@ -14,13 +14,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..losses import cosine_loss, fisher_surrogate, label_cosine_loss, relation_loss
-from ..loader import TOKEN_MASKS
-from ..residual import decoder_of, layer_state, unwrapped
-from ..semantic_map import SemanticMap, attributed_pairing, build_semantic_map, proportional_pairing
-from . import register
-from .base import LR_SCHEDULES, Method, Phase, forward_student, next_token_positions, require_answer_mask
-from .kd import cached_topk_kl
+from ...losses import cosine_loss, fisher_surrogate, label_cosine_loss, relation_loss
+from ...loader import TOKEN_MASKS
+from ...residual import decoder_of, layer_state, unwrapped
+from .semantic_map import SemanticMap, attributed_pairing, build_semantic_map, proportional_pairing
+from .. import register
+from ..base import LR_SCHEDULES, Method, Phase, forward_student, next_token_positions, require_answer_mask
+from ..kd.student import cached_topk_kl
 
 OBJECTIVES = ("v2", "v1")
 LAYER_LOSSES = ("relation", "fisher")

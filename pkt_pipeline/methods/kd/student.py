@@ -3,9 +3,9 @@ optionally plus cross-entropy (METHOD.md section 2), on the same LoRA as `lora-s
 
 from __future__ import annotations
 
-from ..losses import cross_entropy, topk_kl
-from . import register
-from .base import Method, forward_student
+from ...losses import cross_entropy, topk_kl
+from .. import register
+from ..base import Method, forward_student
 
 
 @register

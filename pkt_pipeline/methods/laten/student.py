@@ -1,6 +1,6 @@
 """`laten`: Locate-then-Align (Tan et al., ACL 2025; METHOD.md section 2), the PrePKT baseline.
 
-Stage one (`pkt extract --with laten`, `pkt_pipeline.laten`) cached, per located example, the
+Stage one (`pkt extract --with laten`, `teacher.py`) cached, per located example, the
 teacher's top layers and neurons and their weight rows/columns. Here:
 
 1. setup: the student's own neurons, scored the same way on the same examples (all L_S of its
@@ -51,12 +51,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..cache import CacheError
-from ..config import LatenConfig
-from ..laten import MODULE_KIND, ROW_MODULES, ModelShape, Readout, locate, module_of
-from ..loader import Batch
-from . import register
-from .base import Method, Phase, forward_student
+from ...cache import CacheError
+from ...config import LatenConfig
+from .teacher import MODULE_KIND, ROW_MODULES, ModelShape, Readout, locate, module_of
+from ...loader import Batch
+from .. import register
+from ..base import Method, Phase, forward_student
 
 SUBMODULE = "laten"
 ANNEAL_STRATEGIES = ("cos", "linear")

@@ -48,10 +48,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import LatenExtractConfig, PktConfig
-from .examples import Example, load_examples
-from .residual import decoder_of
-from .teacher_extras import ExtraOutput, TeacherExtra, register_extra
+from ...config import LatenExtractConfig, PktConfig
+from ...examples import Example, load_examples
+from ...residual import decoder_of
+from ..teacher import ExtraOutput, TeacherExtra, register_extra
 
 log = logging.getLogger(__name__)
 
@@ -352,7 +352,7 @@ def check_pair(teacher: ModelShape, student: ModelShape, counts: dict[str, int])
 
 def student_shape(config: PktConfig) -> ModelShape:
     """The student's shape from its config alone: stage one never loads student weights."""
-    from .models import load_model_config
+    from ...models import load_model_config
 
     return ModelShape.of(load_model_config(config.student, config.runtime.trust_remote_code, needed_for=(
         "`pkt extract --with laten` needs the student, whose width sets how many neurons transfer: pass "
@@ -361,7 +361,7 @@ def student_shape(config: PktConfig) -> ModelShape:
 
 def resolve_split(reference: str, default_name: str, data_path: Path, data_dir: str) -> Path:
     """A jsonl path, TASK/SPLIT of the transfer splits, or (empty) `default_name` beside the cached data."""
-    from .datasets import DatasetNotFound, find_transfer_split
+    from ...datasets import DatasetNotFound, find_transfer_split
 
     # ValueError, not FileNotFoundError: stage one reports an OSError from an extra as a failed write.
     if not reference:

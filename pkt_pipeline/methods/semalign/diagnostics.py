@@ -13,10 +13,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .loader import CacheLoader
-from .losses import linear_cka
-from .methods.base import forward_student
-from .residual import layer_state
+from ...loader import CacheLoader
+from ...losses import linear_cka
+from ..base import forward_student
+from ...residual import layer_state
 from .semantic_map import SemanticMap, bases_gram, recomposition_fidelity, semantic_bases
 
 

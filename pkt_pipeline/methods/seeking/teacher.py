@@ -39,11 +39,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attribution import SupervisedExamples
-from .config import PktConfig
-from .examples import load_examples
-from .residual import decoder_of
-from .teacher_extras import ExtraOutput, TeacherExtra, register_extra
+from ...attribution import SupervisedExamples
+from ...config import PktConfig
+from ...examples import load_examples
+from ...residual import decoder_of
+from ..teacher import ExtraOutput, TeacherExtra, register_extra
 
 log = logging.getLogger(__name__)
 
@@ -323,7 +323,7 @@ def seed_examples(config: PktConfig, data_path: Path, tokenizer) -> list:
 
 def student_config_of(config: PktConfig):
     """The student's config (never its weights: stage one does not load the student)."""
-    from .models import load_model_config
+    from ...models import load_model_config
 
     return load_model_config(config.student, config.runtime.trust_remote_code, needed_for=(
         "`pkt extract --with seeking` needs the student, whose shape sets the blocks it factorises: pass "

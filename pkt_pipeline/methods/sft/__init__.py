@@ -1,0 +1,3 @@
+"""`sft`: see student.py."""
+
+from . import student  # noqa: F401  (registers the method)
