@@ -55,7 +55,7 @@ from pkt_pipeline.extraction import (
     weights_sha256,
 )
 from pkt_pipeline.models import load_model, load_tokenizer, peak_rss_gib
-from pkt_pipeline.methods.teacher import get_extra
+from pkt_pipeline.methods import build_extra, check_sections, get_extra
 from pkt_pipeline.write_errors import write_failed
 
 
@@ -103,6 +103,7 @@ def run(config: PktConfig, progress: bool = True, echo=print) -> dict:
 def _run(config: PktConfig, progress: bool = True, echo=print) -> dict:
     cfg = config.extract
     validate(cfg)
+    check_sections(config)  # the extras' settings (`methods.<name>.teacher`), and a typo in any method's section
     rank, world = distributed_context()
     started = time.perf_counter()
     device = config.runtime.device
@@ -372,7 +373,7 @@ def _run_extras(names: list[str], writer: CacheWriter, model, tokenizer, config:
     provenance = {}
     for name in names:
         started = time.perf_counter()
-        extra = get_extra(name)()
+        extra = build_extra(config, name)
         output = extra.compute(model, tokenizer, config, data_path, progress)
         for key, data in output.arrays.items():
             rows = max(1, (16 << 20) // max(1, data[:1].nbytes)) if data.ndim else 1
@@ -393,7 +394,7 @@ def _stale_extras(names: list[str], stored: dict[str, dict], config: PktConfig) 
     for name in names:
         if name not in stored:
             continue
-        before, now = stored[name].get("inputs"), get_extra(name)().inputs(config)
+        before, now = stored[name].get("inputs"), build_extra(config, name).inputs(config)
         if before is None:
             stale[name] = ["inputs not recorded"]
         elif before != now:

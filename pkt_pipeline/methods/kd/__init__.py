@@ -1,3 +1,7 @@
-"""`kd`: see student.py."""
+"""`kd`: offline logit distillation from the cached teacher top-k (student.py), settings in config.py."""
 
-from . import student  # noqa: F401  (registers the method)
+from ..registry import register
+from .config import KDConfig
+from .student import OfflineKD
+
+register("kd", config=KDConfig, method=OfflineKD)

@@ -1,3 +1,9 @@
-"""`laten`: its teacher extra (teacher.py) and its method (student.py)."""
+"""`laten`: teacher.py (the `--with laten` extra), student.py (the translator), config.py (LatenConfig
+in `methods.laten`, LatenExtractConfig in `methods.laten.teacher`)."""
 
-from . import student, teacher  # noqa: F401  (registers the method and the extra)
+from ..registry import register
+from .config import LatenConfig, LatenExtractConfig
+from .student import LaTen
+from .teacher import LatenExtra
+
+register("laten", config=LatenConfig, method=LaTen, teacher=LatenExtra, teacher_config=LatenExtractConfig)

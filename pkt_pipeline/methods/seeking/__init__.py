@@ -1,3 +1,9 @@
-"""`seeking`: its teacher extra (teacher.py) and its method (student.py)."""
+"""`seeking`: teacher.py (the `--with seeking` extra), student.py (lora-sft from the cached factors),
+config.py (the extra's settings, `methods.seeking.teacher`)."""
 
-from . import student, teacher  # noqa: F401  (registers the method and the extra)
+from ..registry import register
+from .config import SeekingConfig
+from .student import Seeking
+from .teacher import SeekingExtra
+
+register("seeking", method=Seeking, teacher=SeekingExtra, teacher_config=SeekingConfig)

@@ -38,7 +38,6 @@ import torch
 from torch import nn
 
 from .teacher import EXTRA, factor_key
-from .. import register
 from ..sft.student import LoraSFT
 
 LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
@@ -59,10 +58,7 @@ def lora_modules(model: nn.Module) -> dict[tuple[int, str], nn.Module]:
     return found
 
 
-@register
 class Seeking(LoraSFT):
-    name = "seeking"
-
     def __init__(self, context):
         super().__init__(context)
         self.factors = context.cache.extra(EXTRA)  # a cache without it is refused, naming `pkt extract --with seeking`
@@ -79,7 +75,7 @@ class Seeking(LoraSFT):
         if rank > cached:
             raise ValueError(f"align.lora.r is {rank} but the cache's seeking factors have rank {cached}; lower "
                              f"align.lora.r or extract them again with `pkt extract --with seeking --set "
-                             f"extract.seeking.rank={rank}` into a fresh cache")
+                             f"methods.seeking.teacher.rank={rank}` into a fresh cache")
         depth = model.config.num_hidden_layers
         if depth != int(student["layers"]):
             raise ValueError(f"the cache's seeking factors were made for a {student['layers']}-layer student "

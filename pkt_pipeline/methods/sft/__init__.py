@@ -1,3 +1,6 @@
-"""`sft`: see student.py."""
+"""`lora-sft`: the control every transfer method must beat (student.py); no settings of its own (LoRA is `align.lora`)."""
 
-from . import student  # noqa: F401  (registers the method)
+from ..registry import register
+from .student import LoraSFT
+
+register("lora-sft", method=LoraSFT)

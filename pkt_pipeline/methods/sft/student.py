@@ -4,13 +4,10 @@ method must beat (METHOD.md section 2)."""
 from __future__ import annotations
 
 from ...losses import cross_entropy
-from .. import register
 from ..base import Method, forward_student
 
 
-@register
 class LoraSFT(Method):
-    name = "lora-sft"
 
     def loss(self, model, batch, phase):
         out = forward_student(model, batch, tokens=self.config.output_tokens)
