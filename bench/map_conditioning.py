@@ -42,7 +42,7 @@ from pkt_pipeline.methods.semalign.semantic_map import RECOMPOSE, build_semantic
 def measure(cache_path: str, student_path: str, examples: int, kind: str, batch_size: int) -> dict:
     cache = open_cache(cache_path)
     config = load_config(overrides=[f"align.cache={cache_path}", f"student={student_path}", "runtime.dtype=float32",
-                                    f"align.semalign.supervise={kind}"])
+                                    f"methods.semalign.supervise={kind}"])
     student = load_model(student_path, dtype="float32").eval()
     method = get_method("semalign")(AlignContext(cache, config.align, load_tokenizer(student_path)))
     method.setup(student)

@@ -154,6 +154,8 @@ class ResolvedMethod:
 def resolve(config: PktConfig, name: str) -> ResolvedMethod:
     """Read `methods.<name>` (absent means every default) into a `ResolvedMethod`; a bad key is a ConfigError
     naming it by its dotted path."""
+    if name not in config.methods:
+        get_method(name)  # `--method NAME` with no section of its own: refuse a typo as an unknown method
     section = _section(config, name)
     method = section.get("method", name)
     if not isinstance(method, str):
