@@ -58,6 +58,10 @@ def test_a_plugin_method_in_one_folder_trains_with_its_own_settings(plugin_path,
         assert entry["label_smoothing"] == 0.25
         assert entry["loss"] == pytest.approx(0.75 * entry["ce"] + 0.25 * entry["uniform"], rel=1e-5)
     assert json.loads((out / "run.json").read_text())["settings"] == {"label_smoothing": 0.25}
+    # the settings are part of the run's identity, as the align budget is: another value is another run
+    other = align(plugin_path, tiny_pair, tiny_cache, out, "toy", "methods.toy.label_smoothing=0.1")
+    assert other.returncode == 1
+    assert f"Error: {out} holds another run (it differs in settings); choose another --out" in other.stderr
 
 
 def test_a_plugin_methods_settings_are_validated_and_its_variants_train(plugin_path, tiny_pair, tiny_cache, tmp_path):
