@@ -35,15 +35,17 @@ def build(args):
     from pkt_pipeline.cache import open_cache
     from pkt_pipeline.config import load_config
     from pkt_pipeline.loader import CacheLoader
-    from pkt_pipeline.methods import AlignContext, get_method
+    from pkt_pipeline.methods import AlignContext, resolve
     from pkt_pipeline.models import load_model, load_tokenizer, with_lora
 
     config = load_config(overrides=[f"align.method={args.method}", f"align.batch_size={args.batch_size}",
                                     f"align.cache={args.cache}", *args.set])
+    resolved = resolve(config, args.method)
+    config = resolved.config
     cache = open_cache(args.cache)
     tokenizer = load_tokenizer(args.student)
     student = load_model(args.student, dtype=args.dtype)
-    method = get_method(args.method)(AlignContext(cache, config.align, tokenizer))
+    method = resolved.method_class(AlignContext(cache, config.align, tokenizer, settings=resolved.settings))
     if method.uses_lora:
         student = with_lora(student, config.align.lora)
     method.setup(student)

@@ -31,20 +31,22 @@ from pkt_pipeline.cache import open_cache
 from pkt_pipeline.config import load_config
 from pkt_pipeline.loader import CacheLoader
 from pkt_pipeline.losses import linear_cka, relation_loss
-from pkt_pipeline.methods import AlignContext, get_method
+from pkt_pipeline.methods import AlignContext, resolve
 from pkt_pipeline.methods.base import forward_student
 from pkt_pipeline.models import cpu_facts, load_model, load_tokenizer
 from pkt_pipeline.residual import layer_state
-from pkt_pipeline.semantic_map import RECOMPOSE, build_semantic_map
+from pkt_pipeline.methods.semalign.semantic_map import RECOMPOSE, build_semantic_map
 
 
 @torch.no_grad()
 def measure(cache_path: str, student_path: str, examples: int, kind: str, batch_size: int) -> dict:
     cache = open_cache(cache_path)
     config = load_config(overrides=[f"align.cache={cache_path}", f"student={student_path}", "runtime.dtype=float32",
-                                    f"align.semalign.supervise={kind}"])
+                                    f"methods.semalign.supervise={kind}"])
     student = load_model(student_path, dtype="float32").eval()
-    method = get_method("semalign")(AlignContext(cache, config.align, load_tokenizer(student_path)))
+    semalign = resolve(config, "semalign")
+    method = semalign.method_class(AlignContext(cache, semalign.align, load_tokenizer(student_path),
+                                                settings=semalign.settings))
     method.setup(student)
     pairs = method.pairs
     chosen = cache.index.column("example_id").to_pylist()[:examples]

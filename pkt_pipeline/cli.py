@@ -218,7 +218,7 @@ def extract(config_path, overrides, recipe, teacher, student, data, out, overwri
 @click.option("--student", default=None, help="Student model: hub id, local HF directory or .gguf file.")
 @click.option("--method", default=None, help="semalign (default), lora-sft, kd, ...; see --list-methods.")
 @click.option("--out", default=None, help="Output folder (default: runs/align).")
-@click.option("--report-map", is_flag=True, help="Also write map diagnostics (pairing, fidelity, CKA before/after).")
+@click.option("--report-map", is_flag=True, help="Also write the method's report (SemAlign: pairing, fidelity, CKA before/after).")
 @click.option("--overwrite", is_flag=True, help="Discard what --out holds and train afresh.")
 @click.option("--list-methods", is_flag=True, help="Print the registered methods and exit.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars (for logs).")
@@ -236,11 +236,11 @@ def align(config_path, overrides, recipe, cache_path, student, method, out, repo
     align.steps). Rerunning a killed run resumes from its last checkpoint.
     Settings: the `align` section of `pkt config`.
     """
-    from .methods import METHODS, available_methods
+    from .methods import available_methods, get_method
 
     if list_methods:
         for name in available_methods():
-            doc = (sys.modules[METHODS[name].__module__].__doc__ or "").strip().splitlines()
+            doc = (sys.modules[get_method(name).__module__].__doc__ or "").strip().splitlines()
             click.echo(f"{name:12s} {doc[0] if doc else ''}")
         return
     from stages import align as stage
@@ -258,17 +258,10 @@ def align(config_path, overrides, recipe, cache_path, student, method, out, repo
             parts = ", ".join(f"{k} {values['first'][k]:.4f} -> {values['last'][k]:.4f}"
                               for k in values["last"] if k != "grad_norm")
             click.echo(f"  {phase:10s} {parts}")
-        if summary["map_report"]:
-            _print_map_report(summary["map_report"])
+        for line in summary["report_lines"]:
+            click.echo(line)
         click.echo(f"trained {metrics['method']} in {metrics['seconds']} s (peak RSS {metrics['peak_rss_gib']} GiB); "
                    f"model in {metrics['model']}")
-
-
-def _print_map_report(report: dict) -> None:
-    click.echo(f"{'student':>8s} {'teacher':>8s} {'fidelity':>9s} {'CKA before':>11s} {'CKA after':>10s}")
-    for k, p in report["pairs"].items():
-        click.echo(f"{k:>8s} {p:>8d} {report['fidelity'][str(p)]:9.3f} {report['cka_before'][k]:11.3f} "
-                   f"{report['cka_after'][k]:10.3f}")
 
 
 @main.command("eval")
@@ -397,8 +390,11 @@ def show_config(config_path, overrides, recipe) -> None:
     import yaml
 
     from .config import load_config, to_dict
+    from .methods import check_sections
 
-    click.echo(yaml.safe_dump(to_dict(load_config(config_path, overrides, recipe)), sort_keys=False), nl=False)
+    config = load_config(config_path, overrides, recipe)
+    check_sections(config)
+    click.echo(yaml.safe_dump(to_dict(config), sort_keys=False), nl=False)
 
 
 if __name__ == "__main__":

@@ -105,69 +105,6 @@ class AssetsConfig:
 
 
 @dataclass
-class LatenExtractConfig(Checked):
-    """LaTen's teacher side (`pkt extract --with laten`, METHOD.md section 2): locate the teacher's layers
-    and neurons per example and cache the selected rows/columns. The defaults below that say "published"
-    are the published ones (Tan et al., ACL 2025, github.com/Trae1ounG/Neural_Incompatibility); the
-    whole published recipe, with the file each value comes from, is `pkt_pipeline/recipes.py`
-    (`--recipe published`)."""
-
-    RANGES = dict(locate_examples=NON_NEGATIVE, transfer_rate=Range(0, 1, low_open=True), readout_vocab=NON_NEGATIVE,
-                  seed=NON_NEGATIVE)
-
-    extract_data: str = ""
-    """Locating examples (.jsonl or TASK/SPLIT); empty means `extract.jsonl` beside the cached data."""
-    align_data: str = ""
-    """Alignment examples (.jsonl or TASK/SPLIT); empty means `align.jsonl` beside the cached data."""
-    inject_data: str = ""
-    """Where the example whose neurons receive the final injection is drawn from; empty means the
-    cached data itself (the published inference samples one train-split example)."""
-    locate_examples: int = 8
-    """At most this many extract examples are located, one per training step, so this is the translator
-    checkpoint that gets evaluated (8: the published Qwen script's `checkpoint_7`); 0 means all. The
-    learning-rate schedule spans the whole extract split however many are located (`align.laten`)."""
-    transfer_rate: float = 0.1
-    """Neurons per layer and module kind, as a fraction of the student's width (published 0.1)."""
-    modules: list[str] = field(default_factory=lambda: ["up_proj", "down_proj", "v_proj", "o_proj"])
-    """Which weights transfer: rows of up/v, columns of down/o (the published Llama run used all four)."""
-    readout_norm: str = "final"
-    """How a component's write is read through the final norm: `final` scales by the RMS of the
-    position's final residual state, as the published code does (the normaliser the real prediction
-    used); `own` applies the RMSNorm to each patched state itself."""
-    readout_vocab: int = 0
-    """0 (published): every score reads the whole vocabulary's softmax, [neurons, D] x [D, V] per layer —
-    seconds on a GPU, ~15 minutes per example for the 1.5B teacher on a 2-core CPU. N > 0: exact over
-    the N likeliest tokens at that position and first order over the rest (error ~ tail mass x d^2/2;
-    the largest tail mass is recorded in the manifest). Only with `readout_norm: final`."""
-    seed: int = 42
-    """Seeds the choice of the located and injection examples (published seed 42)."""
-    storage_dtype: str = "float16"
-    """Dtype of the cached teacher rows: `float16` (refused on overflow) or `float32`."""
-
-
-@dataclass
-class SeekingConfig(Checked):
-    """Seeking's teacher side (`pkt extract --with seeking`, METHOD.md section 2; Zhong et al., ICLR 2024,
-    github.com/maszhongming/ParaKnowTransfer): per-weight sensitivity on seed examples, the top L_S
-    teacher layers, the student-shaped block of highest sensitivity in each `align.lora.target_modules`
-    weight, and its rank-r SVD as LoRA factors. Stage two (`pkt align --method seeking`) starts the
-    student's LoRA from them and fine-tunes as lora-sft does. The published recipe of both stages, with
-    the file each value comes from, is `pkt_pipeline/recipes.py` (`--recipe published`)."""
-
-    RANGES = dict(seed_examples=NON_NEGATIVE, rank=NON_NEGATIVE)
-
-    seed_examples: int = 32
-    """Sensitivity is summed over the first N examples of the cached data (published: 32); 0 means all."""
-    sensitivity_tokens: str = "answer"
-    """The tokens whose loss the sensitivity differentiates: `answer` (published: the seed examples'
-    replies only, whatever `extract.train_on_inputs` says) or `supervised` (the cache's own mask, every
-    token when `extract.train_on_inputs` is true)."""
-    rank: int = 0
-    """Rank of the cached LoRA factors; 0 means `align.lora.r` (published 16). Stage two may train a
-    smaller `align.lora.r` (it keeps the leading singular directions), not a larger one."""
-
-
-@dataclass
 class ExtractConfig(Checked):
     """Stage one: what `pkt extract` runs the teacher over and what it caches."""
 
@@ -214,9 +151,7 @@ class ExtractConfig(Checked):
     """Also write the run's summary (examples, tokens, seconds, peak RSS) as JSON to this file."""
     extras: list[str] = field(default_factory=list)
     """Method-specific teacher computations to add (`--with`): `seeking`, `laten`. Added to a complete
-    cache without re-extracting it."""
-    laten: LatenExtractConfig = field(default_factory=LatenExtractConfig)
-    seeking: SeekingConfig = field(default_factory=SeekingConfig)
+    cache without re-extracting it; each reads its settings from `methods.<name>.teacher`."""
 
 
 @dataclass
@@ -229,115 +164,6 @@ class LoraSettings(Checked):
     alpha: int = 32
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: ["up_proj", "down_proj", "v_proj", "o_proj"])
-
-
-@dataclass
-class SemAlignConfig(Checked):
-    """SemAlign (METHOD.md section 1). Every open point of the paper is a key here."""
-
-    RANGES = dict(pairing_window=NON_NEGATIVE, critical_layers=NON_NEGATIVE, layers=AT_LEAST_ONE,
-                  steps_per_layer=NON_NEGATIVE, lambda_layer=NON_NEGATIVE, lambda_out=NON_NEGATIVE)
-
-    objective: str = "v2"
-    """`v2`: frontier schedule, one layer trainable at a time (default); `v1`: single phase, cosine losses."""
-    layer_loss: str = "relation"
-    """v2 layer term: `relation` (centred token-token geometry) or `fisher` (Fisher-weighted logit surrogate)."""
-    supervise: str = "delta"
-    """Align residual contributions `delta` (v2) or layer outputs `hidden` (v1)."""
-    recompose: str = "lstsq"
-    """Teacher->student map: `lstsq` (M = pinv(B_S) B_T) or `transpose` (M = B_S^T B_T, the paper). Measured on
-    the real pair's MMLU cache (bench/map_conditioning.py): transpose's M has condition number 3832 and keeps a
-    median CKA of 0.23 of the teacher's token geometry, lstsq's 61 and 0.43; a head mapped onto itself is
-    exact under lstsq and distorted under transpose (relation loss 1.02)."""
-    map_space: str = "residual"
-    """Map the raw residual stream (`residual`) or after the teacher's final-norm gain (`post_norm`)."""
-    pairing: str = "attributed"
-    """`attributed` (highest attribution in a window around the proportional layer) or `proportional`."""
-    pairing_window: int = 2
-    pairing_distinct: bool = True
-    """Attributed pairing gives every student layer its own teacher layer (strictly increasing) when the
-    teacher is at least as deep; off, neighbours may share one (the METHOD.md rule: non-decreasing)."""
-    pairing_score: str = "contribution"
-    """The attribution `attributed` pairing ranks by: each layer's `contribution` (grad x delta_l), or its
-    `output` (grad x h_l, which grows with depth, so the window's deep edge wins)."""
-    critical_layers: int = 0
-    """v1 extra: make sure this many top-attributed teacher layers are each paired with some student layer."""
-    layers: list[int] = field(default_factory=list)
-    """Student layers (1..L_S) to align; empty means all."""
-    steps_per_layer: int = 0
-    """Steps per frontier stage; 0 splits `align.steps` (or the epochs) evenly over the stages."""
-    phase_schedule: str = "constant"
-    """Learning rate within each frontier stage after warm-up: `constant`, or `linear` decay to 0 (a stage
-    of s steps then gets (s+1)/2 steps' worth of lr: 1.5 at s=2, where a one-phase baseline gets ~s/2 per layer
-    over its whole run)."""
-    lambda_layer: float = 1.0
-    lambda_out: float = 1.0
-    layer_tokens: str = "supervised"
-    """The tokens the layer term aligns: `supervised` or `answer` (see `align.output_tokens`)."""
-    normalise_student: bool = True
-    """Normalise student rows per token in the relation loss, as the teacher's are (scale-free on both sides)."""
-    trainable: str = "lora"
-    """What of the frontier layer trains: its `lora` adapters or its `full` weights (trained in float32)."""
-
-
-@dataclass
-class KDConfig(Checked):
-    """Offline logit distillation from the cached teacher top-k (also SemAlign's output term)."""
-
-    RANGES = dict(temperature=POSITIVE, ce_weight=NON_NEGATIVE)
-
-    mode: str = "rest"
-    """`rest`: the k cached tokens plus one bucket of the remaining mass; `renormalise`: both renormalised over the k."""
-    temperature: float = 1.0
-    ce_weight: float = 0.0
-    """`kd` only: add this times the cross-entropy on the answers."""
-
-
-@dataclass
-class LatenConfig(Checked):
-    """LaTen's student side (METHOD.md section 2): train only the translator hypernetwork, one step per
-    located example, then write the translated deltas into the student. The learning rate is
-    `align.lr` (the peak of the one-cycle schedule); the step count is one epoch over the located
-    examples (`extract.laten.locate_examples`) unless `align.steps` says otherwise; `align.batch_size`,
-    `align.weight_decay` and the `align.warmup_*` keys are not used (a step is the located example plus
-    `align_examples` alignment examples; the optimizer and schedule are LaTen's own, below). Every
-    default here is the published value; the recipe with its sources is `pkt_pipeline/recipes.py`."""
-
-    RANGES = dict(align_examples=NON_NEGATIVE, mse_weight=NON_NEGATIVE, hidden_size=NON_NEGATIVE, init_std=POSITIVE,
-                  weight_decay=NON_NEGATIVE, betas=FRACTION, schedule_steps=NON_NEGATIVE, pct_start=FRACTION,
-                  div_factor=POSITIVE, final_div_factor=POSITIVE)
-
-    align_examples: int = 15
-    """Alignment examples drawn (seeded) per step to go with the located one (published: 15 + 1)."""
-    mse_weight: float = 1000.0
-    """Weight of the mean square of the translated deltas, summed over module kinds (published 1000)."""
-    hidden_size: int = 0
-    """Width of each translator MLP's hidden layer; 0 means the teacher's width (published D_T)."""
-    init_std: float = 1e-5
-    """Std of the translator's normal init (published 1e-5: the edit starts as almost nothing)."""
-    weight_decay: float = 0.05
-    """AdamW's decoupled weight decay on the translator (published 0.05)."""
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    """AdamW's (beta1, beta2) (published). With `cycle_momentum` the schedule drives beta1 instead."""
-    schedule_steps: int = 0
-    """Length of the one-cycle learning-rate schedule; 0 means one step per example of the extract split
-    (published: the schedule spans the split, and a checkpoint part-way along it is evaluated)."""
-    pct_start: float = 0.1
-    """Fraction of the schedule spent rising from `align.lr / div_factor` to `align.lr` (published 0.1)."""
-    div_factor: float = 25.0
-    """The schedule starts at `align.lr / div_factor` (torch's default, which the published code keeps)."""
-    final_div_factor: float = 1.0
-    """The schedule ends at `align.lr / (div_factor * final_div_factor)` (published 1)."""
-    anneal_strategy: str = "cos"
-    """Shape of the rise and the fall: `cos` (published) or `linear`."""
-    cycle_momentum: bool = True
-    """Cycle beta1 inversely to the rate between torch's 0.85 and 0.95 (torch's default, which the
-    published code keeps: its beta1 of 0.9 is overridden from the first step)."""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if len(self.betas) != 2:
-            raise InvalidValue("betas", f"must be two numbers in [0, 1), got {self.betas!r}")
 
 
 @dataclass
@@ -361,7 +187,7 @@ class AlignConfig(Checked):
     RANGES = dict(epochs=POSITIVE, steps=NON_NEGATIVE, batch_size=AT_LEAST_ONE, micro_batch_size=NON_NEGATIVE, lr=POSITIVE,
                   weight_decay=NON_NEGATIVE, warmup_steps=NON_NEGATIVE, warmup_ratio=FRACTION,
                   max_grad_norm=Range(0, low_open=True, unbounded=True),
-                  seed=NON_NEGATIVE, checkpoint_every=AT_LEAST_ONE, diagnostic_examples=AT_LEAST_ONE)
+                  seed=NON_NEGATIVE, checkpoint_every=AT_LEAST_ONE)
 
     cache: str = "cache/teacher"
     """Cache folder or fsspec URL written by `pkt extract`."""
@@ -394,15 +220,11 @@ class AlignConfig(Checked):
     checkpoint_every: int = 50
     """Steps between checkpoints; a killed run resumes from the last one."""
     report_map: bool = False
-    """Write map diagnostics (pairing, recomposition fidelity, CKA before/after) to map_report.json."""
-    diagnostic_examples: int = 16
-    """Cached examples the map diagnostics use."""
+    """Also write the method's report before and after training (`Method.report`; SemAlign's: pairing,
+    recomposition fidelity, CKA before/after, in map_report.json)."""
     overwrite: bool = False
     """Start afresh even when `out` holds a checkpoint or a finished run."""
     lora: LoraSettings = field(default_factory=LoraSettings)
-    semalign: SemAlignConfig = field(default_factory=SemAlignConfig)
-    kd: KDConfig = field(default_factory=KDConfig)
-    laten: LatenConfig = field(default_factory=LatenConfig)
     loader: LoaderConfig = field(default_factory=LoaderConfig)
 
 
@@ -468,10 +290,23 @@ class PktConfig:
     align: AlignConfig = field(default_factory=AlignConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     methods: dict[str, dict[str, Any]] = field(default_factory=dict)
-    """Per-method overrides of the `align` section, e.g. `methods: {kd: {lr: 1.0e-4}}`: applied when
-    that method runs, so a DVC stage per method depends on its own section only. A section may name a
-    variant of a registered method (`pkt align --method` takes the variant's name):
-    `methods: {semalign-kl-only: {method: semalign, semalign: {lambda_layer: 0.0}}}`."""
+    """One section per method, read by `pkt_pipeline.methods` (this module imports no method): the
+    method's own settings flat, its overrides of the shared `align` budget under `align:`, its teacher
+    extra's settings under `teacher:`, e.g. `methods: {kd: {ce_weight: 0.5, align: {lr: 1.0e-4}}}`. So a
+    DVC stage per method depends on its own section only. A section may name a variant of a registered
+    method (`pkt align --method` takes the variant's name):
+    `methods: {semalign-kl-only: {method: semalign, lambda_layer: 0.0}}`."""
+
+
+MOVED = {
+    "align.semalign": "methods.semalign.<key>",
+    "align.kd": "methods.kd.<key> (SemAlign's output term: methods.semalign.kl_mode, kl_temperature)",
+    "align.laten": "methods.laten.<key>",
+    "align.diagnostic_examples": "methods.semalign.diagnostic_examples",
+    "extract.laten": "methods.laten.teacher.<key>",
+    "extract.seeking": "methods.seeking.teacher.<key>",
+}
+"""Keys of configs before the methods moved into their own sections -> where they are written now."""
 
 
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = (), recipe: str = "") -> PktConfig:
@@ -513,39 +348,7 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         except yaml.YAMLError as exc:
             raise ConfigError(f"override {item!r}: the value is not valid YAML ({exc})") from None
         _set_dotted(raw, key.strip().split("."), parsed)
-    config = _build(PktConfig, raw, prefix="", source=source)
-    if config.methods:
-        from .methods import available_methods
-
-        registered = available_methods()
-    for name in config.methods:
-        # a typo in any method's section fails now, not hours later when its stage runs
-        _check_registered(name, for_method(config, name).align.method, registered)
-    return config
-
-
-def _check_registered(section: str, method: str, registered: list[str]) -> None:
-    """A `methods` section must name a registered method, by its own name or (a variant) by `method:`."""
-    if method in registered:
-        return
-    close = difflib.get_close_matches(method, registered, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    known = ", ".join(registered)
-    if method == section:
-        raise ConfigError(f"methods.{section}: {section!r} is not a registered method{hint}; registered: {known}. "
-                          f"A variant of a method names it: `methods: {{{section}: {{method: NAME, ...}}}}`")
-    raise ConfigError(f"methods.{section}.method: {method!r} is not a registered method{hint}; registered: {known}")
-
-
-def for_method(config: PktConfig, method: str) -> PktConfig:
-    """The config with `align.method = method` and that method's `methods` overrides applied."""
-    raw = to_dict(config)
-    overrides = config.methods.get(method) or {}
-    if not isinstance(overrides, dict):
-        raise ConfigError(f"methods.{method} must be a mapping of align keys, got {overrides!r}")
-    _deep_update(raw["align"], overrides)
-    raw["align"]["method"] = overrides.get("method", method)  # a variant names the method it configures
-    return _build(PktConfig, raw, prefix="", source=f"methods.{method}")
+    return _build(PktConfig, raw, prefix="", source=source)
 
 
 def _deep_update(tree: dict, updates: dict) -> None:
@@ -571,21 +374,27 @@ def _set_dotted(tree: dict[str, Any], keys: list[str], value: Any) -> None:
 
 def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
     if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'config'} must be a mapping, got {raw!r}")
+        raise ConfigError(_at(source, f"{prefix.rstrip('.') or 'config'} must be a mapping, got {raw!r}"))
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in raw.items():
         dotted = f"{prefix}{key}"
         if key not in fields:
+            if dotted in MOVED:
+                raise ConfigError(_at(source, f"{dotted} moved: write {MOVED[dotted]}"))
             close = difflib.get_close_matches(key, fields, n=1)
             hint = f"; did you mean {prefix + close[0]!r}?" if close else ""
-            raise ConfigError(f"{source}: unknown key {dotted!r}{hint}")
+            raise ConfigError(_at(source, f"unknown key {dotted!r}{hint}"))
         kwargs[key] = _coerce(hints[key], value, dotted, source)
     try:
         return cls(**kwargs)
     except InvalidValue as exc:
-        raise ConfigError(f"{source}: {prefix}{exc.key} {exc.reason}") from None
+        raise ConfigError(_at(source, f"{prefix}{exc.key} {exc.reason}")) from None
+
+
+def _at(source: str, message: str) -> str:
+    return f"{source}: {message}" if source else message
 
 
 def _coerce(hint: Any, value: Any, dotted: str, source: str) -> Any:
@@ -605,7 +414,7 @@ def _coerce(hint: Any, value: Any, dotted: str, source: str) -> Any:
         raise ConfigError(errors[0])
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{source}: {dotted} must be a mapping, got {value!r}")
+            raise ConfigError(_at(source, f"{dotted} must be a mapping, got {value!r}"))
         _, value_type = typing.get_args(hint)
         return {str(k): _coerce(value_type, v, f"{dotted}.{k}", source) for k, v in value.items()}
     if hint is Any:
@@ -615,7 +424,7 @@ def _coerce(hint: Any, value: Any, dotted: str, source: str) -> Any:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list):
-            raise ConfigError(f"{source}: {dotted} must be a list, got {value!r}")
+            raise ConfigError(_at(source, f"{dotted} must be a list, got {value!r}"))
         return [_coerce(item_type, v, dotted, source) for v in value]
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
@@ -626,6 +435,6 @@ def _coerce(hint: Any, value: Any, dotted: str, source: str) -> Any:
             pass
     if hint in (str, int, float, bool):
         if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
-            raise ConfigError(f"{source}: {dotted} must be {hint.__name__}, got {value!r}")
+            raise ConfigError(_at(source, f"{dotted} must be {hint.__name__}, got {value!r}"))
         return value
-    raise ConfigError(f"{source}: {dotted} has an unsupported type {hint!r}")
+    raise ConfigError(_at(source, f"{dotted} has an unsupported type {hint!r}"))

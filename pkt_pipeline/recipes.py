@@ -8,9 +8,9 @@ so each one's published recipe is kept here, as overrides of the config, and is 
     pkt align --method seeking --recipe published ...
     pkt config --recipe published           # print what it resolves to
 
-A recipe is layered over the config file and under `--set` overrides. Its `methods.<name>` sections
-override `align` for that method only, as a config file's do, and its `extract.<extra>` sections touch
-only that extra, so applying it never changes another method's run. Each value below names the file
+A recipe is layered over the config file and under `--set` overrides. It writes only `methods.<name>`
+sections: the method's settings, its overrides of `align` (`align:`) and its teacher extra's settings
+(`teacher:`), as a config file's do, so applying it never changes another method's run. Each value below names the file
 of the published code it comes from; every setting those files fix that pkt exposes is written
 out, including those equal to pkt's defaults, so this file alone says what "published" means.
 
@@ -28,8 +28,8 @@ from typing import Any
 SEEKING_REPOSITORY = "github.com/maszhongming/ParaKnowTransfer@1a104a2"
 LATEN_REPOSITORY = "github.com/Trae1ounG/Neural_Incompatibility@bba32ea"
 
-SEEKING_PUBLISHED: dict[str, Any] = {
-    "extract": {"seeking": {
+SEEKING_PUBLISHED: dict[str, Any] = {"methods": {"seeking": {
+    "teacher": {
         # data/*/sample_*.jsonl hold 32 rows each (utils/get_sample_data.py: n_sample = 32), the seed
         # data extract_lora_with_sensitivity.py sums the sensitivity over.
         "seed_examples": 32,
@@ -38,8 +38,8 @@ SEEKING_PUBLISHED: dict[str, Any] = {
         "sensitivity_tokens": "answer",
         # extract_lora_with_sensitivity.py: --r, default 16.
         "rank": 16,
-    }},
-    "methods": {"seeking": {
+    },
+    "align": {
         "lr": 3.0e-4,            # train.sh: --learning_rate 3e-4
         "batch_size": 64,        # train.sh: --batch_size 64 (finetune.py accumulates gradients up to it)
         "micro_batch_size": 8,   # train.sh: --micro_batch_size 8 per forward
@@ -54,14 +54,14 @@ SEEKING_PUBLISHED: dict[str, Any] = {
             "alpha": 16,         # finetune.py: lora_alpha=16 (adapter_7b.json too): a LoRA scaling of 1
             "dropout": 0.05,     # finetune.py: lora_dropout=0.05
         },
-    }},
-}
+    },
+}}}
 """Seeking Neural Nuggets (Zhong et al., ICLR 2024), from SEEKING_REPOSITORY. Left as pkt has them:
 the published run also put LoRA on q/k/gate, the embedding and the LM head (pkt trains up/down/v/o
 for every method), trained in fp16 with cutoff 2048 and seed 1."""
 
-LATEN_PUBLISHED: dict[str, Any] = {
-    "extract": {"laten": {
+LATEN_PUBLISHED: dict[str, Any] = {"methods": {"laten": {
+    "teacher": {
         # train_LaTen.py saves the translator after every step (checkpoint_{idx}); the Qwen script of the
         # published code, rebuttal/LaTen_qwen/inference_LaTen_qwen.sh, evaluates steps "[7]": 8 steps, one
         # per located example. (The Llama script inference_LaTen.sh evaluates "[0]", after 1 step;
@@ -75,8 +75,8 @@ LATEN_PUBLISHED: dict[str, Any] = {
         # train_LaTen.py: EXTRACT_FFN_MODULE = [down_proj, up_proj], EXTRACT_ATTN_MODULE = [o_proj, v_proj].
         "modules": ["up_proj", "down_proj", "v_proj", "o_proj"],
         "seed": 42,              # train_LaTen.sh: --seed 42
-    }},
-    "methods": {"laten": {
+    },
+    "align": {
         # train_LaTen.sh (and the Qwen train_LaTen_qwen.sh): lr=3e-4, the peak of the one-cycle schedule.
         # (README.md's example and train_LaTen.py's default say 3e-5.)
         "lr": 3.0e-4,
@@ -85,25 +85,23 @@ LATEN_PUBLISHED: dict[str, Any] = {
         "micro_batch_size": 1,   # train_LaTen.py: micro_batch_size=1, gradients summed over the step
         # train_LaTen.py has no gradient clipping.
         "max_grad_norm": float("inf"),
-        "laten": {
-            "align_examples": 15,      # train_LaTen.py: random.sample(range(len(align_data)), 15) + the located one
-            "mse_weight": 1000.0,      # train_LaTen.py: total_loss = lm_loss + current_mse_loss * 1000
-            "hidden_size": 0,          # knowledge_translator.py: Linear(input_dim, input_dim), D_T wide
-            "init_std": 1.0e-5,        # knowledge_translator.py: nn.init.normal_(weight, mean=0, std=1e-5)
-            # train_LaTen.py: AdamW(lr=learning_rate, weight_decay=0.05, betas=(0.9, 0.95)).
-            "weight_decay": 0.05,
-            "betas": [0.9, 0.95],
-            # train_LaTen.py: OneCycleLR(max_lr=learning_rate, total_steps=len(extract_data), pct_start=0.1,
-            # final_div_factor=1, anneal_strategy='cos'); div_factor and cycle_momentum are torch's defaults.
-            "schedule_steps": 0,
-            "pct_start": 0.1,
-            "div_factor": 25.0,
-            "final_div_factor": 1.0,
-            "anneal_strategy": "cos",
-            "cycle_momentum": True,
-        },
-    }},
-}
+    },
+    "align_examples": 15,      # train_LaTen.py: random.sample(range(len(align_data)), 15) + the located one
+    "mse_weight": 1000.0,      # train_LaTen.py: total_loss = lm_loss + current_mse_loss * 1000
+    "hidden_size": 0,          # knowledge_translator.py: Linear(input_dim, input_dim), D_T wide
+    "init_std": 1.0e-5,        # knowledge_translator.py: nn.init.normal_(weight, mean=0, std=1e-5)
+    # train_LaTen.py: AdamW(lr=learning_rate, weight_decay=0.05, betas=(0.9, 0.95)).
+    "weight_decay": 0.05,
+    "betas": [0.9, 0.95],
+    # train_LaTen.py: OneCycleLR(max_lr=learning_rate, total_steps=len(extract_data), pct_start=0.1,
+    # final_div_factor=1, anneal_strategy='cos'); div_factor and cycle_momentum are torch's defaults.
+    "schedule_steps": 0,
+    "pct_start": 0.1,
+    "div_factor": 25.0,
+    "final_div_factor": 1.0,
+    "anneal_strategy": "cos",
+    "cycle_momentum": True,
+}}}
 """Locate-then-Align (Tan et al., ACL 2025), from LATEN_REPOSITORY. Left as pkt has them: the
 published student and translated deltas were fp16 (pkt keeps the deltas in float32, where the
 published cast rounds a freshly initialised translator's output, ~1e-8, to 0) and examples were cut

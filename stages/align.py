@@ -3,12 +3,14 @@
 Reads only the cache and the student; the teacher is never loaded. Writes to `align.out`:
 `model/` (merged weights in safetensors + tokenizer, loadable by `from_pretrained`), `adapter/`
 (the peft adapter, when LoRA trains), `metrics.json`, `train_log.jsonl` (one line per step, for
-`dvc plots`) and `loss_curves.png`, `map_report.json` (with `align.report_map`) and, while running, `checkpoint/`.
+`dvc plots`) and `loss_curves.png`, the method's report (with `align.report_map`, e.g. SemAlign's
+`map_report.json`) and, while running, `checkpoint/`.
 Rerunning a killed run resumes from the checkpoint; rerunning a finished one does nothing.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
@@ -18,10 +20,10 @@ import torch
 
 from pkt_pipeline import __version__
 from pkt_pipeline.cache import CacheError, open_cache
-from pkt_pipeline.config import PktConfig, for_method, to_dict
+from pkt_pipeline.config import PktConfig, to_dict
 from pkt_pipeline.extraction import vocabulary_sha256
 from pkt_pipeline.loader import BatchSource, CacheLoader
-from pkt_pipeline.methods import AlignContext, Phase, get_method
+from pkt_pipeline.methods import AlignContext, Method, Phase, check_sections, resolve
 from pkt_pipeline.models import load_model, load_tokenizer, peak_rss_gib, resolve_device, with_lora
 from pkt_pipeline.plots import plot_training_log
 from pkt_pipeline.training import (LOG_FILE, NonFiniteLoss, TrainingInterrupted, WriteFailed, clear_checkpoint,
@@ -50,25 +52,29 @@ def check_vocabulary(cache, tokenizer, student: str) -> None:
 
 def run(config: PktConfig, progress: bool = True, echo=print) -> dict:
     requested = config.align.method  # a registered method, or a variant of one (`methods:` in the config)
-    config = for_method(config, requested)
-    cfg = config.align
+    check_sections(config)
+    resolved = resolve(config, requested)
+    config, cfg = resolved.config, resolved.align
     started = time.perf_counter()
-    method_class = get_method(cfg.method)
+    method_class = resolved.method_class
+    if cfg.report_map and method_class.report is Method.report:
+        raise ValueError(f"align.report_map (--report-map): {method_class.name} writes no report")
     cache = open_cache(cfg.cache)
     tokenizer = load_tokenizer(config.student, trust_remote_code=config.runtime.trust_remote_code)
     check_vocabulary(cache, tokenizer, config.student)
     out = Path(cfg.out)
     record = {"pkt_version": __version__, "student": config.student, "cache": cfg.cache,
-              "cache_identity": cache.manifest.identity, "align": to_dict(config)["align"]}
+              "cache_identity": cache.manifest.identity, "align": to_dict(config)["align"],
+              **({"settings": dataclasses.asdict(resolved.settings)} if resolved.settings is not None else {})}
     _restart_diverged(out, record, cfg.overwrite, echo)
-    if _prepare_out(out, record, cfg.overwrite) == "done":
+    if _prepare_out(out, record, cfg.overwrite, method_class.report_file) == "done":
         echo(f"{out} already holds this finished run; nothing to do (--overwrite to train again)")
         return {"out": str(out), "action": "up to date"}
 
     device = resolve_device(config.runtime.device)
     model = load_model(config.student, dtype=config.runtime.dtype, device=device,
                        trust_remote_code=config.runtime.trust_remote_code, tokenizer=tokenizer)
-    method = method_class(AlignContext(cache, cfg, tokenizer))
+    method = method_class(AlignContext(cache, cfg, tokenizer, settings=resolved.settings))
     torch.manual_seed(cfg.seed)  # LoRA's A matrices start random: one seed, one run
     if method.uses_lora:
         model = with_lora(model, cfg.lora)
@@ -95,7 +101,7 @@ def run(config: PktConfig, progress: bool = True, echo=print) -> dict:
     micro = micro_batch_size_for(cfg, method)
     echo(f"{method.name}: {sum(p.steps for p in phases)} steps in {len(phases)} phase(s) over {source}"
          + (f", {micro} example(s) per forward" if micro else ""))
-    report = _map_report(method, model, cache, cfg, make_loader, "before") if cfg.report_map else None
+    report = method.report(model, make_loader, "before", None) if cfg.report_map else None
 
     try:
         summary = train(model, method, phases, make_loader, cfg, out, progress=progress, echo=echo)
@@ -103,7 +109,7 @@ def run(config: PktConfig, progress: bool = True, echo=print) -> dict:
         (out / STOPPED_FILE).write_text(json.dumps({"stopped": "non-finite loss", "message": str(exc)}) + "\n")
         raise
     if report is not None:
-        report = _map_report(method, model, cache, cfg, make_loader, "after", report)
+        report = method.report(model, make_loader, "after", report)
     try:
         return _finish(config, requested, method, model, tokenizer, cache, out, summary, report, started)
     except OSError as exc:
@@ -117,7 +123,7 @@ def _finish(config, requested, method, model, tokenizer, cache, out: Path, summa
     """Write the outputs of a trained run, then drop its checkpoint."""
     cfg = config.align
     if report is not None:
-        (out / "map_report.json").write_text(json.dumps(report, indent=2) + "\n")
+        (out / method.report_file).write_text(json.dumps(report, indent=2) + "\n")
     model = method.finalize(model)
     saved = _save_outputs(model, tokenizer, out, method.uses_lora)
     log = read_log(out)
@@ -133,7 +139,8 @@ def _finish(config, requested, method, model, tokenizer, cache, out: Path, summa
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     clear_checkpoint(out)
     (out / STOPPED_FILE).unlink(missing_ok=True)
-    return {"out": str(out), "action": "trained", "metrics": metrics, "map_report": report}
+    return {"out": str(out), "action": "trained", "metrics": metrics, "report": report,
+            "report_lines": method.format_report(report) if report is not None else []}
 
 
 def _restart_diverged(out: Path, record: dict, overwrite: bool, echo) -> None:
@@ -167,7 +174,7 @@ def _cover_phases(method, total: int, student_layers: int, cfg, echo) -> int:
     return needed
 
 
-def _prepare_out(out: Path, record: dict, overwrite: bool) -> str:
+def _prepare_out(out: Path, record: dict, overwrite: bool, report_file: str) -> str:
     """'done', 'resume' or 'fresh'; refuses a folder holding a different run unless overwriting.
 
     `--overwrite` replaces only a pkt align run (its `run.json` record) holding nothing else; a
@@ -176,7 +183,7 @@ def _prepare_out(out: Path, record: dict, overwrite: bool) -> str:
     from pkt_pipeline.training import CHECKPOINT, LOG_FILE
 
     # what pkt align writes in --out, each also with a suffix (`checkpoint.tmp`, a log's temporary)
-    ours = (RUN_FILE, "model", "adapter", "metrics.json", LOG_FILE, "loss_curves.png", "map_report.json", CHECKPOINT)
+    ours = (RUN_FILE, "model", "adapter", "metrics.json", LOG_FILE, "loss_curves.png", report_file, CHECKPOINT)
     run_file = out / RUN_FILE
     previous = _align_record(run_file)
     if previous is not None and not overwrite:
@@ -229,26 +236,3 @@ def _save_outputs(model, tokenizer, out: Path, lora: bool) -> dict:
     paths["model"] = str(out / "model")
     return paths
 
-
-def _map_report(method, model, cache, cfg, make_loader, when: str, report: dict | None = None) -> dict:
-    """Pairing, fidelity and CKA on the first `diagnostic_examples` cached examples (SemAlign only)."""
-    from pkt_pipeline.diagnostics import layer_similarity, teacher_fidelity
-
-    pairs = getattr(method, "pairs", None)
-    if not pairs:
-        raise ValueError(f"align.report_map needs a method with a layer pairing; {method.name} has none")
-    layers = tuple(sorted(set(pairs.values())))
-    examples = cache.index.column("example_id").to_pylist()[: cfg.diagnostic_examples]
-    loader = CacheLoader(cache, batch_size=cfg.batch_size, layers=layers, kind=method.teacher_kind, topk=False,
-                         examples={e: cache.content_hash(e) for e in examples}, shuffle_buffer=max(cfg.batch_size, 8))
-    report = report or {"pairs": {str(k): p for k, p in pairs.items()}, "examples": len(examples),
-                        "kind": method.teacher_kind, "recompose": cfg.semalign.recompose}
-    if when == "before":
-        hidden = CacheLoader(cache, batch_size=cfg.batch_size, layers=layers, kind="hidden", topk=False,
-                             examples={e: cache.content_hash(e) for e in examples}, shuffle_buffer=max(cfg.batch_size, 8))
-        fidelity = teacher_fidelity(hidden, cache.teacher_head()["lm_head"],
-                                    list(layers), cache.manifest.tokenizer.vocab_size)
-        report["fidelity"] = {str(layer): value for layer, value in fidelity.items()}
-    report[f"cka_{when}"] = {str(k): v for k, v in
-                             layer_similarity(model, loader, pairs, method.semantic_map, method.teacher_kind).items()}
-    return report

@@ -60,7 +60,7 @@ from pkt_pipeline.extraction import (
     write_error,
 )
 from pkt_pipeline.models import load_model, load_tokenizer, peak_rss_gib
-from pkt_pipeline.teacher_extras import get_extra
+from pkt_pipeline.methods import build_extra, check_sections, get_extra
 
 __all__ = ["Interrupted", "reopen_damaged_groups", "resolve_attribution_data", "run", "validate"]
 
@@ -105,6 +105,7 @@ def run(config: PktConfig, progress: bool = True, echo=print) -> dict:
 def _run(config: PktConfig, progress: bool = True, echo=print) -> dict:
     cfg = config.extract
     validate(cfg)
+    check_sections(config)  # the extras' settings (`methods.<name>.teacher`), and a typo in any method's section
     rank, world = distributed_context()
     started = time.perf_counter()
     device = config.runtime.device
@@ -285,7 +286,7 @@ def _run_extras(names: list[str], writer: CacheWriter, model, tokenizer, config:
     provenance = {}
     for name in names:
         started = time.perf_counter()
-        extra = get_extra(name)()
+        extra = build_extra(config, name)
         output = extra.compute(model, tokenizer, config, data_path, progress)
         for key, data in output.arrays.items():
             rows = max(1, (16 << 20) // max(1, data[:1].nbytes)) if data.ndim else 1
@@ -306,7 +307,7 @@ def _stale_extras(names: list[str], stored: dict[str, ExtraEntry], config: PktCo
     for name in names:
         if name not in stored:
             continue
-        before, now = stored[name].inputs, get_extra(name)().inputs(config)
+        before, now = stored[name].inputs, build_extra(config, name).inputs(config)
         if before is None:
             stale[name] = ["inputs not recorded"]
         elif before != now:

@@ -19,7 +19,7 @@ from pkt_pipeline.config import load_config
 from pkt_pipeline.loader import CacheLoader
 from pkt_pipeline.losses import relation_loss
 from pkt_pipeline.methods import Method, available_methods, forward_student, get_method, register
-from pkt_pipeline.semantic_map import attributed_pairing, build_semantic_map
+from pkt_pipeline.methods.semalign.semantic_map import attributed_pairing, build_semantic_map
 from pkt_pipeline.tiny_models import STUDENT_SHAPE, build_model, build_tokenizer
 from stages import align
 from tiny_data import extract_config
@@ -71,14 +71,14 @@ def test_each_frontier_stage_gets_its_learning_rate_schedule(tiny_pair, tiny_cac
     """A short stage decayed to 0 trains on (s+1)/2 steps' worth of lr; `constant` (the default) on s."""
     out = tmp_path / schedule
     align.run(align_config(tiny_pair, tiny_cache, out, "semalign", "align.steps=6", "align.lr=0.002",
-                           f"align.semalign.phase_schedule={schedule}"), progress=False)
+                           f"methods.semalign.phase_schedule={schedule}"), progress=False)
     entries = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     for phase in ("layer 1", "layer 2"):
         rates = [e["lr"] for e in entries if e["phase"] == phase]
         assert rates == pytest.approx([0.002 * m for m in multipliers])
     with pytest.raises(ValueError, match=r"phase_schedule must be one of \('linear', 'constant'\), got 'cosine'"):
         align.run(align_config(tiny_pair, tiny_cache, tmp_path / "bad", "semalign",
-                               "align.semalign.phase_schedule=cosine"), progress=False)
+                               "methods.semalign.phase_schedule=cosine"), progress=False)
 
 
 def test_output_losses_can_see_the_answer_tokens_alone(tiny_pair, tiny_dataset, tmp_path):
@@ -101,8 +101,8 @@ def test_output_losses_can_see_the_answer_tokens_alone(tiny_pair, tiny_dataset, 
     summary = align.run(align_config(tiny_pair, every_token, tmp_path / "kd", "kd", "align.steps=2",
                                      "align.output_tokens=answer"), progress=False)
     assert summary["action"] == "trained"
-    with pytest.raises(ValueError, match=r"align.semalign.layer_tokens must be one of \('supervised', 'answer'\)"):
-        align.run(align_config(tiny_pair, every_token, tmp_path / "bad", "semalign", "align.semalign.layer_tokens=reply"),
+    with pytest.raises(ValueError, match=r"methods.semalign.layer_tokens must be one of \('supervised', 'answer'\)"):
+        align.run(align_config(tiny_pair, every_token, tmp_path / "bad", "semalign", "methods.semalign.layer_tokens=reply"),
                   progress=False)
 
 
@@ -117,7 +117,7 @@ def test_only_the_frontier_layer_trains(tiny_pair, tiny_cache, tmp_path):
     assert trained == {"0", "1"}
 
     out_one = tmp_path / "one-layer"
-    align.run(align_config(tiny_pair, tiny_cache, out_one, "semalign", "align.steps=4", "align.semalign.layers=[2]"),
+    align.run(align_config(tiny_pair, tiny_cache, out_one, "semalign", "align.steps=4", "methods.semalign.layers=[2]"),
               progress=False)
     adapter = load_file(out_one / "adapter" / "adapter_model.safetensors")
     assert {name.split("layers.")[1].split(".")[0] for name, value in adapter.items()
@@ -125,10 +125,10 @@ def test_only_the_frontier_layer_trains(tiny_pair, tiny_cache, tmp_path):
 
 
 @pytest.mark.parametrize("options", [
-    ["align.semalign.objective=v1"],
-    ["align.semalign.layer_loss=fisher"],
-    ["align.semalign.recompose=transpose", "align.semalign.map_space=post_norm", "align.semalign.pairing=proportional",
-     "align.semalign.supervise=hidden", "align.kd.mode=renormalise", "align.kd.temperature=2.0"],
+    ["methods.semalign.objective=v1"],
+    ["methods.semalign.layer_loss=fisher"],
+    ["methods.semalign.recompose=transpose", "methods.semalign.map_space=post_norm", "methods.semalign.pairing=proportional",
+     "methods.semalign.supervise=hidden", "methods.semalign.kl_mode=renormalise", "methods.semalign.kl_temperature=2.0"],
 ], ids=["v1", "fisher", "transpose-postnorm-proportional-hidden"])
 def test_semalign_options_train(tiny_pair, tiny_cache, tmp_path, options):
     out = tmp_path / "options"
@@ -138,15 +138,15 @@ def test_semalign_options_train(tiny_pair, tiny_cache, tmp_path, options):
         assert all(torch.isfinite(torch.tensor(losses))), losses
     adapter = load_file(out / "adapter" / "adapter_model.safetensors")
     assert any(value.abs().sum() > 0 for name, value in adapter.items() if "lora_B" in name)
-    if "align.semalign.objective=v1" in options:
+    if "methods.semalign.objective=v1" in options:
         assert list(phases) == ["v1"]
         assert set(json.loads((out / "train_log.jsonl").read_text().splitlines()[0])) >= {"layer", "label_cos"}
 
 
 def test_full_layer_training_leaves_other_layers_untouched(tiny_pair, tiny_cache, tmp_path):
     out = tmp_path / "full"
-    align.run(align_config(tiny_pair, tiny_cache, out, "semalign", "align.steps=4", "align.semalign.trainable=full",
-                           "align.semalign.layers=[2]"), progress=False)
+    align.run(align_config(tiny_pair, tiny_cache, out, "semalign", "align.steps=4", "methods.semalign.trainable=full",
+                           "methods.semalign.layers=[2]"), progress=False)
     assert not (out / "adapter").exists()
     before = load_file(Path(tiny_pair["student"]) / "model.safetensors")
     after = load_file(out / "model" / "model.safetensors")
@@ -176,12 +176,17 @@ def test_report_map_writes_pairing_fidelity_and_cka(tiny_pair, tiny_cache, tmp_p
     summary = align.run(align_config(tiny_pair, tiny_cache, out, "semalign", "align.steps=8", "align.report_map=true"),
                         progress=False)
     report = json.loads((out / "map_report.json").read_text())
-    assert report == summary["map_report"]
+    assert report == summary["report"]
+    assert summary["report_lines"][0].split() == ["student", "teacher", "fidelity", "CKA", "before", "CKA", "after"]
+    assert len(summary["report_lines"]) == 1 + len(report["pairs"])
     cache = open_cache(tiny_cache)
     assert report["pairs"] == dict(zip(["1", "2"], attributed_pairing(cache.attribution("contribution"), 2, window=2,
                                                                       distinct=True)))
+    with pytest.raises(ValueError, match=r"^align\.report_map \(--report-map\): kd writes no report$"):
+        align.run(align_config(tiny_pair, tiny_cache, tmp_path / "kd", "kd", "align.report_map=true"), progress=False)
+    assert not (tmp_path / "kd").exists()
     by_output = align.run(align_config(tiny_pair, tiny_cache, tmp_path / "by-output", "semalign", "align.steps=2",
-                                       "align.semalign.pairing_score=output"), progress=False)
+                                       "methods.semalign.pairing_score=output"), progress=False)
     assert by_output["metrics"]["pairs"] == dict(zip(["1", "2"], attributed_pairing(cache.attribution("output"), 2,
                                                                                     window=2, distinct=True)))
     for key in ("fidelity", "cka_before", "cka_after"):
@@ -233,7 +238,7 @@ def test_bad_inputs_are_refused_with_clear_errors(tiny_pair, tiny_cache, tmp_pat
     with pytest.raises(CacheError, match="no cache at"):
         align.run(align_config(tiny_pair, tmp_path / "nowhere", tmp_path / "b", "kd"), progress=False)
     with pytest.raises(ValueError, match=r"outside this student's layers 1\.\.2"):
-        align.run(align_config(tiny_pair, tiny_cache, tmp_path / "c", "semalign", "align.semalign.layers=[3]"),
+        align.run(align_config(tiny_pair, tiny_cache, tmp_path / "c", "semalign", "methods.semalign.layers=[3]"),
                   progress=False)
     done = tmp_path / "d"
     align.run(align_config(tiny_pair, tiny_cache, done, "lora-sft", "align.steps=2"), progress=False)
@@ -245,8 +250,6 @@ def test_bad_inputs_are_refused_with_clear_errors(tiny_pair, tiny_cache, tmp_pat
 
 class _NonFiniteAfterTwoSteps(Method):
     """A plug-in for the test: cross-entropy, turning NaN at the third step."""
-
-    name = "test-nan"
 
     def __init__(self, context):
         super().__init__(context)
@@ -262,15 +265,15 @@ class _NonFiniteAfterTwoSteps(Method):
 def test_a_registered_plugin_trains_and_a_nan_loss_stops_cleanly(tiny_pair, tiny_cache, tmp_path):
     from pkt_pipeline.training import NonFiniteLoss
 
-    register(_NonFiniteAfterTwoSteps)
+    register("test-nan", method=_NonFiniteAfterTwoSteps)
     assert "test-nan" in available_methods() and get_method("test-nan") is _NonFiniteAfterTwoSteps
     out = tmp_path / "nan"
     with pytest.raises(NonFiniteLoss, match=r"the loss is nan at step 3 .*last checkpoint is intact"):
         align.run(align_config(tiny_pair, tiny_cache, out, "test-nan", "align.steps=5", "align.checkpoint_every=2"),
                   progress=False)
     assert (out / "checkpoint" / "state.json").exists() and not (out / "metrics.json").exists()
-    with pytest.raises(ValueError, match="already registered"):
-        register(type("Other", (Method,), {"name": "kd"}))
+    with pytest.raises(ValueError, match="method 'kd' is already registered by pkt_pipeline.methods.kd.student"):
+        register("kd", method=type("Other", (Method,), {}))
 
 
 def cli_align(tiny_pair, cache, out, *extra) -> subprocess.Popen:

@@ -15,9 +15,9 @@ import torch
 from safetensors.torch import load_file
 
 from pkt_pipeline.cache import open_cache
-from pkt_pipeline.config import for_method, load_config
+from pkt_pipeline.config import load_config
 from pkt_pipeline.loader import CacheLoader
-from pkt_pipeline.methods import AlignContext, Method, available_methods, forward_student, get_method, register
+from pkt_pipeline.methods import AlignContext, Method, available_methods, forward_student, get_method, register, resolve
 from pkt_pipeline.models import load_model, load_tokenizer, with_lora
 from pkt_pipeline.training import _accumulate_gradients
 from stages import align
@@ -151,18 +151,19 @@ def every_extra_cache(tiny_pair, tmp_path_factory) -> Path:
     out = folder / "cache"
     extract.run(extract_config(tiny_pair["teacher"], data, out, "extract.capture=[hidden, delta]",
                                "extract.extras=[laten, seeking]", f"student={tiny_pair['student']}",
-                               "extract.laten.locate_examples=2"), progress=False, echo=lambda *_: None)
+                               "methods.laten.teacher.locate_examples=2"), progress=False, echo=lambda *_: None)
     return out
 
 
 def _method_and_batch(tiny_pair, cache: Path, name: str, options: list[str]):
     """The method, student and one training batch, built as `pkt align` builds them."""
-    config = for_method(load_config(overrides=[f"student={tiny_pair['student']}", f"align.cache={cache}",
-                                               f"align.method={name}", "runtime.dtype=float32", "align.batch_size=4",
-                                               "align.lora.r=4", "align.lora.dropout=0.0", *options]), name)
-    cfg = config.align
+    resolved = resolve(load_config(overrides=[f"student={tiny_pair['student']}", f"align.cache={cache}",
+                                              f"align.method={name}", "runtime.dtype=float32", "align.batch_size=4",
+                                              "align.lora.r=4", "align.lora.dropout=0.0", *options]), name)
+    cfg = resolved.align
     model = load_model(tiny_pair["student"], dtype="float32", device="cpu")
-    method = get_method(name)(AlignContext(open_cache(cache), cfg, load_tokenizer(tiny_pair["student"])))
+    method = resolved.method_class(AlignContext(open_cache(cache), cfg, load_tokenizer(tiny_pair["student"]),
+                                                settings=resolved.settings))
     torch.manual_seed(cfg.seed)
     if method.uses_lora:
         model = with_lora(model, cfg.lora)
@@ -183,8 +184,8 @@ def _method_and_batch(tiny_pair, cache: Path, name: str, options: list[str]):
 
 
 BUILT_IN = [name for name in available_methods() if get_method(name).__module__.startswith("pkt_pipeline.")]
-VARIANTS = [(name, []) for name in BUILT_IN] + [("semalign", ["align.semalign.layer_loss=fisher"]),
-                                                ("semalign", ["align.semalign.objective=v1"]),
+VARIANTS = [(name, []) for name in BUILT_IN] + [("semalign", ["methods.semalign.layer_loss=fisher"]),
+                                                ("semalign", ["methods.semalign.objective=v1"]),
                                                 ("kd", ["align.output_tokens=answer"])]
 
 
@@ -212,8 +213,6 @@ def test_micro_batches_of_one_give_the_whole_batch_gradient(tiny_pair, every_ext
 class _NanAtHighRate(Method):
     """Cross-entropy that turns NaN at the third step when align.lr is at least 1 (a diverging run)."""
 
-    name = "test-diverges"
-
     def __init__(self, context):
         super().__init__(context)
         self.calls = 0
@@ -230,7 +229,7 @@ def _diverged_run(tiny_pair, tiny_cache, out: Path):
     from pkt_pipeline.training import NonFiniteLoss
 
     if "test-diverges" not in available_methods():
-        register(_NanAtHighRate)
+        register("test-diverges", method=_NanAtHighRate)
     with pytest.raises(NonFiniteLoss, match=r"the loss is nan at step 3 .*Lower align.lr"):
         align.run(align_config(tiny_pair, tiny_cache, out, "test-diverges", "align.steps=4", "align.lr=2",
                                "align.checkpoint_every=2"), progress=False)

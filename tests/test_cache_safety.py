@@ -22,7 +22,7 @@ import pytest
 
 from pkt_pipeline.cache import CacheError, CacheFiles, open_cache, verify_cache
 from pkt_pipeline.cache.layout import INDEX_FILE, LOCK_FILE, RUN_FILE, ledger_key
-from pkt_pipeline.teacher_extras import EXTRAS, ExtraOutput, TeacherExtra, register_extra
+from pkt_pipeline.methods import REGISTRY, ExtraOutput, TeacherExtra, register
 from stages import extract
 from tiny_data import SMALL_LAYOUT, extract_config, write_dataset
 
@@ -307,14 +307,14 @@ class SlowOnce(TeacherExtra):
 
 
 def test_two_clean_runs_write_byte_identical_manifests(tiny_pair, tiny_dataset, tmp_path):
-    register_extra(SlowOnce)
+    register(SlowOnce.name, teacher=SlowOnce)
     try:
         first, second = tmp_path / "a" / "cache", tmp_path / "b" / "cache"
         metrics = tmp_path / "metrics.json"
         extract_small(tiny_pair, tiny_dataset, first, f"extract.extras=[{SlowOnce.name}]", f"extract.metrics={metrics}")
         extract_small(tiny_pair, tiny_dataset, second, f"extract.extras=[{SlowOnce.name}]")
     finally:
-        EXTRAS.pop(SlowOnce.name, None)
+        REGISTRY.pop(SlowOnce.name, None)
     assert (first / "manifest.json").read_bytes() == (second / "manifest.json").read_bytes()
     assert json.loads(metrics.read_text())["extras_seconds"][SlowOnce.name] >= 0.3
 

@@ -58,11 +58,20 @@ def test_config_prints_the_resolved_values():
     assert result.returncode == 0 and "device: cpu" in result.stdout
 
 
+def test_config_checks_every_method_section(tmp_path):
+    result = pkt("config", "--set", "methods={semalign: {lamda_layer: 0}}", cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip() == ("Error: unknown key 'methods.semalign.lamda_layer'; "
+                                     "did you mean 'methods.semalign.lambda_layer'?")
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [
         ("align.max_grad_norm=-1", "Error: defaults: align.max_grad_norm must be > 0 (or .inf), got -1.0"),
         ("methods={kdd: {lr: 0.001}}", "Error: methods.kdd: 'kdd' is not a registered method (did you mean 'kd'?)"),
+        ("methods={kd: {lr: 0.001}}", "Error: methods.kd.lr is a shared align key: write methods.kd.align.lr"),
+        ("align.semalign.layers=[2]", "Error: defaults: align.semalign moved: write methods.semalign.<key>"),
     ],
 )
 def test_a_bad_number_or_method_section_exits_1_with_one_line(tmp_path, override, message):

@@ -19,13 +19,14 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from pkt_pipeline.cache import CacheError, open_cache
-from pkt_pipeline.config import LatenExtractConfig, for_method, load_config
+from pkt_pipeline.config import load_config
 from pkt_pipeline.datasets import DatasetNotFound
 from pkt_pipeline.examples import format_example
-from pkt_pipeline.laten import ModelShape, Readout, answer_target, check_settings, locate, neuron_counts
 from pkt_pipeline.loader import ExampleMeta
-from pkt_pipeline.methods import AlignContext, get_method
-from pkt_pipeline.methods.laten import LatenBatches, NeuronInjection
+from pkt_pipeline.methods import AlignContext, get_method, resolve
+from pkt_pipeline.methods.laten.config import LatenExtractConfig
+from pkt_pipeline.methods.laten.student import LatenBatches, NeuronInjection
+from pkt_pipeline.methods.laten.teacher import ModelShape, Readout, answer_target, check_settings, locate, neuron_counts
 from pkt_pipeline.models import load_model, load_tokenizer
 from pkt_pipeline.training import steps_for, train
 from stages import extract as extract_stage
@@ -52,7 +53,7 @@ def laten_data(tmp_path_factory) -> Path:
 def laten_cache(tiny_pair, laten_data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("laten-cache") / "cache"
     config = extract_config(tiny_pair["teacher"], laten_data, out, "extract.extras=[laten]",
-                            f"student={tiny_pair['student']}", f"extract.laten.locate_examples={LOCATE}")
+                            f"student={tiny_pair['student']}", f"methods.laten.teacher.locate_examples={LOCATE}")
     extract_stage.run(config, progress=False, echo=lambda *_: None)
     return out
 
@@ -62,10 +63,12 @@ def make_method(tiny_pair, cache: Path, *overrides: str, student: Path | None = 
     student = student or tiny_pair["student"]
     config = load_config(overrides=[f"student={student}", f"align.cache={cache}", "runtime.dtype=float32", *overrides],
                          recipe=recipe)
-    align = for_method(config, "laten").align
+    resolved = resolve(config, "laten")
+    align = resolved.align
     model = load_model(student, dtype="float32", device="cpu")
     torch.manual_seed(align.seed)
-    method = get_method("laten")(AlignContext(open_cache(cache), align, load_tokenizer(student)))
+    method = resolved.method_class(AlignContext(open_cache(cache), align, load_tokenizer(student),
+                                                settings=resolved.settings))
     method.setup(model)
     return method, model, align
 
@@ -381,8 +384,8 @@ def test_the_optimizer_and_schedule_are_the_published_ones(tiny_pair, laten_cach
     expected = [one_cycle(0.002, EXTRACT_SPLIT, step) for step in range(LOCATE)]
     assert [entry["lr"] for entry in trained] == pytest.approx(expected)
 
-    other, _, _ = make_method(tiny_pair, laten_cache, "align.laten.weight_decay=0.1", "align.laten.betas=[0.8, 0.99]",
-                              "align.laten.schedule_steps=20", "align.laten.div_factor=10", "align.lr=0.001")
+    other, _, _ = make_method(tiny_pair, laten_cache, "methods.laten.weight_decay=0.1", "methods.laten.betas=[0.8, 0.99]",
+                              "methods.laten.schedule_steps=20", "methods.laten.div_factor=10", "align.lr=0.001")
     optimizer = other.optimizer(params)
     assert optimizer.defaults["weight_decay"] == 0.1 and optimizer.defaults["betas"] == (0.8, 0.99)
     scheduler = other.scheduler(optimizer, other.phases(LOCATE, 2)[0])
@@ -404,11 +407,11 @@ def test_the_optimizer_and_schedule_are_the_published_ones(tiny_pair, laten_cach
 
 
 def test_bad_schedule_settings_are_refused_naming_the_key(tiny_pair, laten_cache):
-    with pytest.raises(ValueError, match=r"align\.laten\.anneal_strategy must be one of \['cos', 'linear'\], "
+    with pytest.raises(ValueError, match=r"methods\.laten\.anneal_strategy must be one of \['cos', 'linear'\], "
                                          r"got 'square'"):
-        make_method(tiny_pair, laten_cache, "align.laten.anneal_strategy=square")
-    with pytest.raises(ValueError, match=r"align\.laten\.betas must be two numbers in \[0, 1\), got \[0\.9\]"):
-        make_method(tiny_pair, laten_cache, "align.laten.betas=[0.9]")
+        make_method(tiny_pair, laten_cache, "methods.laten.anneal_strategy=square")
+    with pytest.raises(ValueError, match=r"methods\.laten\.betas must be two numbers in \[0, 1\), got \[0\.9\]"):
+        make_method(tiny_pair, laten_cache, "methods.laten.betas=[0.9]")
     method, _, _ = make_method(tiny_pair, laten_cache, "align.steps=8")
     with pytest.raises(ValueError, match="one-cycle schedule spans 5 steps but this run takes 8"):
         method.scheduler(method.optimizer(list(method.injection.translator.parameters())), method.phases(8, 2)[0])
@@ -516,7 +519,7 @@ def pkt(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 def test_extract_with_laten_then_align_end_to_end(tiny_pair, laten_data, tmp_path):
     settings = [f"--set={item}" for item in [*SMALL_LAYOUT, "runtime.dtype=float32", f"student={tiny_pair['student']}",
-                                             "extract.laten.locate_examples=2"]]
+                                             "methods.laten.teacher.locate_examples=2"]]
     result = pkt("extract", "--teacher", str(tiny_pair["teacher"]), "--data", str(laten_data), "--out", "cache",
                  "--with", "laten", "--no-progress", *settings, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -549,8 +552,8 @@ def test_a_task_without_an_align_split_is_refused_naming_the_key(tiny_pair, tmp_
     data = write_dataset(tmp_path / "train.jsonl", 4)
     config = extract_config(tiny_pair["teacher"], data, tmp_path / "cache", "extract.extras=[laten]",
                             f"student={tiny_pair['student']}")
-    message = (f"extract.laten.align_data defaults to the task's align split, but there is no align.jsonl beside "
-               f"{data}; set extract.laten.align_data")
+    message = (f"methods.laten.teacher.align_data defaults to the task's align split, but there is no align.jsonl "
+               f"beside {data}; set methods.laten.teacher.align_data")
     with pytest.raises(DatasetNotFound, match=re.escape(message)):
         extract_stage.run(config, progress=False, echo=lambda *_: None)
     with pytest.raises(CacheError, match="not a complete pkt cache"):

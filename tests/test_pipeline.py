@@ -68,7 +68,7 @@ def test_tiny_pipeline_runs_reruns_only_what_changed_and_shares_the_cache(scratc
     assert ran_stages(sh("dvc", "repro", cwd=repo, env=env)) == []
 
     config = repo / "configs" / "default.yaml"
-    config.write_text(config.read_text().replace("  kd: {}", "  kd: {lr: 1.0e-2}"))
+    config.write_text(config.read_text().replace("  kd: {}", "  kd: {ce_weight: 0.5, align: {lr: 1.0e-2}}"))
     assert ran_stages(sh("dvc", "repro", cwd=repo, env=env)) == ["align@kd", "evaluate@kd", "report"]
 
     sh("dvc", "remote", "add", "-d", "shared", str(tmp_path / "remote"), cwd=repo, env=env)

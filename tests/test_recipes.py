@@ -5,7 +5,6 @@ the file each comes from), so a changed recipe or a loader that drops part of it
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import pytest
@@ -14,8 +13,8 @@ from click.testing import CliRunner
 
 from conftest import PROJECT_ROOT
 from pkt_pipeline.cli import main as pkt
-from pkt_pipeline.config import ConfigError, for_method, load_config, to_dict
-from pkt_pipeline.methods import get_method
+from pkt_pipeline.config import ConfigError, load_config, to_dict
+from pkt_pipeline.methods import get_method, resolve, teacher_settings
 from pkt_pipeline.training import micro_batch_size_for
 
 DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "default.yaml"
@@ -40,38 +39,39 @@ def assert_fields(section, expected: dict) -> None:
 def test_the_published_recipe_resolves_every_value_over_the_default_budget():
     """configs/default.yaml sets a small budget for both baselines; the switch replaces all of it."""
     budget = load_config(DEFAULT_CONFIG)
-    assert budget.extract.seeking.seed_examples == 12 and budget.extract.laten.locate_examples == 3
+    assert (teacher_settings(budget, "seeking").seed_examples, teacher_settings(budget, "laten").locate_examples) == (12, 3)
     config = load_config(DEFAULT_CONFIG, recipe="published")
 
-    assert_fields(config.extract.seeking, SEEKING_EXTRACT)
-    assert_fields(config.extract.laten, LATEN_EXTRACT)
-    seeking = for_method(config, "seeking").align
+    assert_fields(teacher_settings(config, "seeking"), SEEKING_EXTRACT)
+    assert_fields(teacher_settings(config, "laten"), LATEN_EXTRACT)
+    seeking = resolve(config, "seeking").align
     assert_fields(seeking, SEEKING_ALIGN)
     assert_fields(seeking.lora, SEEKING_LORA)
     assert seeking.lora.alpha / seeking.lora.r == 1.0  # a LoRA scaling of 1, as published
     assert micro_batch_size_for(seeking, get_method("seeking")) == 8  # 64 examples an update, 8 a forward
-    laten = for_method(config, "laten").align
-    assert_fields(laten, LATEN_ALIGN)
-    assert_fields(laten.laten, LATEN_SETTINGS)
-    assert micro_batch_size_for(laten, get_method("laten")) == 1
+    laten = resolve(config, "laten")
+    assert_fields(laten.align, LATEN_ALIGN)
+    assert_fields(laten.settings, LATEN_SETTINGS)
+    assert micro_batch_size_for(laten.align, get_method("laten")) == 1
 
     # Everything else is the file's: the recipe touches only the two baselines' sections.
     for method in ("semalign", "kd", "lora-sft"):
-        assert for_method(config, method).align == for_method(budget, method).align
-    changed = {section for section in ("teacher", "student", "runtime", "assets", "eval")
+        ours, theirs = resolve(config, method), resolve(budget, method)
+        assert (ours.align, ours.settings) == (theirs.align, theirs.settings)
+    changed = {section for section in ("teacher", "student", "runtime", "assets", "eval", "extract", "align")
                if getattr(config, section) != getattr(budget, section)}
     assert not changed
-    assert dataclasses.replace(config.extract, seeking=budget.extract.seeking,
-                               laten=budget.extract.laten) == budget.extract
+    assert {name for name in config.methods if config.methods[name] != budget.methods[name]} == {"seeking", "laten"}
 
 
 def test_overrides_beat_the_recipe_and_the_recipe_beats_the_file(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("methods:\n  seeking: {lr: 1.0e-2, steps: 5}\nextract:\n  seeking: {seed_examples: 4}\n")
-    config = load_config(path, ["methods.seeking.batch_size=32", "extract.laten.readout_vocab=128"], recipe="published")
-    seeking = for_method(config, "seeking").align
-    assert (seeking.lr, seeking.steps, config.extract.seeking.seed_examples) == (3e-4, 0, 32)
-    assert seeking.batch_size == 32 and config.extract.laten.readout_vocab == 128
+    path.write_text("methods:\n  seeking: {align: {lr: 1.0e-2, steps: 5}, teacher: {seed_examples: 4}}\n")
+    config = load_config(path, ["methods.seeking.align.batch_size=32", "methods.laten.teacher.readout_vocab=128"],
+                         recipe="published")
+    seeking = resolve(config, "seeking").align
+    assert (seeking.lr, seeking.steps, teacher_settings(config, "seeking").seed_examples) == (3e-4, 0, 32)
+    assert seeking.batch_size == 32 and teacher_settings(config, "laten").readout_vocab == 128
 
 
 def test_pkt_config_prints_the_resolved_recipe():
@@ -79,9 +79,9 @@ def test_pkt_config_prints_the_resolved_recipe():
                                 catch_exceptions=False)
     assert result.exit_code == 0, result.output
     printed = yaml.safe_load(result.output)
-    assert printed["methods"]["seeking"]["batch_size"] == 64
-    assert printed["methods"]["laten"]["laten"]["betas"] == [0.9, 0.95]
-    assert printed["extract"]["laten"]["readout_vocab"] == 0
+    assert printed["methods"]["seeking"]["align"]["batch_size"] == 64
+    assert printed["methods"]["laten"]["betas"] == [0.9, 0.95]
+    assert printed["methods"]["laten"]["teacher"]["readout_vocab"] == 0
     assert printed == to_dict(load_config(DEFAULT_CONFIG, recipe="published"))
 
 

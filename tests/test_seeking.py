@@ -19,10 +19,11 @@ from pkt_pipeline.cache import open_cache, verify_cache
 from pkt_pipeline.cli import main as pkt
 from pkt_pipeline.config import load_config
 from pkt_pipeline.examples import load_examples
-from pkt_pipeline.methods import AlignContext
-from pkt_pipeline.methods.seeking import Seeking, lora_modules
+from pkt_pipeline.methods import AlignContext, build_extra, teacher_settings
+from pkt_pipeline.methods.seeking.student import Seeking, lora_modules
+from pkt_pipeline.methods.seeking.teacher import (SeekingExtra, best_subblock, lora_factors, seed_examples, select_layers,
+                                                  sensitivity)
 from pkt_pipeline.models import load_model, load_tokenizer, with_lora
-from pkt_pipeline.seeking import SeekingExtra, best_subblock, lora_factors, seed_examples, select_layers, sensitivity
 from pkt_pipeline.tiny_models import STUDENT_SHAPE, TEACHER_SHAPE
 from tiny_data import SMALL_LAYOUT
 
@@ -107,16 +108,20 @@ def test_the_extra_scores_the_answer_tokens_only_even_when_the_cache_supervises_
     tokenizer = load_tokenizer(tiny_pair["teacher"])
     teacher = load_model(tiny_pair["teacher"], dtype="float32")
 
+    def settings(config):
+        return teacher_settings(config, "seeking")
+
     def config(*extra: str):
         return load_config(overrides=[f"teacher={tiny_pair['teacher']}", f"student={tiny_pair['student']}",
-                                      "extract.train_on_inputs=true", "extract.seeking.seed_examples=3", *extra])
+                                      "extract.train_on_inputs=true", "methods.seeking.teacher.seed_examples=3", *extra])
 
     answers, _ = load_examples(tiny_dataset, tokenizer, limit=3)
     every, _ = load_examples(tiny_dataset, tokenizer, train_on_inputs=True, limit=3)
     assert all(e.supervised.all() for e in every) and not any(e.supervised.all() for e in answers)
-    chosen = seed_examples(config(), tiny_dataset, tokenizer)
+    chosen = seed_examples(config(), settings(config()), tiny_dataset, tokenizer)
     assert [e.supervised.tolist() for e in chosen] == [e.supervised.tolist() for e in answers]
-    chosen = seed_examples(config("extract.seeking.sensitivity_tokens=supervised"), tiny_dataset, tokenizer)
+    supervised = config("methods.seeking.teacher.sensitivity_tokens=supervised")
+    chosen = seed_examples(supervised, settings(supervised), tiny_dataset, tokenizer)
     assert [e.supervised.tolist() for e in chosen] == [e.supervised.tolist() for e in every]
 
     def layer_totals(examples) -> np.ndarray:
@@ -125,16 +130,16 @@ def test_the_extra_scores_the_answer_tokens_only_even_when_the_cache_supervises_
             totals[layer] += value.sum().item()
         return totals
 
-    output = SeekingExtra().compute(teacher, tokenizer, config(), tiny_dataset, progress=False)
+    output = build_extra(config(), "seeking").compute(teacher, tokenizer, config(), tiny_dataset, progress=False)
     assert output.provenance["sensitivity_tokens"] == "answer" and output.provenance["seed_examples"] == 3
     scored = np.asarray(output.provenance["layer_sensitivity"])
     np.testing.assert_allclose(scored, layer_totals(answers), rtol=1e-4)
     assert not np.allclose(scored, layer_totals(every), rtol=1e-2)
 
-    with pytest.raises(ValueError, match=r"extract\.seeking\.sensitivity_tokens must be one of "
+    with pytest.raises(ValueError, match=r"methods\.seeking\.teacher\.sensitivity_tokens must be one of "
                                          r"\['answer', 'supervised'\], got 'prompt'"):
-        SeekingExtra().compute(teacher, tokenizer, config("extract.seeking.sensitivity_tokens=prompt"), tiny_dataset,
-                               progress=False)
+        prompt = config("methods.seeking.teacher.sensitivity_tokens=prompt")
+        SeekingExtra(settings(prompt)).compute(teacher, tokenizer, prompt, tiny_dataset, progress=False)
 
 
 def test_best_subblock_equals_a_brute_force_search():
@@ -292,7 +297,7 @@ def test_bad_inputs_are_refused_with_clear_errors(tiny_pair, tiny_dataset, tiny_
                        "--set", "align.lora.r=32")
     assert too_wide.exit_code == 1
     assert "align.lora.r is 32 but the cache's seeking factors have rank 16" in too_wide.output
-    assert "extract.seeking.rank=32" in too_wide.output
+    assert "methods.seeking.teacher.rank=32" in too_wide.output
 
     deep = tmp_path / "deep-student"
     Qwen2Config(vocab_size=384, hidden_size=32, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
@@ -306,7 +311,7 @@ def test_bad_inputs_are_refused_with_clear_errors(tiny_pair, tiny_dataset, tiny_
 
 
 def test_a_changed_extra_setting_recomputes_the_extra(tiny_pair, tiny_dataset, seeking_cache, tmp_path):
-    """The extra's inputs (its `extract.seeking` section, the student and LoRA shape it factors for) are
+    """The extra's inputs (its `methods.seeking.teacher` section, the student and LoRA shape it factors for) are
     recorded; a rerun with other inputs computes the extra again instead of saying "nothing to do"."""
     out = tmp_path / "cache"
     shutil.copytree(seeking_cache[0], out)
@@ -315,11 +320,11 @@ def test_a_changed_extra_setting_recomputes_the_extra(tiny_pair, tiny_dataset, s
     assert inputs["student"] == str(tiny_pair["student"]) and inputs["lora_r"] == 16
     assert "nothing to do" in run_pkt(*command).output
 
-    changed = run_pkt(*command, "--set", "extract.seeking.seed_examples=3", "--set", "extract.seeking.rank=4")
+    changed = run_pkt(*command, "--set", "methods.seeking.teacher.seed_examples=3", "--set", "methods.seeking.teacher.rank=4")
     assert changed.exit_code == 0, changed.output
     assert "recomputing the teacher extra seeking: its settings changed (seeking)" in changed.output
     manifest = open_cache(out).manifest
     assert manifest.extras["seeking"].provenance["rank"] == 4 and manifest.extras["seeking"].provenance["seed_examples"] == 3
     assert verify_cache(out) == []
-    assert "nothing to do" in run_pkt(*command, "--set", "extract.seeking.seed_examples=3",
-                                      "--set", "extract.seeking.rank=4").output
+    assert "nothing to do" in run_pkt(*command, "--set", "methods.seeking.teacher.seed_examples=3",
+                                      "--set", "methods.seeking.teacher.rank=4").output

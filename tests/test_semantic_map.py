@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pkt_pipeline.semantic_map import (SemanticMap, attributed_pairing, bases_gram, build_semantic_map,
+from pkt_pipeline.methods.semalign.semantic_map import (SemanticMap, attributed_pairing, bases_gram, build_semantic_map,
                                        proportional_pairing, recomposition_fidelity, semantic_bases, semantic_map)
 
 

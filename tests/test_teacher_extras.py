@@ -4,6 +4,7 @@ land in the cache with provenance in the manifest, and it can be added to a comp
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -11,10 +12,17 @@ import pytest
 import torch
 
 from pkt_pipeline.cache import CacheError, open_cache, verify_cache
+from pkt_pipeline.config import ConfigError
 from pkt_pipeline.models import load_model
-from pkt_pipeline.teacher_extras import EXTRAS, ExtraOutput, TeacherExtra, register_extra
+from pkt_pipeline.methods import REGISTRY, ExtraOutput, TeacherExtra, register
 from stages import extract as extract_stage
 from tiny_data import extract_config
+
+
+@dataclass
+class WeightNormsSettings:
+    rows: int = 5
+    """Embedding rows to store."""
 
 
 class WeightNorms(TeacherExtra):
@@ -24,15 +32,19 @@ class WeightNorms(TeacherExtra):
 
     def compute(self, teacher, tokenizer, config, data_path, progress):
         norms = np.array([layer.mlp.down_proj.weight.norm().item() for layer in teacher.model.layers], np.float32)
-        return ExtraOutput({"down_norms": norms, "nested/embedding_rows": teacher.model.embed_tokens.weight[:5].detach().numpy()},
+        rows = teacher.model.embed_tokens.weight[: self.settings.rows].detach().numpy()
+        return ExtraOutput({"down_norms": norms, "nested/embedding_rows": rows},
                            {"data": str(data_path), "layers": len(norms)})
+
+    def inputs(self, config):
+        return {"rows": self.settings.rows}
 
 
 @pytest.fixture(autouse=True)
 def registered():
-    register_extra(WeightNorms)
+    register(WeightNorms.name, teacher=WeightNorms, teacher_config=WeightNormsSettings)
     yield
-    EXTRAS.pop(WeightNorms.name, None)
+    REGISTRY.pop(WeightNorms.name, None)
 
 
 def expected(teacher_path) -> tuple[np.ndarray, np.ndarray]:
@@ -79,3 +91,24 @@ def test_unknown_extra_is_refused_before_the_teacher_loads(tiny_pair, tiny_datas
     with pytest.raises(ValueError, match="unknown teacher extra 'no-such-extra' for `pkt extract --with`"):
         extract_stage.run(config, progress=False, echo=lambda *_: None)
     assert not (tmp_path / "cache").exists()
+
+
+def test_a_plugin_extra_reads_its_settings_from_its_methods_section(tiny_pair, tiny_dataset, tmp_path):
+    """An extra registered with a `teacher_config` gets it from `methods.<name>.teacher`, validated like any
+    section, and a changed setting recomputes it."""
+    out = tmp_path / "cache"
+    name = WeightNorms.name
+    config = extract_config(tiny_pair["teacher"], tiny_dataset, out, f"extract.extras=[{name}]",
+                            f"methods.{name}.teacher.rows=3")
+    extract_stage.run(config, progress=False, echo=lambda *_: None)
+    _, rows = expected(tiny_pair["teacher"])
+    np.testing.assert_array_equal(open_cache(out).extra(name)["nested/embedding_rows"], rows[:3])
+    assert open_cache(out).manifest["extras"][name]["inputs"] == {"rows": 3}
+    with pytest.raises(ConfigError, match=rf"^unknown key 'methods\.{name}\.teacher\.row'; did you mean "
+                                          rf"'methods\.{name}\.teacher\.rows'\?$"):
+        extract_stage.run(extract_config(tiny_pair["teacher"], tiny_dataset, out, f"extract.extras=[{name}]",
+                                         f"methods.{name}.teacher.row=3"), progress=False, echo=lambda *_: None)
+    with pytest.raises(ConfigError, match=rf"^methods\.{name}: unknown key 'rows'; {name} is a teacher extra only, "
+                                          rf"whose settings go under methods\.{name}\.teacher$"):
+        extract_stage.run(extract_config(tiny_pair["teacher"], tiny_dataset, out, f"extract.extras=[{name}]",
+                                         f"methods.{name}.rows=3"), progress=False, echo=lambda *_: None)

@@ -97,7 +97,7 @@ def test_extract_with_laten_without_a_student_says_a_student_is_needed(tiny_pair
     write_dataset(tmp_path / "align.jsonl", 8, seed=2)
     data = write_dataset(tmp_path / "train.jsonl", 8)
     common = ["--teacher", str(tiny_pair["teacher"]), "--data", str(data), "--out", str(tmp_path / "cache"),
-              "--no-progress", *settings("extract.laten.locate_examples=1")]
+              "--no-progress", *settings("methods.laten.teacher.locate_examples=1")]
     offline = {"HF_HUB_OFFLINE": "1"}  # the default student is then a hub id that fails at once
     code, stderr = finish(pkt("extract", *common, "--with", "laten", cwd=tmp_path, env=offline))
     assert code == 1 and "Traceback" not in stderr, stderr

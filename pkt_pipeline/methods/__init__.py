@@ -1,54 +1,28 @@
-"""Stage-two methods, registered by name like peft's tuners.
+"""Stage-two methods and their stage-one teacher extras: one folder and one registration per method,
+like peft's tuners.
 
-A method is a `Method` subclass decorated with `@register`. pkt's own live in this package;
-another package adds one through the `pkt.methods` entry-point group
-(`[project.entry-points."pkt.methods"] mine = "my_pkg.module"`): importing the module registers
-it. Adding a method touches no stage.
+    methods/
+      base.py      Method, AlignContext, Phase: what a method is (the trainer owns the loop)
+      teacher.py   TeacherExtra, ExtraOutput: a method's stage-one computation (`pkt extract --with`)
+      registry.py  register(...), get_method, get_extra, resolve, check_sections
+      <name>/      __init__.py (the register call), config.py (its settings), student.py (the Method),
+                   teacher.py (its TeacherExtra, if any)
+
+Adding a method touches no stage: a folder like these (or a package registering through the
+`pkt.methods` entry-point group) and a `methods.<name>` section in the config.
 """
 
 from __future__ import annotations
 
-from importlib.metadata import entry_points
+from .base import AlignContext, Method, Phase, StudentOutputs, cached_topk_kl, forward_student, next_token_positions
+from .registry import (REGISTRY, Registration, ResolvedMethod, available_extras, available_methods, build_extra,
+                       check_sections, get_extra, get_method, method_settings_class, register, resolve,
+                       teacher_settings)
+from .teacher import ExtraOutput, TeacherExtra
 
-from .base import AlignContext, Method, Phase, StudentOutputs, forward_student, next_token_positions
+from . import kd, laten, seeking, semalign, sft  # noqa: E402,F401  (the built-in methods register themselves)
 
-METHODS: dict[str, type[Method]] = {}
-
-
-def register(cls: type[Method]) -> type[Method]:
-    if not cls.name:
-        raise ValueError(f"{cls.__qualname__} has no `name`")
-    if cls.name in METHODS and METHODS[cls.name] is not cls:
-        raise ValueError(f"method {cls.name!r} is already registered by {METHODS[cls.name].__module__}")
-    METHODS[cls.name] = cls
-    return cls
-
-
-def get_method(name: str) -> type[Method]:
-    _load_plugins()
-    try:
-        return METHODS[name]
-    except KeyError:
-        raise ValueError(f"unknown method {name!r}; registered methods: {', '.join(sorted(METHODS))}") from None
-
-
-def available_methods() -> list[str]:
-    _load_plugins()
-    return sorted(METHODS)
-
-
-_plugins_loaded = False
-
-
-def _load_plugins() -> None:
-    global _plugins_loaded
-    if not _plugins_loaded:
-        _plugins_loaded = True
-        for entry in entry_points(group="pkt.methods"):
-            entry.load()
-
-
-from . import kd, laten, seeking, semalign, sft  # noqa: E402,F401  (registers the built-in methods)
-
-__all__ = ["AlignContext", "METHODS", "Method", "Phase", "StudentOutputs", "available_methods", "forward_student",
-           "get_method", "next_token_positions", "register"]
+__all__ = ["AlignContext", "ExtraOutput", "Method", "Phase", "REGISTRY", "Registration", "ResolvedMethod",
+           "StudentOutputs", "TeacherExtra", "available_extras", "available_methods", "build_extra", "cached_topk_kl",
+           "check_sections", "forward_student", "get_extra", "get_method", "method_settings_class",
+           "next_token_positions", "register", "resolve", "teacher_settings"]

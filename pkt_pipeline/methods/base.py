@@ -8,8 +8,9 @@ one-phase baseline run on the same loop, data and budget, and comparisons stay f
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -18,7 +19,7 @@ from transformers import get_scheduler
 from ..cache import Cache, CacheError
 from ..config import AlignConfig
 from ..loader import TOKEN_MASKS, Batch, BatchSource
-from ..losses import next_token_mask
+from ..losses import next_token_mask, topk_kl
 from ..residual import decoder_of, forward_with_residual_stream, unwrapped
 
 
@@ -63,10 +64,12 @@ class AlignContext:
     config: AlignConfig
     tokenizer: object
     extras: dict = field(default_factory=dict)
+    settings: Any = None
+    """The method's own settings (its registered config class, from `methods.<name>`): see `methods.resolve`."""
 
 
 class Method:
-    """Base of the registered stage-two methods. Subclasses set `name` and override `loss`."""
+    """Base of the registered stage-two methods. Subclasses override `loss`; `register` sets `name`."""
 
     name: ClassVar[str] = ""
     uses_lora: ClassVar[bool] = True
@@ -78,10 +81,13 @@ class Method:
     hardware) instead of float32 master weights."""
     micro_batch_size: ClassVar[int] = 0
     """Used when `align.micro_batch_size` is 0; 0 means the whole batch in one forward."""
+    report_file: ClassVar[str] = "report.json"
+    """Where `pkt align --report-map` writes what `report` returns, in `align.out`."""
 
     def __init__(self, context: AlignContext):
         self.context = context
         self.config = context.config
+        self.settings = context.settings
         if self.config.output_tokens not in TOKEN_MASKS:
             raise ValueError(f"align.output_tokens must be one of {TOKEN_MASKS}, got {self.config.output_tokens!r}")
         if self.config.output_tokens == "answer":
@@ -144,6 +150,18 @@ class Method:
         weights (hooks, a hypernetwork) writes them into the weights here."""
         return model
 
+    def report(self, model: nn.Module, make_loader: Callable[[Phase], Any], when: str,
+               so_far: dict | None) -> dict | None:
+        """Diagnostics written to `report_file` with `align.report_map` (`pkt align --report-map`): called
+        with `when="before"` training (`so_far` None) and `"after"` it (`so_far` the first call's result),
+        returning the JSON-able report so far. None, the default, means the method writes no report."""
+        return None
+
+    @classmethod
+    def format_report(cls, report: dict) -> list[str]:
+        """Lines `pkt align` prints for a report `report` returned; none by default."""
+        return []
+
 
 def require_answer_mask(cache: Cache, setting: str) -> None:
     """Refuse, before any training, a setting that needs the answer mask on a cache that lacks it."""
@@ -180,3 +198,10 @@ def forward_student(model: nn.Module, batch: Batch, hidden_states: bool = False,
     out, states = forward_with_residual_stream(body, **inputs) if hidden_states else (body(**inputs), None)
     positions, targets = next_token_positions(batch, tokens)
     return StudentOutputs(states, head(out.last_hidden_state[positions]), positions, targets)
+
+
+def cached_topk_kl(out: StudentOutputs, batch: Batch, mode: str, temperature: float) -> torch.Tensor:
+    """KL(teacher || student) at the positions `out` scored, from the cache's top-k log-probs."""
+    positions = out.positions
+    return topk_kl(out.logits[None], batch.topk_logprobs[positions][None], batch.topk_indices[positions][None],
+                   positions.new_ones(1, int(positions.sum())), mode=mode, temperature=temperature)

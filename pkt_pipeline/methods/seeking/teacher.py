@@ -4,7 +4,7 @@ and the stage-one extra `pkt extract --with seeking` that caches it.
 **Sensitivity.** For a weight θ and seed examples x, S = Σ_x |θ ⊙ ∇_θ L(x)|, with L(x) the teacher's
 mean cross-entropy over the supervised next tokens of x (the HF label convention, as in
 `attribution.py`: logits at t-1 predict the supervised token at t). Which tokens are supervised is
-`extract.seeking.sensitivity_tokens`: the answer's only by default, as published
+`methods.seeking.teacher.sensitivity_tokens`: the answer's only by default, as published
 (`loss_on_output=True`), even when the cache supervises every token (`extract.train_on_inputs`).
 Each example has its own backward pass, since the absolute value is taken per example. Only the 2-D
 weights of the LoRA targets (`align.lora.target_modules`, up/down/v/o by default) of each decoder
@@ -39,17 +39,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attribution import SupervisedExamples
-from .config import PktConfig
-from .examples import load_examples
-from .residual import decoder_of
-from .teacher_extras import ExtraOutput, TeacherExtra, register_extra
+from ...attribution import SupervisedExamples
+from ...config import PktConfig
+from ...examples import load_examples
+from ...residual import decoder_of
+from ..teacher import ExtraOutput, TeacherExtra
+from .config import SeekingConfig
 
 log = logging.getLogger(__name__)
 
 EXTRA = "seeking"
 SENSITIVITY_TOKENS = ("answer", "supervised")
-"""`extract.seeking.sensitivity_tokens`: the replies only (published), or the cache's supervision mask."""
+"""`methods.seeking.teacher.sensitivity_tokens`: the replies only (published), or the cache's supervision mask."""
 WeightKey = tuple[int, str]
 """(0-based decoder layer, module name), e.g. (3, "up_proj")."""
 
@@ -306,12 +307,12 @@ def check_pair(teacher_layers: int, teacher_shapes: dict[str, tuple[int, int]], 
                              "only shrinks weights, so the student must not be wider than the teacher")
 
 
-def seed_examples(config: PktConfig, data_path: Path, tokenizer) -> list:
-    """The first `extract.seeking.seed_examples` cached examples, supervised where the sensitivity's loss is:
+def seed_examples(config: PktConfig, settings: SeekingConfig, data_path: Path, tokenizer) -> list:
+    """The first `methods.seeking.teacher.seed_examples` cached examples, supervised where the sensitivity's loss is:
     on the answers (`sensitivity_tokens: answer`) or as the cache supervises them (`supervised`)."""
-    settings, cfg = config.extract.seeking, config.extract
+    cfg = config.extract
     if settings.sensitivity_tokens not in SENSITIVITY_TOKENS:
-        raise ValueError(f"extract.seeking.sensitivity_tokens must be one of {list(SENSITIVITY_TOKENS)}, "
+        raise ValueError(f"methods.seeking.teacher.sensitivity_tokens must be one of {list(SENSITIVITY_TOKENS)}, "
                          f"got {settings.sensitivity_tokens!r}")
     # The cache holds only the first `extract.limit` rows: seed examples come from those.
     limits = [n for n in (settings.seed_examples, cfg.limit) if n > 0]
@@ -323,40 +324,37 @@ def seed_examples(config: PktConfig, data_path: Path, tokenizer) -> list:
 
 def student_config_of(config: PktConfig):
     """The student's config (never its weights: stage one does not load the student)."""
-    from .models import load_model_config
+    from ...models import load_model_config
 
     return load_model_config(config.student, config.runtime.trust_remote_code, needed_for=(
         "`pkt extract --with seeking` needs the student, whose shape sets the blocks it factorises: pass "
         "--student (or set `student`)"))
 
 
-@register_extra
 class SeekingExtra(TeacherExtra):
     """`pkt extract --with seeking`: LoRA factors of the teacher's most sensitive blocks, for the student.
 
-    Reads the seed examples from the cached data (`extract.seeking.seed_examples`, first N, masked by
-    `extract.seeking.sensitivity_tokens`), the student's shape from its config (`student`), the modules
+    Reads the seed examples from the cached data (`methods.seeking.teacher.seed_examples`, first N, masked by
+    `methods.seeking.teacher.sensitivity_tokens`), the student's shape from its config (`student`), the modules
     and default rank from `align.lora`."""
 
-    name = EXTRA
-
     def inputs(self, config: PktConfig) -> dict:
-        return {"seeking": dataclasses.asdict(config.extract.seeking), "student": str(config.student),
+        return {"seeking": dataclasses.asdict(self.settings), "student": str(config.student),
                 "lora_r": config.align.lora.r, "lora_target_modules": list(config.align.lora.target_modules)}
 
     def compute(self, teacher, tokenizer, config: PktConfig, data_path: Path, progress: bool) -> ExtraOutput:
-        settings = config.extract.seeking
+        settings = self.settings
         if settings.seed_examples < 0:
-            raise ValueError(f"extract.seeking.seed_examples must be >= 0, got {settings.seed_examples}")
+            raise ValueError(f"methods.seeking.teacher.seed_examples must be >= 0, got {settings.seed_examples}")
         if settings.rank < 0:
-            raise ValueError(f"extract.seeking.rank must be >= 0 (0 means align.lora.r), got {settings.rank}")
+            raise ValueError(f"methods.seeking.teacher.rank must be >= 0 (0 means align.lora.r), got {settings.rank}")
         rank = settings.rank or config.align.lora.r
         modules = list(config.align.lora.target_modules)
         depth, shapes = student_weight_shapes(student_config_of(config), modules)
         for module, shape in shapes.items():
             if rank > min(shape):
-                raise ValueError(f"extract.seeking.rank {rank} exceeds the student's {module} {shape}; lower it")
-        examples = seed_examples(config, data_path, tokenizer)
+                raise ValueError(f"methods.seeking.teacher.rank {rank} exceeds the student's {module} {shape}; lower it")
+        examples = seed_examples(config, settings, data_path, tokenizer)
         result, sensitive = extract_factors(teacher, examples, depth, shapes, rank, progress)
         provenance = {
             "teacher_layers": result.teacher_layers,

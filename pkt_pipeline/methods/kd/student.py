@@ -3,18 +3,15 @@ optionally plus cross-entropy (METHOD.md section 2), on the same LoRA as `lora-s
 
 from __future__ import annotations
 
-from ..losses import cross_entropy, topk_kl
-from . import register
-from .base import Method, forward_student
+from ...losses import cross_entropy
+from ..base import Method, cached_topk_kl, forward_student
 
 
-@register
 class OfflineKD(Method):
-    name = "kd"
     needs_topk = True
 
     def loss(self, model, batch, phase):
-        settings = self.config.kd
+        settings = self.settings
         out = forward_student(model, batch, tokens=self.config.output_tokens)
         kl = cached_topk_kl(out, batch, settings.mode, settings.temperature)
         parts = {"kl": kl.item()}
@@ -25,9 +22,3 @@ class OfflineKD(Method):
             total = total + settings.ce_weight * ce
         return total, parts
 
-
-def cached_topk_kl(out, batch, mode: str, temperature: float):
-    """KL(teacher || student) at the positions `out` scored, from the cache's top-k log-probs."""
-    positions = out.positions
-    return topk_kl(out.logits[None], batch.topk_logprobs[positions][None], batch.topk_indices[positions][None],
-                   positions.new_ones(1, int(positions.sum())), mode=mode, temperature=temperature)

@@ -29,7 +29,7 @@ each selected layer, the top k neurons by score, in rank order (rank r of the te
 r of the student): k = int(rate · I_S) MLP neurons (rows of up, columns of down), int(rate · H_S·hd_S)
 attention neurons (columns of o) and int(rate · KV_S·hd_S) value neurons (rows of v), at least 1.
 
-**The extra.** Stage one locates `extract.laten.locate_examples` extract examples (one per
+**The extra.** Stage one locates `methods.laten.teacher.locate_examples` extract examples (one per
 training step) and one injection example (drawn from the cached data), and caches, under
 `extras/laten/`, their selected teacher rows/columns, layers, neurons and scores, plus the token ids
 and answer masks of those examples and of the align split, so that stage two trains from the cache
@@ -48,11 +48,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import LatenExtractConfig, PktConfig
-from .datasets import resolve_data
-from .examples import Example, load_examples
-from .residual import decoder_of
-from .teacher_extras import ExtraOutput, TeacherExtra, register_extra
+from ...config import PktConfig
+from ...datasets import resolve_data
+from ...examples import Example, load_examples
+from ...residual import decoder_of
+from ..teacher import ExtraOutput, TeacherExtra
+from .config import LatenExtractConfig
 
 log = logging.getLogger(__name__)
 
@@ -320,21 +321,21 @@ def module_vectors(model, layer: int, module: str, neurons) -> torch.Tensor:
 
 
 def check_settings(settings: LatenExtractConfig) -> None:
-    """Refuse bad `extract.laten` values before any work, naming the key."""
+    """Refuse bad `methods.laten.teacher` values before any work, naming the key."""
     bad = sorted(set(settings.modules) - set(MODULES))
     checks = [
         (settings.modules and not bad,
-         f"extract.laten.modules must be a non-empty subset of {list(MODULES)}, got {settings.modules}"),
-        (settings.readout_vocab >= 0, f"extract.laten.readout_vocab must be >= 0, got {settings.readout_vocab}"),
+         f"methods.laten.teacher.modules must be a non-empty subset of {list(MODULES)}, got {settings.modules}"),
+        (settings.readout_vocab >= 0, f"methods.laten.teacher.readout_vocab must be >= 0, got {settings.readout_vocab}"),
         (settings.readout_vocab == 0 or settings.readout_norm == "final",
-         "extract.laten.readout_vocab needs readout_norm: final (the `own` norm is not linear in the write)"),
+         "methods.laten.teacher.readout_vocab needs readout_norm: final (the `own` norm is not linear in the write)"),
         (0 < settings.transfer_rate <= 1,
-         f"extract.laten.transfer_rate must lie in (0, 1], got {settings.transfer_rate}"),
+         f"methods.laten.teacher.transfer_rate must lie in (0, 1], got {settings.transfer_rate}"),
         (settings.readout_norm in READOUT_NORMS,
-         f"extract.laten.readout_norm must be one of {READOUT_NORMS}, got {settings.readout_norm!r}"),
+         f"methods.laten.teacher.readout_norm must be one of {READOUT_NORMS}, got {settings.readout_norm!r}"),
         (settings.storage_dtype in STORAGE_DTYPES,
-         f"extract.laten.storage_dtype must be one of {STORAGE_DTYPES}, got {settings.storage_dtype!r}"),
-        (settings.locate_examples >= 0, f"extract.laten.locate_examples must be >= 0, got {settings.locate_examples}"),
+         f"methods.laten.teacher.storage_dtype must be one of {STORAGE_DTYPES}, got {settings.storage_dtype!r}"),
+        (settings.locate_examples >= 0, f"methods.laten.teacher.locate_examples must be >= 0, got {settings.locate_examples}"),
     ]
     for ok, message in checks:
         if not ok:
@@ -348,12 +349,12 @@ def check_pair(teacher: ModelShape, student: ModelShape, counts: dict[str, int])
     for kind, k in counts.items():
         if teacher.widths[kind] < k:
             raise ValueError(f"the teacher has {teacher.widths[kind]} {kind} neurons per layer, fewer than the {k} "
-                             "to transfer; lower extract.laten.transfer_rate")
+                             "to transfer; lower methods.laten.teacher.transfer_rate")
 
 
 def student_shape(config: PktConfig) -> ModelShape:
     """The student's shape from its config alone: stage one never loads student weights."""
-    from .models import load_model_config
+    from ...models import load_model_config
 
     return ModelShape.of(load_model_config(config.student, config.runtime.trust_remote_code, needed_for=(
         "`pkt extract --with laten` needs the student, whose width sets how many neurons transfer: pass "
@@ -377,24 +378,21 @@ def _ragged(examples: list[Example]) -> dict[str, np.ndarray]:
 def _store(array: torch.Tensor, dtype: str, name: str) -> np.ndarray:
     stored = array.float().cpu().numpy().astype(dtype)
     if not np.isfinite(stored).all():
-        raise ValueError(f"the teacher's {name} vectors overflow {dtype}; set extract.laten.storage_dtype=float32")
+        raise ValueError(f"the teacher's {name} vectors overflow {dtype}; set methods.laten.teacher.storage_dtype=float32")
     return stored
 
 
-@register_extra
 class LatenExtra(TeacherExtra):
     """The teacher side of LaTen: located layers, neurons and their rows/columns, plus the examples."""
 
-    name = "laten"
-
     def inputs(self, config: PktConfig) -> dict:
-        return {"laten": dataclasses.asdict(config.extract.laten), "student": str(config.student),
+        return {"laten": dataclasses.asdict(self.settings), "student": str(config.student),
                 "data_dir": str(config.assets.data_dir)}
 
     def compute(self, teacher, tokenizer, config: PktConfig, data_path: Path, progress: bool) -> ExtraOutput:
         from tqdm.auto import tqdm
 
-        settings, cfg = config.extract.laten, config.extract
+        settings, cfg = self.settings, config.extract
         check_settings(settings)
         student, teacher_shape = student_shape(config), ModelShape.of(teacher.config)
         counts = neuron_counts(student, settings.transfer_rate)
@@ -402,7 +400,7 @@ class LatenExtra(TeacherExtra):
         check_pair(teacher_shape, student, counts)
         defaults = {"extract": "extract.jsonl", "align": "align.jsonl", "inject": data_path.name}  # beside the data
         paths = {role: resolve_data(getattr(settings, f"{role}_data"), config.assets.data_dir, beside=data_path,
-                                    default_name=name, setting=f"extract.laten.{role}_data")
+                                    default_name=name, setting=f"methods.laten.teacher.{role}_data")
                  for role, name in defaults.items()}
         prompt = {"prompt_format": cfg.prompt_format, "max_length": cfg.max_length,
                   "train_on_inputs": cfg.train_on_inputs}

@@ -2,7 +2,7 @@
 
 Seeking Neural Nuggets (Zhong et al., ICLR 2024; METHOD.md section 2), the PostPKT baseline.
 
-Stage one (`pkt extract --with seeking`, `pkt_pipeline.seeking`) cached, per student layer and LoRA
+Stage one (`pkt extract --with seeking`, `teacher.py`) cached, per student layer and LoRA
 target, rank-r factors B0 [out, r], A0 [r, in] of a teacher weight block. Here the student's peft
 LoRA starts as B = B0 / scaling, A = A0, so that the adapter's update scaling · B @ A is that block's
 rank-r approximation, and each base weight is offset by the same amount, W' = W - scaling · B @ A:
@@ -37,9 +37,8 @@ import re
 import torch
 from torch import nn
 
-from ..seeking import EXTRA, factor_key
-from . import register
-from .sft import LoraSFT
+from .teacher import EXTRA, factor_key
+from ..sft.student import LoraSFT
 
 LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
 
@@ -59,10 +58,7 @@ def lora_modules(model: nn.Module) -> dict[tuple[int, str], nn.Module]:
     return found
 
 
-@register
 class Seeking(LoraSFT):
-    name = "seeking"
-
     def __init__(self, context):
         super().__init__(context)
         self.factors = context.cache.extra(EXTRA)  # a cache without it is refused, naming `pkt extract --with seeking`
@@ -79,7 +75,7 @@ class Seeking(LoraSFT):
         if rank > cached:
             raise ValueError(f"align.lora.r is {rank} but the cache's seeking factors have rank {cached}; lower "
                              f"align.lora.r or extract them again with `pkt extract --with seeking --set "
-                             f"extract.seeking.rank={rank}` into a fresh cache")
+                             f"methods.seeking.teacher.rank={rank}` into a fresh cache")
         depth = model.config.num_hidden_layers
         if depth != int(student["layers"]):
             raise ValueError(f"the cache's seeking factors were made for a {student['layers']}-layer student "

@@ -14,27 +14,27 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..losses import cosine_loss, fisher_surrogate, label_cosine_loss, relation_loss
-from ..loader import TOKEN_MASKS
-from ..residual import decoder_of, layer_state, unwrapped
-from ..semantic_map import SemanticMap, attributed_pairing, build_semantic_map, proportional_pairing
-from . import register
-from .base import LR_SCHEDULES, Method, Phase, forward_student, next_token_positions, require_answer_mask
-from .kd import cached_topk_kl
+from ...losses import KL_MODES, cosine_loss, fisher_surrogate, label_cosine_loss, relation_loss
+from ...loader import TOKEN_MASKS
+from ...residual import decoder_of, layer_state, unwrapped
+from .semantic_map import SemanticMap, attributed_pairing, build_semantic_map, proportional_pairing
+from ..base import (LR_SCHEDULES, Method, Phase, cached_topk_kl, forward_student, next_token_positions,
+                    require_answer_mask)
+from .config import SemAlignConfig
+from .diagnostics import map_report, report_lines
 
 OBJECTIVES = ("v2", "v1")
 LAYER_LOSSES = ("relation", "fisher")
 TRAINABLE = ("lora", "full")
 
 
-@register
 class SemAlign(Method):
-    name = "semalign"
     needs_topk = True
+    report_file = "map_report.json"
 
     def __init__(self, context):
         super().__init__(context)
-        settings = self.config.semalign
+        settings: SemAlignConfig = self.settings
         for value, allowed, key in ((settings.objective, OBJECTIVES, "objective"),
                                     (settings.layer_loss, LAYER_LOSSES, "layer_loss"),
                                     (settings.supervise, ("delta", "hidden"), "supervise"),
@@ -42,12 +42,12 @@ class SemAlign(Method):
                                     (settings.pairing_score, ("contribution", "output"), "pairing_score"),
                                     (settings.trainable, TRAINABLE, "trainable"),
                                     (settings.phase_schedule, tuple(LR_SCHEDULES), "phase_schedule"),
-                                    (settings.layer_tokens, TOKEN_MASKS, "layer_tokens")):
+                                    (settings.layer_tokens, TOKEN_MASKS, "layer_tokens"),
+                                    (settings.kl_mode, KL_MODES, "kl_mode")):
             if value not in allowed:
-                raise ValueError(f"align.semalign.{key} must be one of {allowed}, got {value!r}")
+                raise ValueError(f"methods.semalign.{key} must be one of {allowed}, got {value!r}")
         if settings.layer_tokens == "answer":
-            require_answer_mask(context.cache, "align.semalign.layer_tokens")
-        self.settings = settings
+            require_answer_mask(context.cache, "methods.semalign.layer_tokens")
         self.semantic_map: SemanticMap | None = None
         self.pairs: dict[int, int] = {}
 
@@ -72,7 +72,7 @@ class SemAlign(Method):
         chosen = settings.layers or list(range(1, student_layers + 1))
         bad = [k for k in chosen if not 1 <= k <= student_layers]
         if bad:
-            raise ValueError(f"align.semalign.layers {bad} are outside this student's layers 1..{student_layers}")
+            raise ValueError(f"methods.semalign.layers {bad} are outside this student's layers 1..{student_layers}")
         self.pairs = {k: pairing[k - 1] for k in sorted(set(chosen))}
         needed = {p for p in self.pairs.values()}
         if self.teacher_kind == "delta" and "delta" not in cache.manifest.capture.kinds:
@@ -81,11 +81,19 @@ class SemAlign(Method):
         if missing:
             raise ValueError(f"SemAlign pairs student layers with teacher layers {sorted(set(self.pairs.values()))}, "
                              f"but the cache lacks layers {missing} (cached: {cache.layers}); extract them, or "
-                             "choose align.semalign.layers")
+                             "choose methods.semalign.layers")
         head = cache.teacher_head()
         self.semantic_map = build_semantic_map(
             head, model.get_output_embeddings().weight.detach(), cache.manifest.tokenizer.vocab_size,
             recompose=settings.recompose, map_space=settings.map_space)
+
+    def report(self, model, make_loader, when, so_far):
+        """The map report: pairing, recomposition fidelity and CKA of the paired layers, before and after."""
+        return map_report(self, model, when, so_far)
+
+    @classmethod
+    def format_report(cls, report):
+        return report_lines(report)
 
     def phases(self, total_steps: int, student_layers: int) -> list[Phase]:
         if self.settings.objective == "v1":
@@ -96,7 +104,7 @@ class SemAlign(Method):
         else:
             if total_steps < len(layers):
                 raise ValueError(f"{total_steps} steps cannot cover {len(layers)} frontier stages; raise align.steps "
-                                 "or align.epochs, or set align.semalign.steps_per_layer")
+                                 "or align.epochs, or set methods.semalign.steps_per_layer")
             share, extra = divmod(total_steps, len(layers))
             steps = [share + (i < extra) for i in range(len(layers))]
         return [Phase(f"layer {k}", n, (self.pairs[k],), student_layer=k, lr_schedule=self.settings.phase_schedule)
@@ -132,7 +140,7 @@ class SemAlign(Method):
             layer = relation_loss(student, target, mask, normalise_student=self.settings.normalise_student)
         else:
             layer = self._fisher(model, student, target, mask)
-        kl = cached_topk_kl(out, batch, self.config.kd.mode, self.config.kd.temperature)
+        kl = cached_topk_kl(out, batch, self.settings.kl_mode, self.settings.kl_temperature)
         total = self.settings.lambda_layer * layer_share * layer + self.settings.lambda_out * output_share * kl
         return total, {"layer": layer.item() * layer_share, "kl": kl.item() * output_share}
 

@@ -3,14 +3,11 @@ method must beat (METHOD.md section 2)."""
 
 from __future__ import annotations
 
-from ..losses import cross_entropy
-from . import register
-from .base import Method, forward_student
+from ...losses import cross_entropy
+from ..base import Method, forward_student
 
 
-@register
 class LoraSFT(Method):
-    name = "lora-sft"
 
     def loss(self, model, batch, phase):
         out = forward_student(model, batch, tokens=self.config.output_tokens)

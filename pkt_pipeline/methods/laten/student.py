@@ -1,6 +1,6 @@
 """`laten`: Locate-then-Align (Tan et al., ACL 2025; METHOD.md section 2), the PrePKT baseline.
 
-Stage one (`pkt extract --with laten`, `pkt_pipeline.laten`) cached, per located example, the
+Stage one (`pkt extract --with laten`, `teacher.py`) cached, per located example, the
 teacher's top layers and neurons and their weight rows/columns. Here:
 
 1. setup: the student's own neurons, scored the same way on the same examples (all L_S of its
@@ -14,7 +14,7 @@ teacher's top layers and neurons and their weight rows/columns. Here:
    translated vectors (per module kind, summed), and the step's loss is their *sum*, as published
    (each example backpropagates its own loss; the gradients add up). Only the translator trains;
    the student stays frozen. The optimizer is AdamW and the schedule torch's one-cycle, as published,
-   with every value from `align.laten` (`LatenConfig`); the schedule spans one step per example of the
+   with every value from `methods.laten` (`LatenConfig`); the schedule spans one step per example of the
    extract split, and training stops after the located ones: the published checkpoint part-way along it;
 3. finalize: the injection example's translated vectors are written into the student's weights,
    which are what `model/` holds. (The published training script keeps only the translator; its
@@ -51,12 +51,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..cache import CacheError
-from ..config import LatenConfig
-from ..laten import MODULE_KIND, ROW_MODULES, ModelShape, Readout, locate, module_of
-from ..loader import Batch, ExampleMeta
-from . import register
-from .base import Method, Phase, forward_student
+from ...cache import CacheError
+from ...loader import Batch, ExampleMeta
+from ..base import Method, Phase, forward_student
+from .config import LatenConfig
+from .teacher import MODULE_KIND, ROW_MODULES, ModelShape, Readout, locate, module_of
 
 SUBMODULE = "laten"
 ANNEAL_STRATEGIES = ("cos", "linear")
@@ -224,16 +223,14 @@ class LatenBatches:
         pass
 
 
-@register
 class LaTen(Method):
-    name = "laten"
     uses_lora = False
     frozen_student = True  # only the translator trains (float32); `finalize` bakes its deltas in float32
     micro_batch_size = 1  # the published loop: one example per forward, gradients summed over the step
 
     def __init__(self, context):
         super().__init__(context)
-        self.settings = check_settings(self.config.laten)
+        self.settings = check_settings(self.settings)
         self.arrays = context.cache.extra("laten")
         self.provenance = context.cache.manifest.extras["laten"].provenance
         self.modules: list[str] = list(self.provenance["modules"])
@@ -271,7 +268,7 @@ class LaTen(Method):
         return LatenBatches(self.examples, self.settings.align_examples, seed)
 
     def optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
-        """AdamW at `align.lr` with LaTen's own weight decay and betas (`align.laten`)."""
+        """AdamW at `align.lr` with LaTen's own weight decay and betas (`methods.laten`)."""
         return torch.optim.AdamW(params, lr=self.config.lr, weight_decay=self.settings.weight_decay,
                                  betas=tuple(self.settings.betas))
 
@@ -280,7 +277,7 @@ class LaTen(Method):
         total = self.schedule_length()
         if phase.steps > total:
             raise ValueError(f"LaTen's one-cycle schedule spans {total} steps but this run takes {phase.steps}; "
-                             "lower align.steps/align.epochs or lengthen align.laten.schedule_steps")
+                             "lower align.steps/align.epochs or lengthen methods.laten.schedule_steps")
         settings = self.settings
         return torch.optim.lr_scheduler.OneCycleLR(
             optimizer, max_lr=self.config.lr, total_steps=total, pct_start=settings.pct_start,
@@ -288,7 +285,7 @@ class LaTen(Method):
             final_div_factor=settings.final_div_factor, cycle_momentum=settings.cycle_momentum)
 
     def schedule_length(self) -> int:
-        """`align.laten.schedule_steps`, else one step per example of the extract split (as published)."""
+        """`methods.laten.schedule_steps`, else one step per example of the extract split (as published)."""
         if self.settings.schedule_steps:
             return self.settings.schedule_steps
         recorded = self.provenance.get("extract_examples")
@@ -341,7 +338,7 @@ class LaTen(Method):
 
 
 def check_settings(settings: LatenConfig) -> LatenConfig:
-    """Refuse bad `align.laten` values before any work, naming the key."""
+    """Refuse bad `methods.laten` values before any work, naming the key."""
     betas = settings.betas
     checks = [
         ("align_examples", settings.align_examples >= 0, ">= 0"),
@@ -358,7 +355,7 @@ def check_settings(settings: LatenConfig) -> LatenConfig:
     ]
     for key, ok, bound in checks:
         if not ok:
-            raise ValueError(f"align.laten.{key} must be {bound}, got {getattr(settings, key)!r}")
+            raise ValueError(f"methods.laten.{key} must be {bound}, got {getattr(settings, key)!r}")
     return settings
 
 
