@@ -103,7 +103,7 @@ def test_a_plugin_extra_reads_its_settings_from_its_methods_section(tiny_pair, t
     extract_stage.run(config, progress=False, echo=lambda *_: None)
     _, rows = expected(tiny_pair["teacher"])
     np.testing.assert_array_equal(open_cache(out).extra(name)["nested/embedding_rows"], rows[:3])
-    assert open_cache(out).manifest["extras"][name]["inputs"] == {"rows": 3}
+    assert open_cache(out).manifest.extras[name].inputs == {"rows": 3}
     with pytest.raises(ConfigError, match=rf"^unknown key 'methods\.{name}\.teacher\.row'; did you mean "
                                           rf"'methods\.{name}\.teacher\.rows'\?$"):
         extract_stage.run(extract_config(tiny_pair["teacher"], tiny_dataset, out, f"extract.extras=[{name}]",

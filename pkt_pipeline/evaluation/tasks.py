@@ -17,8 +17,9 @@ reply, stop rule, token budget and judge.
 from __future__ import annotations
 
 import random
-from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
+
+from ..plugins import load_entry_points
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -81,15 +82,8 @@ def get_task(name: str) -> Task:
         raise ValueError(f"unknown evaluation task {name!r}; registered tasks: {', '.join(TASKS)}") from None
 
 
-_plugins_loaded = False
-
-
 def _load_plugins() -> None:
-    global _plugins_loaded
-    if not _plugins_loaded:
-        _plugins_loaded = True
-        for entry in entry_points(group="pkt.tasks"):
-            entry.load()
+    load_entry_points("pkt.tasks")
 
 
 def subset(items: list, limit: int, seed: int) -> list:

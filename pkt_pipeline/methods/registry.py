@@ -20,10 +20,10 @@ from __future__ import annotations
 import dataclasses
 import difflib
 from dataclasses import dataclass
-from importlib.metadata import entry_points
 from typing import Any
 
 from ..config import AlignConfig, ConfigError, PktConfig, _build, _deep_update, to_dict
+from ..plugins import load_entry_points
 from .base import Method
 from .teacher import TeacherExtra
 
@@ -117,16 +117,9 @@ def _registration(name: str) -> Registration | None:
     return REGISTRY.get(name)
 
 
-_plugins_loaded = False
-
-
 def _load_plugins() -> None:
-    global _plugins_loaded
-    if not _plugins_loaded:
-        _plugins_loaded = True
-        for group in ENTRY_POINT_GROUPS:
-            for entry in entry_points(group=group):
-                entry.load()
+    for group in ENTRY_POINT_GROUPS:
+        load_entry_points(group)
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ class ExtraOutput:
     arrays: dict[str, np.ndarray]
     """Written into the cache as `extras/<name>/<key>`, dtype and shape as given."""
     provenance: dict = field(default_factory=dict)
-    """JSON-able; stored as `manifest["extras"][name]` (what was chosen, from what data)."""
+    """JSON-able; stored as `manifest.extras[name]` (what was chosen, from what data)."""
 
 
 class TeacherExtra:
