@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 import types
 import typing
@@ -74,6 +75,18 @@ class Checked:
             for item in value if isinstance(value, list) else [value]:
                 if item is not None and not allowed.admits(item):
                     raise InvalidValue(key, f"must be {allowed}, got {value!r}")
+        for key, options in _choice_fields(type(self)).items():
+            value = getattr(self, key)
+            if value not in options:
+                raise InvalidValue(key, f"must be one of {list(options)}, got {value!r}")
+
+
+@functools.cache
+def _choice_fields(cls: type) -> dict[str, tuple]:
+    """The fields of a section typed `Literal[...]` (a fixed set of choices), with their choices."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: typing.get_args(hints[f.name]) for f in dataclasses.fields(cls)
+            if typing.get_origin(hints[f.name]) is typing.Literal}
 
 
 @dataclass
@@ -418,6 +431,10 @@ def _coerce(hint: Any, value: Any, dotted: str, source: str) -> Any:
         _, value_type = typing.get_args(hint)
         return {str(k): _coerce(value_type, v, f"{dotted}.{k}", source) for k, v in value.items()}
     if hint is Any:
+        return value
+    if origin is typing.Literal:
+        if value not in typing.get_args(hint):
+            raise ConfigError(_at(source, f"{dotted} must be one of {list(typing.get_args(hint))}, got {value!r}"))
         return value
     if origin is list:
         (item_type,) = typing.get_args(hint)

@@ -20,7 +20,7 @@ import queue
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal, Protocol, get_args
 
 import numpy as np
 import torch
@@ -31,7 +31,8 @@ from .residual import residual_delta
 
 KINDS = ("hidden", "delta")
 TOPK_KEYS = ("topk/logprobs", "topk/indices")
-TOKEN_MASKS = ("supervised", "answer")
+TokenMask = Literal["supervised", "answer"]
+TOKEN_MASKS: tuple[str, ...] = get_args(TokenMask)
 """Which tokens a loss sees: the cache's `supervised` mask (every token under `extract.train_on_inputs`)
 or the `answer` (reply) tokens alone."""
 

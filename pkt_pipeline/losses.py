@@ -12,11 +12,13 @@ Conventions shared by every loss:
 from __future__ import annotations
 
 import math
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 
-KL_MODES = ("rest", "renormalise")
+KLMode = Literal["rest", "renormalise"]
+KL_MODES: tuple[str, ...] = get_args(KLMode)
 _TINY = torch.finfo(torch.float32).tiny
 _CKA_CHUNK_ROWS = 8192
 

@@ -76,7 +76,7 @@ def test_each_frontier_stage_gets_its_learning_rate_schedule(tiny_pair, tiny_cac
     for phase in ("layer 1", "layer 2"):
         rates = [e["lr"] for e in entries if e["phase"] == phase]
         assert rates == pytest.approx([0.002 * m for m in multipliers])
-    with pytest.raises(ValueError, match=r"phase_schedule must be one of \('linear', 'constant'\), got 'cosine'"):
+    with pytest.raises(ValueError, match=r"methods\.semalign\.phase_schedule must be one of \['linear', 'constant'\], got 'cosine'"):
         align.run(align_config(tiny_pair, tiny_cache, tmp_path / "bad", "semalign",
                                "methods.semalign.phase_schedule=cosine"), progress=False)
 
@@ -101,7 +101,7 @@ def test_output_losses_can_see_the_answer_tokens_alone(tiny_pair, tiny_dataset, 
     summary = align.run(align_config(tiny_pair, every_token, tmp_path / "kd", "kd", "align.steps=2",
                                      "align.output_tokens=answer"), progress=False)
     assert summary["action"] == "trained"
-    with pytest.raises(ValueError, match=r"methods.semalign.layer_tokens must be one of \('supervised', 'answer'\)"):
+    with pytest.raises(ValueError, match=r"methods\.semalign\.layer_tokens must be one of \['supervised', 'answer'\], got 'reply'"):
         align.run(align_config(tiny_pair, every_token, tmp_path / "bad", "semalign", "methods.semalign.layer_tokens=reply"),
                   progress=False)
 

@@ -221,3 +221,22 @@ def test_a_file_value_out_of_range_names_the_file_and_key(tmp_path):
 def test_a_method_section_must_name_a_registered_method(override, message):
     with pytest.raises(ConfigError, match=message):
         checked(override)
+
+
+def test_a_fixed_choice_setting_is_refused_when_the_config_loads_listing_its_choices():
+    """Settings with a fixed set of values are typed `Literal[...]`: checked on loading (every method's
+    section, before any model loads) and on construction, with the choices named."""
+    from pkt_pipeline.methods import check_sections
+    from pkt_pipeline.methods.laten.config import LatenExtractConfig
+    from pkt_pipeline.methods.semalign.config import SemAlignConfig
+
+    with pytest.raises(ConfigError, match=r"methods\.semalign\.recompose must be one of \['transpose', 'lstsq'\], "
+                                          r"got 'pinv'"):
+        check_sections(load_config(None, ["methods.semalign.recompose=pinv"]))
+    with pytest.raises(ConfigError, match=r"methods\.laten\.teacher\.storage_dtype must be one of "
+                                          r"\['float16', 'float32'\], got 'int8'"):
+        check_sections(load_config(None, ["methods.laten.teacher.storage_dtype=int8"]))
+    with pytest.raises(ConfigError, match=r"objective must be one of \['v2', 'v1'\], got 'v3'"):
+        SemAlignConfig(objective="v3")
+    assert SemAlignConfig(objective="v1").objective == "v1"
+    assert LatenExtractConfig(readout_norm="own").readout_norm == "own"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ...config import NON_NEGATIVE, POSITIVE, Checked
+from ...losses import KLMode
 
 
 @dataclass
@@ -13,7 +14,7 @@ class KDConfig(Checked):
 
     RANGES = dict(temperature=POSITIVE, ce_weight=NON_NEGATIVE)
 
-    mode: str = "rest"
+    mode: KLMode = "rest"
     """`rest`: the k cached tokens plus one bucket of the remaining mass; `renormalise`: both renormalised over the k."""
     temperature: float = 1.0
     ce_weight: float = 0.0

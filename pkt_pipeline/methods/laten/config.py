@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from ...config import FRACTION, NON_NEGATIVE, POSITIVE, Checked, InvalidValue, Range
+
+ReadoutNorm = Literal["final", "own"]
 
 
 @dataclass
@@ -42,7 +45,7 @@ class LatenConfig(Checked):
     """The schedule starts at `align.lr / div_factor` (torch's default, which the published code keeps)."""
     final_div_factor: float = 1.0
     """The schedule ends at `align.lr / (div_factor * final_div_factor)` (published 1)."""
-    anneal_strategy: str = "cos"
+    anneal_strategy: Literal["cos", "linear"] = "cos"
     """Shape of the rise and the fall: `cos` (published) or `linear`."""
     cycle_momentum: bool = True
     """Cycle beta1 inversely to the rate between torch's 0.85 and 0.95 (torch's default, which the
@@ -80,7 +83,7 @@ class LatenExtractConfig(Checked):
     """Neurons per layer and module kind, as a fraction of the student's width (published 0.1)."""
     modules: list[str] = field(default_factory=lambda: ["up_proj", "down_proj", "v_proj", "o_proj"])
     """Which weights transfer: rows of up/v, columns of down/o (the published Llama run used all four)."""
-    readout_norm: str = "final"
+    readout_norm: ReadoutNorm = "final"
     """How a component's write is read through the final norm: `final` scales by the RMS of the
     position's final residual state, as the published code does (the normaliser the real prediction
     used); `own` applies the RMSNorm to each patched state itself."""
@@ -91,5 +94,5 @@ class LatenExtractConfig(Checked):
     the largest tail mass is recorded in the manifest). Only with `readout_norm: final`."""
     seed: int = 42
     """Seeds the choice of the located and injection examples (published seed 42)."""
-    storage_dtype: str = "float16"
+    storage_dtype: Literal["float16", "float32"] = "float16"
     """Dtype of the cached teacher rows: `float16` (refused on overflow) or `float32`."""

@@ -58,7 +58,6 @@ from .config import LatenConfig
 from .teacher import MODULE_KIND, ROW_MODULES, ModelShape, Readout, locate, module_of
 
 SUBMODULE = "laten"
-ANNEAL_STRATEGIES = ("cos", "linear")
 log = logging.getLogger(__name__)
 
 
@@ -351,7 +350,6 @@ def check_settings(settings: LatenConfig) -> LatenConfig:
         ("pct_start", 0 <= settings.pct_start < 1, "in [0, 1)"),
         ("div_factor", settings.div_factor > 0, "> 0"),
         ("final_div_factor", settings.final_div_factor > 0, "> 0"),
-        ("anneal_strategy", settings.anneal_strategy in ANNEAL_STRATEGIES, f"one of {list(ANNEAL_STRATEGIES)}"),
     ]
     for key, ok, bound in checks:
         if not ok:

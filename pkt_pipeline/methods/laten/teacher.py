@@ -43,6 +43,7 @@ import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import torch
@@ -53,7 +54,7 @@ from ...datasets import resolve_data
 from ...examples import Example, load_examples
 from ...residual import decoder_of
 from ..teacher import ExtraOutput, TeacherExtra
-from .config import LatenExtractConfig
+from .config import LatenExtractConfig, ReadoutNorm
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +65,7 @@ MODULE_PARENT = {"up_proj": "mlp", "down_proj": "mlp", "v_proj": "self_attn", "o
 ROW_MODULES = ("up_proj", "v_proj")
 """A neuron of these is a weight row (its input weights); of down/o a column (its output weights)."""
 KIND_LAYERS = {"mlp": "mlp", "o": "attention", "v": "attention"}
-READOUT_NORMS = ("final", "own")
-STORAGE_DTYPES = ("float16", "float32")
+READOUT_NORMS: tuple[str, ...] = get_args(ReadoutNorm)
 TRAILING = ' \n."),]'
 """Characters the published code strips off the answer's end before taking its last token."""
 
@@ -331,10 +331,6 @@ def check_settings(settings: LatenExtractConfig) -> None:
          "methods.laten.teacher.readout_vocab needs readout_norm: final (the `own` norm is not linear in the write)"),
         (0 < settings.transfer_rate <= 1,
          f"methods.laten.teacher.transfer_rate must lie in (0, 1], got {settings.transfer_rate}"),
-        (settings.readout_norm in READOUT_NORMS,
-         f"methods.laten.teacher.readout_norm must be one of {READOUT_NORMS}, got {settings.readout_norm!r}"),
-        (settings.storage_dtype in STORAGE_DTYPES,
-         f"methods.laten.teacher.storage_dtype must be one of {STORAGE_DTYPES}, got {settings.storage_dtype!r}"),
         (settings.locate_examples >= 0, f"methods.laten.teacher.locate_examples must be >= 0, got {settings.locate_examples}"),
     ]
     for ok, message in checks:

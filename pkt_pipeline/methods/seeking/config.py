@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from ...config import NON_NEGATIVE, Checked
 
@@ -20,7 +21,7 @@ class SeekingConfig(Checked):
 
     seed_examples: int = 32
     """Sensitivity is summed over the first N examples of the cached data (published: 32); 0 means all."""
-    sensitivity_tokens: str = "answer"
+    sensitivity_tokens: Literal["answer", "supervised"] = "answer"
     """The tokens whose loss the sensitivity differentiates: `answer` (published: the seed examples'
     replies only, whatever `extract.train_on_inputs` says) or `supervised` (the cache's own mask, every
     token when `extract.train_on_inputs` is true)."""

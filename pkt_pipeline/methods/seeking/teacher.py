@@ -49,7 +49,6 @@ from .config import SeekingConfig
 log = logging.getLogger(__name__)
 
 EXTRA = "seeking"
-SENSITIVITY_TOKENS = ("answer", "supervised")
 """`methods.seeking.teacher.sensitivity_tokens`: the replies only (published), or the cache's supervision mask."""
 WeightKey = tuple[int, str]
 """(0-based decoder layer, module name), e.g. (3, "up_proj")."""
@@ -311,9 +310,6 @@ def seed_examples(config: PktConfig, settings: SeekingConfig, data_path: Path, t
     """The first `methods.seeking.teacher.seed_examples` cached examples, supervised where the sensitivity's loss is:
     on the answers (`sensitivity_tokens: answer`) or as the cache supervises them (`supervised`)."""
     cfg = config.extract
-    if settings.sensitivity_tokens not in SENSITIVITY_TOKENS:
-        raise ValueError(f"methods.seeking.teacher.sensitivity_tokens must be one of {list(SENSITIVITY_TOKENS)}, "
-                         f"got {settings.sensitivity_tokens!r}")
     # The cache holds only the first `extract.limit` rows: seed examples come from those.
     limits = [n for n in (settings.seed_examples, cfg.limit) if n > 0]
     every_token = settings.sensitivity_tokens == "supervised" and cfg.train_on_inputs

@@ -22,13 +22,16 @@ and 4.6 GB for torch.linalg.pinv).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import get_args
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-RECOMPOSE = ("transpose", "lstsq")
-MAP_SPACES = ("residual", "post_norm")
+from .config import MapSpace, Recompose
+
+RECOMPOSE: tuple[str, ...] = get_args(Recompose)
+MAP_SPACES: tuple[str, ...] = get_args(MapSpace)
 _CHUNK_ROWS = 16384
 _EPS32 = torch.finfo(torch.float32).eps
 
