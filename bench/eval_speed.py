@@ -5,7 +5,7 @@ prompts rendered as `pkt eval` renders them) are generated twice:
   before  `generate_reference`: model.generate(do_sample=False) on length-sorted left-padded batches
           of 8, each batch running until its longest row ends (evaluation's path until now);
   after   pkt_pipeline.evaluation.generation: rows leave the batch when they end, freed slots are
-          refilled, and the task's stop rule (`TASK_STOPS`) ends a row once its answer is complete.
+          refilled, and the task's stop rule (`Task.stop_rule`) ends a row once its answer is complete.
 Then every item's verdict is compared: GSM8K `gsm8k_correct` on both outputs, HumanEval/MBPP the
 `extract_code` strings (what the sandbox would run). Differing item ids are listed. MMLU is scored
 by letter log-likelihoods, not generated, so it has nothing to time here and is reported as skipped.
@@ -28,9 +28,7 @@ import transformers
 from tqdm.auto import tqdm
 
 from pkt_pipeline.evaluation.code_tasks import extract_code
-from pkt_pipeline.evaluation.generation import (
-    TASK_STOPS, greedy_generate, render_user_turn,
-)
+from pkt_pipeline.evaluation.generation import greedy_generate, render_user_turn
 from pkt_pipeline.evaluation.gsm8k import extract_final_number, gsm8k_correct
 from pkt_pipeline.models import cpu_facts, load_model, load_tokenizer, resolve_device, resolve_dtype
 from pkt_pipeline.config import EvalConfig
@@ -90,12 +88,12 @@ def time_task(model, tokenizer, task: str, items: list, args) -> dict:
     before_s = time.perf_counter() - started
     started = time.perf_counter()
     after = greedy_generate(model, tokenizer, prompts, max_new, args.batch_size, desc=f"{task} after",
-                            stop=None if args.no_stop else TASK_STOPS[task])
+                            stop=None if args.no_stop else get_task(task).stop_rule())
     after_s = time.perf_counter() - started
     differing = [get_task(task).item_id(item) for item, b, a in zip(items, before, after)
                  if verdict(task, item, b) != verdict(task, item, a.text)]
     result = {
-        "n": len(items), "max_new_tokens": max_new, "stop_rule": None if args.no_stop else TASK_STOPS[task].__name__,
+        "n": len(items), "max_new_tokens": max_new, "stop_rule": None if args.no_stop else get_task(task).stop_rule().__name__,
         "before_s": round(before_s, 2), "after_s": round(after_s, 2),
         "before_items_per_s": len(items) / before_s, "after_items_per_s": len(items) / after_s,
         "speedup": before_s / after_s,

@@ -248,25 +248,13 @@ def test_bad_inputs_are_refused_with_clear_errors(tiny_pair, tiny_cache, tmp_pat
         align.run(align_config(tiny_pair, tiny_cache, done, "kd", "align.steps=2"), progress=False)
 
 
-class _NonFiniteAfterTwoSteps(Method):
-    """A plug-in for the test: cross-entropy, turning NaN at the third step."""
-
-    def __init__(self, context):
-        super().__init__(context)
-        self.calls = 0
-
-    def loss(self, model, batch, phase):
-        out = forward_student(model, batch)
-        self.calls += 1
-        loss = torch.nn.functional.cross_entropy(out.logits.float(), out.targets)
-        return (loss * float("nan") if self.calls > 2 else loss), {}
-
-
 def test_a_registered_plugin_trains_and_a_nan_loss_stops_cleanly(tiny_pair, tiny_cache, tmp_path):
     from pkt_pipeline.training import NonFiniteLoss
 
-    register("test-nan", method=_NonFiniteAfterTwoSteps)
-    assert "test-nan" in available_methods() and get_method("test-nan") is _NonFiniteAfterTwoSteps
+    from nan_method import NanAtThirdStep
+
+    register("test-nan", method=NanAtThirdStep)
+    assert "test-nan" in available_methods() and get_method("test-nan") is NanAtThirdStep
     out = tmp_path / "nan"
     with pytest.raises(NonFiniteLoss, match=r"the loss is nan at step 3 .*last checkpoint is intact"):
         align.run(align_config(tiny_pair, tiny_cache, out, "test-nan", "align.steps=5", "align.checkpoint_every=2"),

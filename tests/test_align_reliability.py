@@ -17,10 +17,11 @@ from safetensors.torch import load_file
 from pkt_pipeline.cache import open_cache
 from pkt_pipeline.config import load_config
 from pkt_pipeline.loader import CacheLoader
-from pkt_pipeline.methods import AlignContext, Method, available_methods, forward_student, get_method, register, resolve
+from pkt_pipeline.methods import AlignContext, available_methods, get_method, register, resolve
 from pkt_pipeline.models import load_model, load_tokenizer, with_lora
 from pkt_pipeline.training import _accumulate_gradients
 from stages import align
+from nan_method import NanAtThirdStep
 from tiny_data import extract_config, write_dataset
 
 FAST = ["runtime.dtype=float32", "align.batch_size=4", "align.lr=5e-3", "align.loader.shuffle_buffer=8",
@@ -210,18 +211,10 @@ def test_micro_batches_of_one_give_the_whole_batch_gradient(tiny_pair, every_ext
 # --- item 11: a planted checkpoint ---------------------------------------------------------------------------
 
 
-class _NanAtHighRate(Method):
-    """Cross-entropy that turns NaN at the third step when align.lr is at least 1 (a diverging run)."""
+class _NanAtHighRate(NanAtThirdStep):
+    """NaN at the third step only when align.lr is at least 1 (a diverging run; lower rates train)."""
 
-    def __init__(self, context):
-        super().__init__(context)
-        self.calls = 0
-
-    def loss(self, model, batch, phase):
-        out = forward_student(model, batch)
-        self.calls += 1
-        loss = torch.nn.functional.cross_entropy(out.logits.float(), out.targets)
-        return (loss * float("nan") if self.calls > 2 and self.config.lr >= 1 else loss), {}
+    diverges_at_lr = 1.0
 
 
 def _diverged_run(tiny_pair, tiny_cache, out: Path):

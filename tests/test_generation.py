@@ -10,7 +10,7 @@ import pytest
 
 from pkt_pipeline.evaluation.code_tasks import extract_code
 from pkt_pipeline.evaluation.generation import (
-    TASK_STOPS, _Rows, code_stop, eos_token_ids, generate, greedy_generate, gsm8k_stop, stop_at,
+    _Rows, code_stop, eos_token_ids, generate, greedy_generate, gsm8k_stop, stop_at,
 )
 from pkt_pipeline.evaluation.gsm8k import extract_final_number
 from pkt_pipeline.models import load_model, load_tokenizer
@@ -229,7 +229,13 @@ def test_gsm8k_stop_ends_the_answer_paragraph_and_keeps_the_verdict_input():
     assert gsm8k_stop("#### 1. Add the apples\n\n3 + 4 = 7.\n\n#### 2. So the answer is 7.") is None
     assert gsm8k_stop("So the answer is 72.") is None
     assert gsm8k_stop("So the answer is 72.\n") is None
-    assert TASK_STOPS["gsm8k"] is gsm8k_stop and TASK_STOPS["humaneval"] is TASK_STOPS["mbpp"] is code_stop
+
+
+def test_each_generative_task_names_its_stop_rule():
+    from pkt_pipeline.evaluation.tasks import get_task
+
+    assert get_task("gsm8k").stop_rule() is gsm8k_stop
+    assert get_task("humaneval").stop_rule() is get_task("mbpp").stop_rule() is code_stop
 
 
 def test_stop_rule_over_a_real_row(tiny):

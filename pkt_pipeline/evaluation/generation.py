@@ -34,7 +34,7 @@ same cut, on every longer text) for the early stop to equal cutting a run to EOS
   followed by a number, or a line "#### N", then a blank line. Conservative, not exact: the verdict changes
   only if the model, after a finished answer paragraph, states a different answer again.
 
-`TASK_STOPS` maps task names to these rules.
+Each generative task names its rule (`get_task(name).stop_rule()`, pkt_pipeline/evaluation/tasks.py).
 """
 
 from __future__ import annotations
@@ -112,7 +112,6 @@ def gsm8k_stop(text: str) -> int | None:
     return match.end() if match is not None else None
 
 
-TASK_STOPS: dict[str, StopRule] = {"gsm8k": gsm8k_stop, "humaneval": code_stop, "mbpp": code_stop}
 
 
 # ---------------------------------------------------------------- decoding
@@ -364,6 +363,6 @@ def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts
     """Greedy continuations of already-rendered prompts, in input order, special tokens removed.
 
     Same outputs as `model.generate(do_sample=False)` per prompt (see the module docstring), cut
-    after the stop when `stop` is given: `generate(..., stop=TASK_STOPS["gsm8k"])`."""
+    after the stop when `stop` is given: `generate(..., stop=gsm8k_stop)`."""
     return [g.text for g in greedy_generate(model, tokenizer, prompts, max_new_tokens, batch_size, stop=stop,
                                             refill=refill, progress=progress, desc=desc)]
