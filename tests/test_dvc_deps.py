@@ -3,18 +3,18 @@ closure of the stage module its command calls.
 
 A dependency missing from dvc.yaml means `dvc repro` keeps a stale output after that code changed;
 an extra one reruns hours of work for a change that cannot touch the output. The closure is read
-from the source (every `import`, also those inside functions), so it follows the code without a
-list to keep in step by hand.
+from the source (every `import`, also those inside functions; not those under `if TYPE_CHECKING:`,
+which never run), so it follows the code without a list to keep in step by hand.
 """
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
 import pytest
 
 from conftest import PROJECT_ROOT
+from import_graph import import_targets
 
 PIPELINES = ["dvc.yaml", "experiments/transfer/dvc.yaml", "experiments/tuning/dvc.yaml"]
 STAGE_MODULES = {"extract": "stages.extract", "align": "stages.align", "eval": "stages.evaluate",
@@ -37,19 +37,9 @@ def module_file(module: str) -> Path | None:
 
 
 def imported_modules(path: Path) -> set[str]:
-    """The project modules `path` imports, absolute names (`from . import x` resolved)."""
+    """The project modules `path` imports, absolute names (`from pkg import module` counts the module too)."""
     package = ".".join(path.relative_to(PROJECT_ROOT).parent.parts)
-    names: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                parent = package.split(".")[: len(package.split(".")) - node.level + 1]
-                base = ".".join(filter(None, [*parent, base]))
-            names.add(base)
-            names.update(f"{base}.{alias.name}" for alias in node.names)  # `from pkg import module`
+    names = {name for base, item in import_targets(path, package) for name in (base, f"{base}.{item}" if item else base)}
     return {name for name in names if name.split(".")[0] in CODE_ROOTS}
 
 

@@ -10,10 +10,10 @@ not an edge.
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
 from conftest import PROJECT_ROOT
+from import_graph import import_targets
 
 ROOTS = ("pkt_pipeline", "stages")
 METHODS = "pkt_pipeline.methods"
@@ -30,29 +30,10 @@ def modules() -> dict[str, Path]:
     return {module_name(path): path for root in ROOTS for path in sorted((PROJECT_ROOT / root).rglob("*.py"))}
 
 
-def _runtime_nodes(tree: ast.AST):
-    """Every node except those under `if TYPE_CHECKING:`."""
-    for node in ast.iter_child_nodes(tree):
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            yield from (n for child in node.orelse for n in [child, *_runtime_nodes(child)])
-            continue
-        yield node
-        yield from _runtime_nodes(node)
-
-
 def imports(name: str, path: Path, known: dict[str, Path]) -> set[str]:
+    """The project modules `name` imports: `from pkg import name` goes to `pkg.name` when that is a module."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    found: set[str] = set()
-    for node in _runtime_nodes(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                parent = package.split(".")[: len(package.split(".")) - node.level + 1]
-                base = ".".join(filter(None, [*parent, base]))
-            for alias in node.names:
-                found.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base)
+    found = {f"{base}.{item}" if f"{base}.{item}" in known else base for base, item in import_targets(path, package)}
     return {target for target in found if target in known and target != name}
 
 
