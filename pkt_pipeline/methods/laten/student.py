@@ -54,7 +54,6 @@ from torch import nn
 from ...cache import CacheError
 from ...loader import Batch, ExampleMeta
 from ..base import Method, Phase, forward_student
-from .config import LatenConfig
 from .teacher import MODULE_KIND, ROW_MODULES, ModelShape, Readout, locate, module_of
 
 SUBMODULE = "laten"
@@ -229,7 +228,6 @@ class LaTen(Method):
 
     def __init__(self, context):
         super().__init__(context)
-        self.settings = check_settings(self.settings)
         self.arrays = context.cache.extra("laten")
         self.provenance = context.cache.manifest.extras["laten"].provenance
         self.modules: list[str] = list(self.provenance["modules"])
@@ -334,27 +332,6 @@ class LaTen(Method):
         model = model.float()
         NeuronInjection.bake(model, deltas, neurons)
         return model
-
-
-def check_settings(settings: LatenConfig) -> LatenConfig:
-    """Refuse bad `methods.laten` values before any work, naming the key."""
-    betas = settings.betas
-    checks = [
-        ("align_examples", settings.align_examples >= 0, ">= 0"),
-        ("mse_weight", settings.mse_weight >= 0, ">= 0"),
-        ("hidden_size", settings.hidden_size >= 0, ">= 0"),
-        ("init_std", settings.init_std > 0, "> 0"),
-        ("weight_decay", settings.weight_decay >= 0, ">= 0"),
-        ("betas", len(betas) == 2 and all(0 <= beta < 1 for beta in betas), "two numbers in [0, 1)"),
-        ("schedule_steps", settings.schedule_steps >= 0, ">= 0 (0: one per extract example)"),
-        ("pct_start", 0 <= settings.pct_start < 1, "in [0, 1)"),
-        ("div_factor", settings.div_factor > 0, "> 0"),
-        ("final_div_factor", settings.final_div_factor > 0, "> 0"),
-    ]
-    for key, ok, bound in checks:
-        if not ok:
-            raise ValueError(f"methods.laten.{key} must be {bound}, got {getattr(settings, key)!r}")
-    return settings
 
 
 def per_example_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
