@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .extraction import check_finite
+from .models import input_device
 from .residual import forward_with_residual_stream, residual_delta
 
 log = logging.getLogger(__name__)
@@ -55,13 +56,6 @@ log = logging.getLogger(__name__)
 AGGREGATIONS = ("abs", "signed")
 TARGETS = ("output", "contribution")
 """What a score multiplies the gradient with: the layer's output h_ℓ, or its contribution Δ_ℓ."""
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    device = getattr(model, "device", None)
-    if isinstance(device, torch.device):
-        return device
-    return next(model.parameters()).device
 
 
 def _check_inputs(input_ids: torch.Tensor, supervised: torch.Tensor, aggregation: str) -> None:
@@ -106,7 +100,7 @@ def attribution_scores(
     supervised = torch.as_tensor(supervised)
     _check_inputs(input_ids, supervised, aggregation)
 
-    device = _model_device(model)
+    device = input_device(model)
     ids = input_ids.to(device=device, dtype=torch.long).unsqueeze(0)
     mask = supervised.to(device)
     # Targets in the HF convention: logits[t-1] predict ids[t] for supervised t ≥ 1.
@@ -132,7 +126,7 @@ def attribution_scores(
         scores = {target: torch.empty(len(hidden), dtype=torch.float64) for target in TARGETS}
         previous = None
         for layer, (h, g) in enumerate(zip(hidden, grads)):
-            h, g = h.detach().float(), g.detach().float()
+            h, g = h.detach().to(device).float(), g.detach().to(device).float()  # a split teacher's h_L is elsewhere
             for target, activation in (("output", h), ("contribution", h if previous is None else residual_delta(h, previous))):
                 product = g * activation
                 if aggregation == "abs":

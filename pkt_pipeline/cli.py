@@ -179,8 +179,12 @@ def assets_list(pins) -> None:
               help="Also run a method's teacher-side computation (seeking, laten); repeatable. "
                    "Adds to a complete cache without re-extracting it.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars (for logs).")
+@click.option("--dry-run", is_flag=True,
+              help="Print the cache's estimated size and the run's time, then stop: reads the data, the teacher's "
+                   "config and tokenizer, never its weights; writes nothing.")
 @friendly_errors
-def extract(config_path, overrides, recipe, teacher, student, data, out, overwrite, extras, no_progress) -> None:
+def extract(config_path, overrides, recipe, teacher, student, data, out, overwrite, extras, no_progress,
+            dry_run) -> None:
     """Stage one: run the teacher once over task data and write the activation cache.
 
     \b
@@ -203,12 +207,32 @@ def extract(config_path, overrides, recipe, teacher, student, data, out, overwri
         extra.append("extract.overwrite=true")
     config = load_config(config_path, [*overrides, *extra], recipe)
     config.extract.extras = sorted({*config.extract.extras, *extras})
+    if dry_run:
+        _print_estimate(stage.estimate(config), config.extract)
+        return
     summary = run_stage(stage, config, no_progress, interrupted=stage.Interrupted)
     if summary["action"] == "extras added":
         click.echo(f"added {', '.join(summary['extras'])} to {summary['out']} in {summary['seconds']} s")
     if summary["action"] == "extracted":
         click.echo(f"cached {summary['examples']} examples ({summary['tokens']} tokens) in {summary['out']} "
                    f"in {summary['seconds']} s; see `pkt cache info {summary['out']}`")
+
+
+def _print_estimate(plan: dict, cfg) -> None:
+    gib = 2**30
+    layers = plan["layers"]
+    rule = f" (auto, student of {plan['layers_rule']['student_layers']} layers)" if plan["layers_rule"] else ""
+    click.echo(f"examples     {plan['examples']:,}, {plan['tokens']:,} tokens (exact), {plan['groups']} shard group(s)")
+    click.echo(f"layers       {len(layers)}{rule}: {layers}; {plan['float_rows_per_token']} float rows/token of "
+               f"{plan['row_bytes']:,} B ({cfg.storage_dtype}), top-k {cfg.top_k} {cfg.topk_codec}")
+    click.echo(f"size         {plan['bytes_per_token_raw'] / 1024:,.1f} KiB/token raw; activations "
+               f"{plan['activation_bytes_raw'] / gib:,.3f} GiB raw, ~{plan['activation_bytes_stored'] / gib:,.3f} GiB "
+               f"stored ({cfg.compressor}: assumed {plan['stored_ratio_assumed']:.2f}x, measured on the real teacher); "
+               f"teacher head {plan['teacher_head_bytes'] / gib:,.3f} GiB")
+    click.echo(f"time         >= {plan['seconds']:,.0f} s: 2 x {plan['parameters'] / 1e9:,.2f}B parameters x tokens "
+               f"(+ attribution forward+backward) = {plan['flops'] / 1e12:,.1f} TFLOP at the "
+               f"{plan['matmul_flops_per_s'] / 1e9:,.0f} GFLOP/s a {plan['dtype']} matmul reaches on {plan['device']} "
+               "now; extraction adds top-k, attention and writes")
 
 
 @main.command("align")
@@ -219,7 +243,8 @@ def extract(config_path, overrides, recipe, teacher, student, data, out, overwri
 @click.option("--method", default=None, help="semalign (default), lora-sft, kd, ...; see --list-methods.")
 @click.option("--out", default=None, help="Output folder (default: runs/align).")
 @click.option("--report-map", is_flag=True, help="Also write the method's report (SemAlign: pairing, fidelity, CKA before/after).")
-@click.option("--overwrite", is_flag=True, help="Discard what --out holds and train afresh.")
+@click.option("--overwrite", is_flag=True, help="Replace a finished run or a run of other settings at --out (a killed run of "
+              "these settings still resumes from its checkpoint; delete --out to discard it).")
 @click.option("--list-methods", is_flag=True, help="Print the registered methods and exit.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars (for logs).")
 @friendly_errors
@@ -315,9 +340,13 @@ def evaluate(config_path, overrides, model, tasks, out, limit, nll_limit, no_gen
 @click.option("--out", default="report", show_default=True, help="Where report.md, scores.png and report.json go.")
 @click.option("--compare", "comparisons", multiple=True, metavar="A:B",
               help="Methods to compare, A − B paired over the same items (repeatable). "
-                   "Default: semalign:kd, semalign:lora-sft, kd:lora-sft.")
+                   "Default: semalign:kd, semalign:lora-sft, kd:lora-sft, semalign:semalign-kl-only and, across "
+                   "tokenizers, uld, alm and semalign-xvocab against lora-sft and each other (where both are present).")
+@click.option("--teacher-eval", type=click.Path(file_okay=False), default=None,
+              help="The teacher's `pkt eval` folder when not EVAL_DIR/teacher (another benchmark's evaluation of the "
+                   "same teacher); it must have scored exactly the student's items.")
 @friendly_errors
-def report(eval_dir, runs_dir, metrics_dir, out, comparisons) -> None:
+def report(eval_dir, runs_dir, metrics_dir, out, comparisons, teacher_eval) -> None:
     """Compare every method with the teacher and the student, and the methods with each other: per task,
     accuracy and a continuous metric (MMLU p_correct, the others' reference NLL), each with its change
     from the student (95% interval paired over the same items) and the % of the teacher-student gap
@@ -330,7 +359,8 @@ def report(eval_dir, runs_dir, metrics_dir, out, comparisons) -> None:
         if not sep or not a or not b:
             raise click.BadParameter(f"{text!r} is not of the form A:B (e.g. semalign:kd)", param_hint="--compare")
         pairs.append((a, b))
-    settings = stage.ReportConfig(eval_dir, out, runs_dir, metrics_dir, tuple(pairs) or stage.DEFAULT_COMPARISONS)
+    settings = stage.ReportConfig(eval_dir, out, runs_dir, metrics_dir, tuple(pairs) or stage.DEFAULT_COMPARISONS,
+                                  teacher_eval)
     run_stage(stage, settings, no_progress=False)
 
 
@@ -348,13 +378,24 @@ def cache_info_command(path) -> None:
 
     info = cache_info(path)
     layers = info["layers"]
-    layer_text = f"{layers[0]}..{layers[-1]} ({len(layers)})" if layers == list(range(layers[0], layers[-1] + 1)) else str(layers)
+    if not layers:
+        layer_text = "none"
+    elif layers == list(range(layers[0], layers[-1] + 1)):
+        layer_text = f"{layers[0]}..{layers[-1]} ({len(layers)})"
+    else:
+        layer_text = str(layers)
+    if info["layers_rule"]:
+        rule = info["layers_rule"]
+        layer_text += (f" (auto: for {', '.join(rule['methods'])} and a student of {rule['student_layers']} layers, "
+                       f"{rule['student']})")
     rows = [
         ("cache", info["path"]), ("teacher", info["teacher"]),
         ("examples", f"{info['examples']:,} ({info['truncated']} truncated)"),
         ("tokens", f"{info['tokens']:,} ({info['supervised_tokens']:,} supervised)"),
         ("layers", f"{layer_text}, kinds {', '.join(info['kinds'])}, top-k {info['top_k']}"),
-        ("storage", f"{info['storage_dtype']}, {info['compressor']}, {info['groups']} shard group(s)"),
+        ("storage", f"activations {info['storage_dtype']}, top-k {info['topk_codec']}, {info['compressor']}, "
+                    f"{info['groups']} shard group(s)"),
+        ("reads", f"{info['read_path']} ({info['read_path_reason']})"),
         ("size", f"{info['stored_bytes'] / 2**20:,.1f} MiB: activations {info['activation_bytes'] / 2**20:,.1f} MiB, "
                  f"teacher head {info['teacher_weight_bytes'] / 2**20:,.1f} MiB"),
         ("per token", f"{info['bytes_per_token'] / 1024:,.1f} KiB stored "

@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import functools
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -73,7 +74,7 @@ class Checked:
         for key, allowed in self.RANGES.items():
             value = getattr(self, key)
             for item in value if isinstance(value, list) else [value]:
-                if item is not None and not allowed.admits(item):
+                if item is not None and not isinstance(item, str) and not allowed.admits(item):  # a word: its Literal
                     raise InvalidValue(key, f"must be {allowed}, got {value!r}")
         for key, options in _choice_fields(type(self)).items():
             value = getattr(self, key)
@@ -99,6 +100,57 @@ class RuntimeConfig:
     """`auto` (bf16 on a CPU that supports it and on GPUs that do, else fp16/fp32), or a torch dtype name."""
     trust_remote_code: bool = False
     """Run model code shipped with a hub repository. Off unless you trust that repository."""
+    device_map: str | dict[str, int | str] = ""
+    """Split a model too large for one device over several (`pkt extract`'s teacher, `pkt eval`'s model), by
+    accelerate: `auto`, `balanced`, `balanced_low_0`, `sequential`, or {module: GPU index, `cpu` or `disk`}.
+    Empty: the whole model on `device`."""
+    max_memory: dict[str, int | str] = field(default_factory=dict)
+    """With `device_map`: the most each device may hold, e.g. {0: 70GiB, 1: 70GiB, cpu: 200GiB}; what fits
+    nowhere is offloaded to `offload_folder`."""
+    offload_folder: str = ""
+    """With `device_map`: where weights that fit on no device are kept (accelerate's disk offload)."""
+
+    def __post_init__(self) -> None:
+        check_device_map(self.device_map)
+        check_max_memory(self.max_memory)
+        if self.max_memory and not self.device_map:
+            raise InvalidValue("max_memory", "applies only with runtime.device_map (e.g. runtime.device_map=auto)")
+
+
+DEVICE_MAP_PLANS = ("auto", "balanced", "balanced_low_0", "sequential")
+"""The device maps accelerate plans itself from the devices' free memory (or `max_memory`)."""
+_DEVICE = re.compile(r"disk|cpu|mps|(cuda|xpu|npu)(:\d+)?")
+_SIZE = re.compile(r"\d+(\.\d+)?\s*(GiB|MiB|KiB|GB|MB|KB)", re.IGNORECASE)
+
+
+def check_device_map(device_map: str | dict[str, int | str]) -> None:
+    """Refuse a `runtime.device_map` accelerate would not read, naming the key, before any weight loads."""
+    if isinstance(device_map, str):
+        if device_map and device_map not in DEVICE_MAP_PLANS:
+            raise InvalidValue("device_map", f"must be empty (one device), one of {list(DEVICE_MAP_PLANS)} or a "
+                                             f"mapping {{module: device}}, got {device_map!r}")
+        return
+    if not device_map:
+        raise InvalidValue("device_map", "is an empty mapping: name a device for each top module (e.g. "
+                                         "{model.embed_tokens: 0, model.layers: 0, model.norm: 1, lm_head: 1}), or "
+                                         "leave it empty for one device")
+    for module, target in device_map.items():
+        gpu = isinstance(target, int) and not isinstance(target, bool) and target >= 0
+        if not gpu and not (isinstance(target, str) and _DEVICE.fullmatch(target)):
+            raise InvalidValue(f"device_map.{module}", f"must be a GPU index (0, 1, ...), a device (cuda:1, cpu) or "
+                                                       f"disk, got {target!r}")
+
+
+def check_max_memory(max_memory: dict[str, int | str]) -> None:
+    """Refuse a `runtime.max_memory` key that names no device, or a size accelerate cannot read."""
+    for key, size in max_memory.items():
+        if not (str(key).isdigit() or key in ("cpu", "mps", "disk")):
+            raise InvalidValue(f"max_memory.{key}", "is no device: the keys are GPU indices (0, 1, ...), cpu, mps "
+                                                    "or disk")
+        counted = isinstance(size, int) and not isinstance(size, bool) and size >= 0
+        if not counted and not (isinstance(size, str) and _SIZE.fullmatch(size.strip())):
+            raise InvalidValue(f"max_memory.{key}", f"must be a size such as 70GiB or 500MB, or a number of bytes, "
+                                                    f"got {size!r}")
 
 
 @dataclass
@@ -142,15 +194,22 @@ class ExtractConfig(Checked):
     """Supervise every token, not only the answer (the papers did for MMLU)."""
     limit: int = 0
     """Cache only the first N examples; 0 means all."""
-    layers: list[int] = field(default_factory=list)
-    """Teacher layers 0..L to capture (0 = embedding output); empty means all."""
+    layers: typing.Literal["auto"] | list[int] = field(default_factory=list)
+    """Teacher layers 0..L to capture (0 = embedding output); empty means all; `auto`: the layers the configured
+    methods read (`align.method` and every `methods.<name>` section), by their pairing rule for the `student`'s
+    depth (read from its config, not its weights), recorded in the manifest's `layers_rule`."""
     capture: list[str] = field(default_factory=lambda: ["hidden"])
     """`hidden` (the residual stream h_l) and/or `delta` (the residual contribution h_l - h_(l-1))."""
     top_k: int = 64
     """How many next-token log-probs to keep per position."""
     batch_size: int = 8
     storage_dtype: str = "bfloat16"
-    """`bfloat16` (stored as its raw uint16 bits) or `float16` (refused on overflow)."""
+    """The activation codec: `bfloat16` (stored as its raw uint16 bits), `float16` (refused on overflow), or
+    lossy with a scale per token: `float8_e4m3`, `int8` (half the bytes; errors in pkt_pipeline/cache/codecs.py,
+    measured on the real teacher by bench/cache_fidelity.py)."""
+    topk_codec: str = "exact"
+    """`exact` (float32 log-probs, int32 ids: 8 B per entry) or `uint8` (8-bit log-probs, 3-byte ids:
+    264 B/token at k=64)."""
     compressor: str = "zstd"
     """`zstd`, `blosc-lz4`, `blosc-zstd` or `none`; see bench/cache_io.py for what each costs."""
     compression_level: int = 3
@@ -236,7 +295,7 @@ class AlignConfig(Checked):
     """Also write the method's report before and after training (`Method.report`; SemAlign's: pairing,
     recomposition fidelity, CKA before/after, in map_report.json)."""
     overwrite: bool = False
-    """Start afresh even when `out` holds a checkpoint or a finished run."""
+    """Replace a finished run, or a run of other settings, in `out`; a killed run of these settings resumes."""
     lora: LoraSettings = field(default_factory=LoraSettings)
     loader: LoaderConfig = field(default_factory=LoaderConfig)
 
@@ -272,8 +331,11 @@ class EvalConfig(Checked):
     seed: int = 0
     batch_size: int = 8
     """Items per forward when scoring (MMLU letters, reference NLL)."""
-    generation_batch_size: int = 16
-    """Rows decoded together (GSM8K, HumanEval, MBPP); a finished row's slot goes to the next prompt."""
+    generation_batch_size: int = 64
+    """Rows decoded together (GSM8K, HumanEval, MBPP); a finished row's slot goes to the next prompt. A CPU
+    decode step costs far less per row with more rows (0.5B student, fp32, one thread: 59 ms/row at 16 rows,
+    28 at 64, 23 at 128) and the tokens do not depend on it; 64 keeps the KV cache ~1 GB for the student
+    and ~3 GB for the 1.5B teacher at 512 new tokens."""
     chat: bool = True
     """Render prompts with the tokenizer's chat template (instruct models), when it has one."""
     mmlu_answer_prefix: str = ""

@@ -17,13 +17,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .cache.codecs import encode_topk
 from .cache.layout import CacheError, CaptureSettings, TeacherInfo, TokenizerInfo, delta_key, encode, hidden_key
 from .cache.store import CacheWriter
+from .models import input_device, named_tensors, tensor_values
 from .residual import decoder_of, forward_with_residual_stream, residual_delta
 from .write_errors import write_failed
 
 __all__ = ["CAPTURE_KINDS", "CaptureSettings", "Interrupted", "NonFiniteTeacher", "capture_batch", "extract_groups",
-           "group_blocks", "length_batches", "teacher_info", "tokenizer_info"]
+           "group_blocks", "length_batches", "logprobs_of", "teacher_info", "tokenizer_info", "top_k_logprobs"]
 
 CAPTURE_KINDS = ("hidden", "delta")
 
@@ -51,8 +53,10 @@ def capture_batch(model, batch: list, settings: CaptureSettings) -> list[dict[st
     delta is every layer's true contribution. Right padding leaves every real position's causal
     computation unchanged. Log-probs are
     taken in float32 a few positions at a time, so no [B, T, V] float32 tensor exists.
+    A teacher split over devices returns its outputs on the input device but h_L, a hook's catch, on the
+    last layer's: every state moves to the input device before it is used.
     """
-    device = next(model.parameters()).device
+    device = input_device(model)
     longest = max(len(example.input_ids) for example in batch)
     input_ids = torch.zeros((len(batch), longest), dtype=torch.long)
     attention_mask = torch.zeros((len(batch), longest), dtype=torch.long)
@@ -61,6 +65,7 @@ def capture_batch(model, batch: list, settings: CaptureSettings) -> list[dict[st
         attention_mask[row, : len(example.input_ids)] = 1
     output, states = forward_with_residual_stream(model, input_ids=input_ids.to(device),
                                                   attention_mask=attention_mask.to(device))
+    states = tuple(state.to(device) for state in states)  # [B, T, D] each
     results = []
     for row, example in enumerate(batch):
         length = len(example.input_ids)
@@ -70,28 +75,41 @@ def capture_batch(model, batch: list, settings: CaptureSettings) -> list[dict[st
                 captured[hidden_key(layer)] = states[layer][row, :length]
             if "delta" in settings.kinds and layer >= 1:
                 captured[delta_key(layer)] = residual_delta(states[layer][row, :length], states[layer - 1][row, :length])
-        values, indices = top_k_logprobs(output.logits[row, :length], settings.top_k)
+        values, indices, target = logprobs_of(output.logits[row, :length], settings.top_k,
+                                              input_ids[row, 1:length].to(output.logits.device))
         captured["topk/logprobs"] = values
         captured["topk/indices"] = indices.to(torch.int32)
+        captured["target_logprob"] = target
         check_finite(captured, example.example_id)
         results.append(captured)
     return results
 
 
 def top_k_logprobs(logits: torch.Tensor, k: int, rows_per_step: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """`log_softmax(logits.float()).topk(k)` without a full float32 [T, V] log-softmax.
+    """`log_softmax(logits.float()).topk(k)` without a full float32 [T, V] log-softmax (`logprobs_of`)."""
+    values, indices, _ = logprobs_of(logits, k, logits.new_zeros(0, dtype=torch.long), rows_per_step)
+    return values, indices
 
-    Working through a few positions at a time keeps the float32 copy in cache, and
-    top-k of the logits minus their logsumexp equals top-k of the log-probs: 3-4x faster
-    on CPU at a 150k vocabulary, where the naive form costs a quarter of the forward pass.
-    """
+
+def logprobs_of(logits: torch.Tensor, k: int, next_ids: torch.Tensor,
+                rows_per_step: int = 32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(top-k log-probs [T, k], their ids [T, k], the log-prob of each next token in the text [T]) of one
+    sequence's `logits` [T, V], whose next tokens are `next_ids` [T - 1] (the last position has none: 0).
+
+    Working through a few positions at a time keeps the float32 copy in cache, and top-k of the logits minus
+    their logsumexp equals top-k of the log-probs: 3-4x faster on CPU at a 150k vocabulary, where the naive
+    form costs a quarter of the forward pass. One logsumexp serves both the top-k and the next tokens."""
     values, indices = [], []
+    target = torch.zeros(logits.shape[0], dtype=torch.float32, device=logits.device)
     for start in range(0, logits.shape[0], rows_per_step):
         block = logits[start:start + rows_per_step].float()
+        normaliser = torch.logsumexp(block, dim=-1, keepdim=True)  # [R, 1]
         top_values, top_indices = block.topk(k, dim=-1)
-        values.append(top_values - torch.logsumexp(block, dim=-1, keepdim=True))
+        values.append(top_values - normaliser)
         indices.append(top_indices)
-    return torch.cat(values), torch.cat(indices)
+        scored = next_ids[start:start + len(block)]  # [R'] (R' = R but at the last block)
+        target[start:start + len(scored)] = (block[:len(scored)].gather(1, scored[:, None]) - normaliser[:len(scored)])[:, 0]
+    return torch.cat(values), torch.cat(indices), target
 
 
 def group_blocks(
@@ -116,18 +134,23 @@ def group_blocks(
         place("tokens", start, example.input_ids.astype(np.int32))
         place("supervised", start, example.supervised.astype(bool))
         place("answer", start, example.answer.astype(bool))
+        place("spans", start, example.offsets.astype(np.int32))
         for key, tensor in tensors.items():
-            if key.startswith("topk/"):
+            if key == "target_logprob":
                 place(key, start, tensor.cpu().numpy())
-            else:
+            elif not key.startswith("topk/"):
                 place(key, start, encode(tensor, settings.storage_dtype))
+        values, indices = encode_topk(tensors["topk/logprobs"], tensors["topk/indices"], settings.topk_codec)
+        place("topk/logprobs", start, values)
+        place("topk/indices", start, indices)
     return blocks
 
 
 def weights_sha256(model) -> str:
-    """A hash of the parameter values, whatever file format they came from."""
+    """A hash of the parameter values, whatever file format they came from and however the model is split
+    over devices (offloaded weights are read back, block by block)."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in named_tensors(model):
         digest.update(name.encode())
         digest.update(str(tensor.dtype).encode())
         flat = tensor.detach().contiguous().view(-1)
@@ -154,14 +177,15 @@ def vocabulary_sha256(tokenizer) -> str:
 
 
 def final_norm_and_head(model) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """The teacher's final norm weight, LM head and norm epsilon, found through the HF API."""
-    head = model.get_output_embeddings().weight
+    """The teacher's final norm weight, LM head and norm epsilon, found through the HF API (read back
+    where a split teacher offloaded them)."""
     decoder = decoder_of(model)
     norm = getattr(decoder, "norm", None) or getattr(decoder, "final_layernorm", None)
     if norm is None:
         raise ValueError(f"cannot find the final norm of {type(model).__name__}")
     eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", None) or model.config.rms_norm_eps
-    return norm.weight.detach(), head.detach(), float(eps)
+    values = tensor_values(model, {"norm": norm.weight, "head": model.get_output_embeddings().weight})
+    return values["norm"], values["head"], float(eps)
 
 
 def teacher_info(model, teacher_id: str) -> TeacherInfo:

@@ -7,7 +7,9 @@ policy and the error messages are the same everywhere:
   behind are cleared so the model trains with peft and saves with `save_pretrained`;
 - on CPU the default dtype is bf16 where the CPU computes it natively (2.5-3x faster than
   fp32 on AVX512-BF16/AMX machines), on GPU bf16 where supported, else fp16;
-- `trust_remote_code` stays off unless the caller asks for it.
+- `trust_remote_code` stays off unless the caller asks for it;
+- a model larger than one device is split by accelerate (`device_map`, `max_memory`): its layers
+  run where they were placed, and `input_device` / `named_tensors` read it as if it were whole.
 """
 
 from __future__ import annotations
@@ -16,8 +18,11 @@ import contextlib
 import functools
 import logging
 import os
+import itertools
 import re
 import resource
+import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -187,34 +192,184 @@ def load_model(
     device: str = "auto",
     trust_remote_code: bool = False,
     tokenizer: PreTrainedTokenizerBase | None = None,
+    device_map: str | Mapping[str, int | str] = "",
+    max_memory: Mapping[str, int | str] | None = None,
+    offload_folder: str = "",
 ) -> PreTrainedModel:
     """A causal LM ready for inference or training, on the policy's device and dtype.
 
-    Given the `tokenizer` it will run with, the model must embed every token id it can produce
-    (`check_embeddings`)."""
+    With a `device_map` (a plan of `config.DEVICE_MAP_PLANS` or {module: device}) accelerate places the
+    layers over the devices, within `max_memory` ({"0": "70GiB", "cpu": "200GiB"}), what fits
+    nowhere in `offload_folder`; `device` must then stay "auto". Without one the whole model
+    moves to `device`. Given the `tokenizer` it will run with, the model must embed every token
+    id it can produce (`check_embeddings`)."""
     from transformers import AutoModelForCausalLM
 
     source = resolve_source(name_or_path)
+    placement: dict = {}
+    if device_map:
+        placement = placement_args(device_map, max_memory, offload_folder, device)
+        if isinstance(device_map, Mapping):
+            check_map_covers(source, device_map, trust_remote_code)
+    elif max_memory:
+        raise ModelLoadError("runtime.max_memory applies only with runtime.device_map (e.g. runtime.device_map=auto)")
     target_device = resolve_device(device)
     target_dtype = resolve_dtype(dtype, target_device)
     location, extra = source.pretrained_args
-    # GGUF tensors dequantize to float32 fastest; the cast to the target dtype follows.
-    load_dtype = torch.float32 if source.kind == "gguf" else target_dtype
+    # GGUF tensors dequantize to float32 fastest; the cast to the target dtype follows (a split model loads cast).
+    load_dtype = torch.float32 if source.kind == "gguf" and not placement else target_dtype
     try:
         with _gguf_bar_follows_transformers():
             model = AutoModelForCausalLM.from_pretrained(
-                location, dtype=load_dtype, trust_remote_code=trust_remote_code, **extra
+                location, dtype=load_dtype, trust_remote_code=trust_remote_code, **placement, **extra
             )
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
-        raise ModelLoadError(_explain(source, exc, "model")) from exc
+        placed = f" (placed by runtime.device_map={_shown(device_map)})" if placement else ""
+        raise ModelLoadError(_explain(source, exc, "model") + placed) from exc
     if tokenizer is not None:
         check_embeddings(model, tokenizer, source)
     if source.kind == "gguf":
         clear_quantizer_flags(model)
-    model.to(device=target_device, dtype=target_dtype)
+    if placement:
+        log.info("loaded %s (%s) as %s over %s", source, source.kind, target_dtype,
+                 getattr(model, "hf_device_map", device_map))
+    else:
+        model.to(device=target_device, dtype=target_dtype)
+        log.info("loaded %s (%s) as %s on %s", source, source.kind, target_dtype, target_device)
     model.eval()
-    log.info("loaded %s (%s) as %s on %s", source, source.kind, target_dtype, target_device)
     return model
+
+
+def placement_args(device_map: str | Mapping[str, int | str], max_memory: Mapping[str, int | str] | None,
+                   offload_folder: str, device: str = "auto") -> dict:
+    """`from_pretrained`'s placement arguments for a split model, with every named GPU checked to exist."""
+    from .config import check_device_map, check_max_memory
+
+    check_device_map(device_map)
+    check_max_memory(max_memory or {})
+    if device != "auto":
+        raise ModelLoadError(f"runtime.device={device!r} and runtime.device_map={_shown(device_map)} both place the "
+                             "model: set one (runtime.device=auto with a device map)")
+    named = list(device_map.values()) if isinstance(device_map, Mapping) else []
+    named += [int(key) for key in (max_memory or {}) if str(key).isdigit()]
+    gpus = torch.cuda.device_count()
+    for index in filter(lambda i: i is not None, map(_gpu_index, named)):
+        if index >= gpus:
+            raise ModelLoadError(f"runtime.device_map / runtime.max_memory name GPU {index}, but this torch sees "
+                                 f"{gpus} CUDA device(s)")
+    args: dict = {"device_map": dict(device_map) if isinstance(device_map, Mapping) else device_map}
+    if max_memory:
+        args["max_memory"] = {int(key) if str(key).isdigit() else key: size for key, size in max_memory.items()}
+    if offload_folder:
+        args["offload_folder"] = offload_folder
+    return args
+
+
+def meta_model(config: PretrainedConfig, trust_remote_code: bool = False) -> PreTrainedModel:
+    """The causal LM a config describes, built on the meta device: its modules and shapes, no weights."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def parameter_count(config: PretrainedConfig, trust_remote_code: bool = False) -> int:
+    """A model's parameter count from its config alone (tied weights counted once)."""
+    return sum(p.numel() for p in meta_model(config, trust_remote_code).parameters())
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype, n: int = 1024, repeats: int = 5) -> float:
+    """FLOP/s of an n x n matmul on `device` in `dtype`, best of `repeats` after one warm-up: what a
+    dense forward can reach here, for time estimates."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    best = float("inf")
+    for i in range(repeats + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i:
+            best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def check_map_covers(source: ModelSource, device_map: Mapping[str, int | str], trust_remote_code: bool = False) -> None:
+    """Refuse a {module: device} map naming a module the model lacks, or leaving some weights unplaced:
+    transformers ignores an unknown name, so a typo would place nothing. Read on an empty (meta) model."""
+    import difflib
+
+    skeleton = meta_model(load_model_config(source.location, trust_remote_code), trust_remote_code)
+    modules = [name for name, _ in skeleton.named_modules()]
+    for key in device_map:
+        if key not in modules:
+            close = difflib.get_close_matches(key, modules, n=1)
+            raise ModelLoadError(f"runtime.device_map.{key}: {source} has no module {key!r}"
+                                 + (f"; did you mean {close[0]!r}?" if close else ""))
+    unplaced = sorted({name.rsplit(".", 1)[0] for name, _ in skeleton.named_parameters()
+                       if not any(key == "" or name.startswith(f"{key}.") for key in device_map)})
+    if unplaced:
+        raise ModelLoadError(f"runtime.device_map places no device for {', '.join(unplaced[:5])}"
+                             f"{f' and {len(unplaced) - 5} more' if len(unplaced) > 5 else ''} of {source}: name "
+                             "each of them or a module holding them")
+
+
+def _gpu_index(target: int | str) -> int | None:
+    if isinstance(target, int):
+        return target
+    if target.startswith("cuda"):
+        return torch.device(target).index or 0
+    return None
+
+
+def _shown(device_map: str | Mapping) -> str:
+    return device_map if isinstance(device_map, str) else str(dict(device_map))
+
+
+def input_device(model: torch.nn.Module) -> torch.device:
+    """Where a forward's inputs go, and its outputs come back to: the main device of a split model
+    (its first parameter may be an offloaded placeholder on `meta`), else the device of its weights."""
+    hook = getattr(model, "_hf_hook", None)
+    execution = getattr(hook, "execution_device", None)
+    if execution is not None:
+        return torch.device(execution)
+    return next(model.parameters()).device
+
+
+def named_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """`model.state_dict()` in name order with the real values of offloaded entries (a split model keeps
+    `meta` placeholders in their place): one offloaded block at a time is read in, so a model larger
+    than memory is read whole block by block."""
+    from accelerate.utils import align_module_device, has_offloaded_params
+
+    state = model.state_dict()
+    blocks = {name: module for name, module in model.named_modules() if name and has_offloaded_params(module)}
+
+    def block_of(key: str) -> str:
+        parts = key.split(".")
+        return next((".".join(parts[:n]) for n in range(len(parts) - 1, 0, -1) if ".".join(parts[:n]) in blocks), "")
+
+    # The keys of one block share its prefix, so they are contiguous in name order.
+    for block, keys in itertools.groupby(sorted(state), key=block_of):
+        if not block:
+            yield from ((key, state[key]) for key in keys)
+            continue
+        with align_module_device(blocks[block], "cpu"):
+            values = blocks[block].state_dict(prefix=f"{block}.")
+            yield from ((key, values[key]) for key in keys)
+
+
+def tensor_values(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """{what: value} for parameters of `model` given as {what: parameter}: the parameters themselves, or
+    for offloaded ones (on `meta`) their values read back on the CPU."""
+    if not any(tensor.device.type == "meta" for tensor in tensors.values()):
+        return {what: tensor.detach() for what, tensor in tensors.items()}
+    names = {id(parameter): name for name, parameter in model.named_parameters(remove_duplicate=False)}
+    wanted = {names[id(tensor)]: what for what, tensor in tensors.items()}
+    return {wanted[name]: value.detach().clone() for name, value in named_tensors(model) if name in wanted}
 
 
 def with_lora(model: torch.nn.Module, settings: LoraSettings) -> torch.nn.Module:
@@ -285,3 +440,29 @@ def _explain(source: ModelSource, exc: Exception, what: str) -> str:
             "or a .gguf file (`pkt assets fetch` provides pinned models under models/)."
         )
     return f"could not read the {what} at {source.location} ({source.kind}): {exc}"
+
+
+def distributed_context() -> tuple[int, int]:
+    """(rank, world size), starting torch.distributed when launched by torchrun / accelerate launch.
+
+    Each rank takes the GPU of its LOCAL_RANK first, so NCCL's collectives run on the rank's own device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        nccl = torch.cuda.is_available()
+        if nccl:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.distributed.init_process_group("nccl" if nccl else "gloo")
+    return (torch.distributed.get_rank(), world) if world > 1 else (0, 1)
+
+
+def rank_device(device: str, world: int) -> torch.device:
+    """`runtime.device` for this rank: `auto` under several ranks is the rank's own GPU (LOCAL_RANK)."""
+    if device == "auto" and world > 1 and torch.cuda.is_available():
+        return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
+    return resolve_device(device)
+
+
+def barrier(world: int) -> None:
+    """Wait for every rank (a no-op in a single process)."""
+    if world > 1:
+        torch.distributed.barrier()

@@ -12,6 +12,14 @@ temporary folder and renamed into place. A restarted run continues from there, c
 the batches the uninterrupted run would have. A checkpoint is safetensors and JSON only, never a
 pickle, since loading a pickle runs whatever code it names. A failed write (a full disk) stops the
 run with `WriteFailed`, the last checkpoint intact; the log's torn last line is dropped on resume.
+
+Under torchrun / accelerate launch (torch.distributed started by the stage) every rank holds the whole
+student and reads its slice of each global batch; each slice is weighted by its share of the global
+batch's loss units, exactly as a micro-batch is, and the gradients are summed across ranks before
+clipping, so every rank takes the single-process step. The sum is an explicit all-reduce after the
+backward passes rather than a DistributedDataParallel wrapper: a phase switches the trainable set
+(DDP fixes it when it wraps), micro-batches need no `no_sync`, and methods keep the bare model they
+read layers and config from. Rank 0 alone writes the log and checkpoints; every rank resumes from them.
 """
 
 from __future__ import annotations
@@ -69,17 +77,25 @@ class Position:
 
 def train(model: nn.Module, method: Method, phases: list[Phase], make_loader: Callable[[Phase], BatchSource],
           config: AlignConfig, out: Path, progress: bool = True, echo: Callable[[str], None] = print) -> dict:
-    """Run `phases` on `model` in place (resuming from a checkpoint in `out`); returns this run's throughput."""
+    """Run `phases` on `model` in place (resuming from a checkpoint in `out`); returns this run's throughput.
+
+    Under torch.distributed, `make_loader` gives each rank its slice of the global batches (a source that
+    does not shard gives every rank the whole batch: still the single-process step, computed on each)."""
+    rank, world = _ranks()
     saved = method.saved_parameters(model, phases)
     device = next(model.parameters()).device
     position, loader_state, resume = Position(), None, _load_checkpoint(out, model, saved)
+    if world > 1:
+        _check_same_start(out, resume)
+        _broadcast_parameters(model, saved)
     if resume is not None:
         position, loader_state = Position(**resume["position"]), resume["loader"]
         echo(f"resuming {out} at step {position.global_step} ({phases[position.phase].name}, "
              f"step {position.phase_step}/{phases[position.phase].steps})")
-    files = _RunFiles(out, position.global_step if resume is not None else None)
-    with files.writing():
-        _truncate_log(out / LOG_FILE, position.global_step)
+    files = _RunFiles(out, position.global_step if resume is not None else None, writes=rank == 0)
+    if rank == 0:
+        with files.writing():
+            _truncate_log(out / LOG_FILE, position.global_step)
     total = sum(phase.steps for phase in phases)
     micro_batch_size = micro_batch_size_for(config, method)
     summary: dict = {"steps": total, "steps_run": total - position.global_step, "tokens": 0}
@@ -105,35 +121,43 @@ def train(model: nn.Module, method: Method, phases: list[Phase], make_loader: Ca
                 loader = make_loader(phase)
                 if loader_state is not None:
                     loader.load_state_dict(loader_state)
+                sharded = getattr(loader, "world", 1) == world
                 with loader:
                     batches = loader.batches(phase.steps - position.phase_step)
                     for batch in batches:
                         batch = batch.to(device)
                         model.train()
-                        loss, parts = _accumulate_gradients(model, method, batch, phase, micro_batch_size)
+                        loss, parts = _accumulate_gradients(model, method, batch, phase, micro_batch_size, world)
+                        tokens, stopping = batch.tokens, stop.requested
+                        if world > 1:
+                            loss, parts, tokens, stopping, with_grad = _sum_across_ranks(
+                                loss, parts, tokens, stopping, params)
+                            tokens = tokens if sharded else tokens // world
                         if not math.isfinite(loss):
                             raise NonFiniteLoss(
                                 f"{method.name}: the loss is {loss} at step {position.global_step + 1} "
                                 f"({phase.name}; parts {parts}; examples {batch.example_ids[:4]}). Lower align.lr "
                                 "(a rerun with changed settings starts afresh) or check the cache with "
                                 "`pkt cache verify`; the last checkpoint is intact.")
+                        if world > 1:
+                            _sum_gradients([p for p, used in zip(params, with_grad) if used])
                         grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
                         lr = scheduler.get_last_lr()[0]  # the rate this step uses
                         optimizer.step()
                         scheduler.step()
                         optimizer.zero_grad(set_to_none=True)
                         position = Position(index, position.phase_step + 1, position.global_step + 1)
-                        summary["tokens"] += batch.tokens
+                        summary["tokens"] += tokens
                         entry = {"step": position.global_step, "phase": phase.name, "phase_step": position.phase_step,
                                  "loss": loss, **parts, "grad_norm": float(grad_norm),
-                                 "lr": lr, "tokens": batch.tokens,
+                                 "lr": lr, "tokens": tokens,
                                  "seconds": round(time.perf_counter() - started, 3)}
                         files.log(entry)
                         bar.update(1)
                         bar.set_postfix_str(f"{phase.name} loss {entry['loss']:.4f}", refresh=False)
-                        if position.global_step % config.checkpoint_every == 0 or stop.requested:
+                        if position.global_step % config.checkpoint_every == 0 or stopping:
                             files.checkpoint(model, saved, position, optimizer, scheduler, loader)
-                        if stop.requested:
+                        if stopping:
                             raise TrainingInterrupted(
                                 f"interrupted at step {position.global_step}/{total}; checkpoint saved in {out}/"
                                 f"{CHECKPOINT}. Rerun the same command to resume.")
@@ -152,8 +176,8 @@ class _RunFiles:
     """The log and checkpoints a run writes to `out`; a write that fails (a full disk) raises `WriteFailed`,
     saying which checkpoint a rerun resumes from."""
 
-    def __init__(self, out: Path, checkpointed: int | None):
-        self.out, self.checkpointed = out, checkpointed
+    def __init__(self, out: Path, checkpointed: int | None, writes: bool = True):
+        self.out, self.checkpointed, self.writes = out, checkpointed, writes
         self._log = None
 
     @contextmanager
@@ -166,11 +190,14 @@ class _RunFiles:
             raise WriteFailed(write_failed(str(self.out), exc, intact)) from exc
 
     def __enter__(self) -> _RunFiles:
-        with self.writing():
-            self._log = open(self.out / LOG_FILE, "a")
+        if self.writes:
+            with self.writing():
+                self._log = open(self.out / LOG_FILE, "a")
         return self
 
     def __exit__(self, kind, *exc) -> None:
+        if self._log is None:
+            return
         if kind is None:
             with self.writing():
                 self._log.close()
@@ -181,11 +208,16 @@ class _RunFiles:
             pass
 
     def log(self, entry: dict) -> None:
+        if not self.writes:
+            return
         with self.writing():
             self._log.write(json.dumps(entry) + "\n")
 
     def checkpoint(self, model: nn.Module, names: list[str], position: Position, optimizer, scheduler,
                    loader: BatchSource) -> None:
+        if not self.writes:
+            self.checkpointed = position.global_step
+            return
         with self.writing():
             self._log.flush()  # every logged step the checkpoint covers is on disk before it
             _save_checkpoint(self.out, model, names, position, optimizer, scheduler, loader)
@@ -373,20 +405,24 @@ def micro_batch_size_for(config: AlignConfig, method: Method) -> int:
 
 
 def _accumulate_gradients(model: nn.Module, method: Method, batch, phase: Phase,
-                          micro_batch_size: int) -> tuple[float, dict]:
+                          micro_batch_size: int, world: int = 1) -> tuple[float, dict]:
     """Backward through `batch` in micro-batches whose losses add up to the whole batch's; returns the batch's
     loss and parts (the same weighted sums) as floats.
 
     A loss is a mean (over scored tokens, sequences or examples: `Method.loss_units`), so each micro-batch
     is weighted by its share of what that mean runs over in the whole batch, as torchtune weights by
-    tokens; weighting by the share of examples would let a short example's tokens count more."""
+    tokens; weighting by the share of examples would let a short example's tokens count more. Under
+    `world` ranks `batch` is this rank's slice and the whole batch is all ranks' slices together: the
+    returned loss and parts are this rank's shares of the global ones, which the ranks' sums give."""
     micro_batches = batch.split(micro_batch_size)
-    if len(micro_batches) == 1:
+    if world == 1 and len(micro_batches) == 1:
         loss, parts = method.loss(model, batch, phase)
         if torch.isfinite(loss):
             loss.backward()
         return loss.item(), parts
-    whole = method.loss_units(batch, phase)
+    whole = method.loss_units(batch, phase) if world == 1 else _global_loss_units(method, batch, phase)
+    if not batch.example_ids:
+        return 0.0, {}
     total, parts = 0.0, {}
     for micro in micro_batches:
         counts = method.loss_units(micro, phase)
@@ -399,6 +435,91 @@ def _accumulate_gradients(model: nn.Module, method: Method, batch, phase: Phase,
         for key, value in micro_parts.items():
             parts[key] = parts.get(key, 0.0) + value
     return total, parts
+
+
+def _ranks() -> tuple[int, int]:
+    """(rank, world size) of the torch.distributed group the stage started; (0, 1) without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _sum_objects(value: dict) -> dict:
+    """Every rank's `value` (a flat dict of numbers) summed key by key, on every rank."""
+    gathered: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, value)
+    total: dict = {}
+    for one in gathered:
+        for key, number in one.items():
+            total[key] = total.get(key, 0) + number
+    return total
+
+
+def _global_loss_units(method: Method, batch, phase: Phase) -> dict[str, int]:
+    """The loss units of the global batch: every rank's slice counted (an empty slice counts none)."""
+    return _sum_objects(method.loss_units(batch, phase) if batch.example_ids else {})
+
+
+def _sum_across_ranks(loss: float, parts: dict, tokens: int, stop: bool,
+                      params: list[nn.Parameter]) -> tuple[float, dict, int, bool, list[bool]]:
+    """One exchange per step: the global loss and parts (sums of the ranks' shares), tokens, whether any
+    rank was asked to stop (all stop together, or the others would wait forever), and which parameters got
+    a gradient on some rank (one none did keeps `grad` None, as in one process, so AdamW skips it)."""
+    gradients = {f"grad/{i}": int(p.grad is not None) for i, p in enumerate(params)}
+    mine = {"loss": loss, "tokens": tokens, "stop": int(stop), **{f"part/{k}": v for k, v in parts.items()},
+            **gradients}
+    total = _sum_objects(mine)
+    summed_parts = {key[5:]: value for key, value in total.items() if key.startswith("part/")}
+    return (total["loss"], summed_parts, int(total["tokens"]), total["stop"] > 0,
+            [total[f"grad/{i}"] > 0 for i in range(len(params))])
+
+
+_BUCKET_BYTES = 64 << 20
+
+
+def _sum_gradients(params: list[nn.Parameter]) -> None:
+    """Sum `params`' gradients across ranks in place, in flat buckets of one device and dtype (as DDP does):
+    one all-reduce per bucket, not per tensor."""
+    for parameter in params:
+        if parameter.grad is None:  # no gradient on this rank (an empty slice): it adds zero
+            parameter.grad = torch.zeros_like(parameter)
+    buckets: dict[tuple, list[torch.Tensor]] = {}
+    for grad in [parameter.grad for parameter in params]:
+        key = (grad.device, grad.dtype)
+        bucket = buckets.setdefault(key, [])
+        bucket.append(grad)
+        if sum(g.numel() for g in bucket) * grad.element_size() >= _BUCKET_BYTES:
+            _all_reduce_flat(buckets.pop(key))
+    for bucket in buckets.values():
+        _all_reduce_flat(bucket)
+
+
+def _all_reduce_flat(grads: list[torch.Tensor]) -> None:
+    flat = torch.cat([grad.reshape(-1) for grad in grads])  # [sum of numel]
+    torch.distributed.all_reduce(flat)
+    for grad, summed in zip(grads, flat.split([grad.numel() for grad in grads])):
+        grad.copy_(summed.view_as(grad))
+
+
+def _check_same_start(out: Path, resume: dict | None) -> None:
+    """Refuse, on every rank, a start the ranks disagree on (a checkpoint some of them do not see): each
+    would train on from its own step and wait forever for the others at the first step they do not share."""
+    step = -1 if resume is None else int(resume["position"]["global_step"])
+    steps: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(steps, step)
+    if len(set(steps)) > 1:
+        seen = ", ".join(f"rank {rank}: {'no checkpoint' if s < 0 else f'step {s}'}" for rank, s in enumerate(steps))
+        raise ValueError(f"the ranks found different checkpoints in {out} ({seen}); align.out must be one folder "
+                         "every rank sees (on several machines a shared filesystem), written by no other run")
+
+
+def _broadcast_parameters(model: nn.Module, names: list[str]) -> None:
+    """Rank 0's values of the trained parameters on every rank, as DDP starts: a random initialisation
+    (LoRA's A) that differed by rank would leave the ranks training different models."""
+    parameters = dict(model.named_parameters())
+    with torch.no_grad():
+        for name in names:
+            torch.distributed.broadcast(parameters[name].data, src=0)
 
 
 def steps_for(config: AlignConfig, batches_per_epoch: int) -> int:

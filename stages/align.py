@@ -6,15 +6,21 @@ Reads only the cache and the student; the teacher is never loaded. Writes to `al
 `dvc plots`) and `loss_curves.png`, the method's report (with `align.report_map`, e.g. SemAlign's
 `map_report.json`) and, while running, `checkpoint/`.
 Rerunning a killed run resumes from the checkpoint; rerunning a finished one does nothing.
+
+Under `torchrun` / `accelerate launch` every rank runs this function: rank 0 prepares `align.out` and
+writes everything in it; each rank trains a whole replica of the student on its slice of every batch
+(`pkt_pipeline.training`), so `align.out` must be a folder all ranks see (any on one node).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import time
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import torch
 
@@ -23,12 +29,13 @@ from pkt_pipeline.cache import CacheError, open_cache
 from pkt_pipeline.config import PktConfig, to_dict
 from pkt_pipeline.extraction import vocabulary_sha256
 from pkt_pipeline.loader import BatchSource, CacheLoader
-from pkt_pipeline.methods import AlignContext, Method, Phase, check_sections, resolve
-from pkt_pipeline.models import load_model, load_tokenizer, peak_rss_gib, resolve_device, with_lora
+from pkt_pipeline.methods import AlignContext, Method, Phase, available_methods, check_sections, get_method, resolve
+from pkt_pipeline.models import distributed_context, load_model, load_tokenizer, peak_rss_gib, rank_device, with_lora
 from pkt_pipeline.plots import plot_training_log
 from pkt_pipeline.training import (LOG_FILE, NonFiniteLoss, TrainingInterrupted, WriteFailed, clear_checkpoint,
                                    micro_batch_size_for, phase_summaries, read_log, steps_for, train)
 from pkt_pipeline.write_errors import write_failed
+from pkt_pipeline.xtok import align_cache
 
 RUN_FILE = "run.json"
 STOPPED_FILE = "stopped.json"
@@ -36,8 +43,10 @@ STOPPED_FILE = "stopped.json"
 __all__ = ["TrainingInterrupted", "run", "check_vocabulary"]
 
 
-def check_vocabulary(cache, tokenizer, student: str) -> None:
-    """Refuse a student whose token ids would mean something else than the cached ones."""
+def check_vocabulary(cache, tokenizer, student: str, method: str = "") -> None:
+    """Refuse a student whose token ids would mean something else than the cached ones (for `method`, one that
+    trains on the cached token ids; a cross-tokenizer method never calls this)."""
+    crossing = [name for name in available_methods() if get_method(name).cross_tokenizer]
     recorded = cache.manifest.tokenizer
     ours = {"vocabulary_sha256": vocabulary_sha256(tokenizer), "vocab_size": len(tokenizer)}
     theirs = {key: getattr(recorded, key) for key in ours}
@@ -46,8 +55,9 @@ def check_vocabulary(cache, tokenizer, student: str) -> None:
             f"the student's tokenizer does not match the cache: student {student} has vocabulary "
             f"{ours['vocabulary_sha256'][:12]} ({ours['vocab_size']} tokens), the cache's teacher "
             f"{cache.manifest.teacher.id} has {str(theirs['vocabulary_sha256'])[:12]} "
-            f"({theirs['vocab_size']} tokens). Stage two trains on the cached token ids, so both must share one "
-            "vocabulary; extract a cache with a teacher of the student's family.")
+            f"({theirs['vocab_size']} tokens). {f'Method {method}' if method else 'Stage two'} trains on the cached "
+            "token ids, so both must share one vocabulary; extract a cache with a teacher of the student's family"
+            + (f", or use a method that works across tokenizers ({', '.join(crossing)})" if crossing else "") + ".")
 
 
 def run(config: PktConfig, progress: bool = True, echo=print) -> dict:
@@ -55,23 +65,38 @@ def run(config: PktConfig, progress: bool = True, echo=print) -> dict:
     check_sections(config)
     resolved = resolve(config, requested)
     config, cfg = resolved.config, resolved.align
+    _refuse_fsdp()
+    rank, world = distributed_context()
+    if rank != 0:
+        progress, echo = False, _silent
     started = time.perf_counter()
     method_class = resolved.method_class
     if cfg.report_map and method_class.report is Method.report:
         raise ValueError(f"align.report_map (--report-map): {method_class.name} writes no report")
     cache = open_cache(cfg.cache)
     tokenizer = load_tokenizer(config.student, trust_remote_code=config.runtime.trust_remote_code)
-    check_vocabulary(cache, tokenizer, config.student)
+    student_tokens = None
+    if method_class.cross_tokenizer:  # the student's own tokens of every example, aligned with the cached ones
+        if method_class.needs_target_logprob:
+            cache.require_target_logprob(f"method {method_class.name}")
+        student_tokens = align_cache(cache, tokenizer, who=f"method {method_class.name}", progress=progress)
+    else:
+        check_vocabulary(cache, tokenizer, config.student, method_class.name)
     out = Path(cfg.out)
     record = {"pkt_version": __version__, "student": config.student, "cache": cfg.cache,
-              "cache_identity": cache.manifest.identity, "align": to_dict(config)["align"],
+              "cache_identity": cache.manifest.identity,
+              "align": {k: v for k, v in to_dict(config)["align"].items() if k != "overwrite"},  # how to run, not what
               **({"settings": dataclasses.asdict(resolved.settings)} if resolved.settings is not None else {})}
-    _restart_diverged(out, record, cfg.overwrite, echo)
-    if _prepare_out(out, record, cfg.overwrite, method_class.report_file) == "done":
+
+    def prepare() -> str:
+        _restart_diverged(out, record, cfg.overwrite, echo)
+        return _prepare_out(out, record, cfg.overwrite, method_class.report_file)
+
+    if _on_rank_zero(rank, world, prepare) == "done":
         echo(f"{out} already holds this finished run; nothing to do (--overwrite to train again)")
         return {"out": str(out), "action": "up to date"}
 
-    device = resolve_device(config.runtime.device)
+    device = rank_device(config.runtime.device, world)
     model = load_model(config.student, dtype=config.runtime.dtype, device=device,
                        trust_remote_code=config.runtime.trust_remote_code, tokenizer=tokenizer)
     method = method_class(AlignContext(cache, cfg, tokenizer, settings=resolved.settings))
@@ -82,13 +107,15 @@ def run(config: PktConfig, progress: bool = True, echo=print) -> dict:
         model = model.float()
     method.setup(model)
 
-    def make_loader(phase: Phase, seed: int = cfg.seed) -> BatchSource:
+    def make_loader(phase: Phase, seed: int = cfg.seed, shard: bool = False) -> BatchSource:
         own = method.loader(phase, seed)
         if own is not None:
             return own
         return CacheLoader(cache, batch_size=cfg.batch_size, layers=phase.teacher_layers, kind=method.teacher_kind,
                            topk=method.needs_topk, seed=seed, shuffle_buffer=cfg.loader.shuffle_buffer,
-                           prefetch=cfg.loader.prefetch, read_workers=cfg.loader.read_workers)
+                           prefetch=cfg.loader.prefetch, read_workers=cfg.loader.read_workers,
+                           student=student_tokens, target_logprob=method.needs_target_logprob,
+                           **({"rank": rank, "world": world} if shard else {}))
 
     student_layers = model.config.num_hidden_layers
     probe = make_loader(Phase("probe", 0))
@@ -101,13 +128,18 @@ def run(config: PktConfig, progress: bool = True, echo=print) -> dict:
     micro = micro_batch_size_for(cfg, method)
     echo(f"{method.name}: {sum(p.steps for p in phases)} steps in {len(phases)} phase(s) over {source}"
          + (f", {micro} example(s) per forward" if micro else ""))
-    report = method.report(model, make_loader, "before", None) if cfg.report_map else None
+    reporting = cfg.report_map and rank == 0  # on the whole batches, once
+    report = method.report(model, make_loader, "before", None) if reporting else None
 
     try:
-        summary = train(model, method, phases, make_loader, cfg, out, progress=progress, echo=echo)
+        summary = train(model, method, phases, lambda phase: make_loader(phase, shard=True), cfg, out,
+                        progress=progress, echo=echo)
     except NonFiniteLoss as exc:
-        (out / STOPPED_FILE).write_text(json.dumps({"stopped": "non-finite loss", "message": str(exc)}) + "\n")
+        if rank == 0:
+            (out / STOPPED_FILE).write_text(json.dumps({"stopped": "non-finite loss", "message": str(exc)}) + "\n")
         raise
+    if rank != 0:
+        return {"out": str(out), "action": "trained on rank 0's behalf", "rank": rank}
     if report is not None:
         report = method.report(model, make_loader, "after", report)
     try:
@@ -116,6 +148,41 @@ def run(config: PktConfig, progress: bool = True, echo=print) -> dict:
         intact = (f"The checkpoint at step {summary['checkpointed']} is intact" if summary["checkpointed"] is not None
                   else "Training wrote no checkpoint, so the rerun trains again")
         raise WriteFailed(write_failed(str(out), exc, intact)) from exc
+
+
+T = TypeVar("T")
+
+
+def _on_rank_zero(rank: int, world: int, action: Callable[[], T]) -> T:
+    """`action` run by rank 0 alone, its result (or its error, raised again) on every rank: the others wait
+    for rank 0 to prepare `align.out`, then read the same checkpoint from it."""
+    if world == 1:
+        return action()
+    outcome: list = [None]
+    if rank == 0:
+        try:
+            outcome = [("done", action())]
+        except Exception as exc:
+            torch.distributed.broadcast_object_list([("failed", exc)], src=0)
+            raise
+    torch.distributed.broadcast_object_list(outcome, src=0)
+    kind, value = outcome[0]
+    if kind == "failed":
+        raise value
+    return value
+
+
+def _refuse_fsdp() -> None:
+    """An `accelerate launch` FSDP config would otherwise run as plain data parallelism, a whole student
+    per GPU, and fail later for memory with no word of why."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true", "yes"):
+        raise ValueError("pkt align does not shard the student (FSDP): ACCELERATE_USE_FSDP is set by an accelerate "
+                         "config with distributed_type FSDP. Use distributed_type MULTI_GPU (each GPU holds the "
+                         "whole student), or train a LoRA adapter on a bf16 student (align.lora) to fit one GPU.")
+
+
+def _silent(message: str) -> None:
+    """The echo of ranks other than 0, which would print everything again."""
 
 
 def _finish(config, requested, method, model, tokenizer, cache, out: Path, summary: dict, report: dict | None,
@@ -136,6 +203,7 @@ def _finish(config, requested, method, model, tokenizer, cache, out: Path, summa
                "peak_rss_gib": peak_rss_gib(), **saved}
     if getattr(method, "pairs", None):  # student layer -> teacher layer, recorded with every run that pairs layers
         metrics["pairs"] = {str(k): p for k, p in method.pairs.items()}
+    metrics.update(method.run_metrics())
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     clear_checkpoint(out)
     (out / STOPPED_FILE).unlink(missing_ok=True)
@@ -177,8 +245,11 @@ def _cover_phases(method, total: int, student_layers: int, cfg, echo) -> int:
 def _prepare_out(out: Path, record: dict, overwrite: bool, report_file: str) -> str:
     """'done', 'resume' or 'fresh'; refuses a folder holding a different run unless overwriting.
 
-    `--overwrite` replaces only a pkt align run (its `run.json` record) holding nothing else; a
-    folder pkt did not write is refused as it is, however the command was given.
+    `--overwrite` replaces a finished run or a run of other settings, as `pkt extract --overwrite`
+    replaces a cache of other settings: a killed run of these same settings resumes from its checkpoint
+    all the same, so a DVC stage (whose command overwrites, to replace what a changed dependency made
+    stale) loses no training to a kill. It replaces only a pkt align run (its `run.json` record)
+    holding nothing else; a folder pkt did not write is refused as it is, however the command was given.
     """
     from pkt_pipeline.training import CHECKPOINT, LOG_FILE
 
@@ -186,6 +257,8 @@ def _prepare_out(out: Path, record: dict, overwrite: bool, report_file: str) -> 
     ours = (RUN_FILE, "model", "adapter", "metrics.json", LOG_FILE, "loss_curves.png", report_file, CHECKPOINT)
     run_file = out / RUN_FILE
     previous = _align_record(run_file)
+    if previous == record and not (out / "metrics.json").exists():
+        return "resume"
     if previous is not None and not overwrite:
         if previous != record:
             changed = sorted(k for k in record if previous.get(k) != record[k])

@@ -23,6 +23,7 @@ import torch
 from pkt_pipeline import __version__
 from pkt_pipeline.attribution import TARGETS, accumulate_attribution
 from pkt_pipeline.cache import CacheError, CacheWriter, Manifest, WriterLock
+from pkt_pipeline.cache.codecs import MAX_PACKED_ID, TOPK_CODECS
 from pkt_pipeline.cache.layout import (
     ATTRIBUTION_KEYS,
     FINAL_LAYER_RAW,
@@ -30,6 +31,7 @@ from pkt_pipeline.cache.layout import (
     LEDGER_DIR,
     MANIFEST_FILE,
     STORAGE_DTYPES,
+    TOKENIZER_DIR,
     AttributionSource,
     AttributionSummary,
     Capture,
@@ -59,10 +61,11 @@ from pkt_pipeline.extraction import (
     tokenizer_info,
     write_error,
 )
-from pkt_pipeline.models import load_model, load_tokenizer, peak_rss_gib
-from pkt_pipeline.methods import build_extra, check_sections, get_extra
+from pkt_pipeline.methods import auto_layers, build_extra, check_sections, get_extra
+from pkt_pipeline.models import (barrier, distributed_context, load_model, load_model_config, load_tokenizer, peak_rss_gib,
+                                 rank_device)
 
-__all__ = ["Interrupted", "reopen_damaged_groups", "resolve_attribution_data", "run", "validate"]
+__all__ = ["Interrupted", "estimate", "reopen_damaged_groups", "resolve_attribution_data", "run", "validate"]
 
 
 def validate(cfg: ExtractConfig) -> None:
@@ -72,6 +75,7 @@ def validate(cfg: ExtractConfig) -> None:
         (cfg.prompt_format in PROMPT_FORMATS, f"extract.prompt_format must be one of {PROMPT_FORMATS}"),
         (set(cfg.capture) <= set(CAPTURE_KINDS) and cfg.capture, f"extract.capture must be a non-empty subset of {CAPTURE_KINDS}"),
         (cfg.storage_dtype in STORAGE_DTYPES, f"extract.storage_dtype must be one of {STORAGE_DTYPES}"),
+        (cfg.topk_codec in TOPK_CODECS, f"extract.topk_codec must be one of {TOPK_CODECS}"),
         (cfg.compressor in COMPRESSORS, f"extract.compressor must be one of {COMPRESSORS}"),
         (cfg.top_k >= 1 and cfg.batch_size >= 1 and cfg.max_length >= 2, "extract.top_k, batch_size must be >= 1 and max_length >= 2"),
         (cfg.shard_tokens % cfg.chunk_tokens == 0, "extract.shard_tokens must be a multiple of extract.chunk_tokens"),
@@ -82,13 +86,17 @@ def validate(cfg: ExtractConfig) -> None:
             raise ValueError(message)
 
 
-def distributed_context() -> tuple[int, int]:
-    """(rank, world size), starting torch.distributed when launched by torchrun/accelerate."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not torch.distributed.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        torch.distributed.init_process_group(backend)
-    return (torch.distributed.get_rank(), world) if world > 1 else (0, 1)
+def check_placement(config: PktConfig, world: int) -> None:
+    """Refuse a teacher split by `runtime.device_map` where the run could not use it as it is."""
+    if not config.runtime.device_map:
+        return
+    if world > 1:
+        raise ValueError(f"runtime.device_map splits one teacher over this machine's devices; it does not combine "
+                         f"with a data-parallel launch (WORLD_SIZE={world}): run one process, or leave the map empty")
+    if config.extract.extras:
+        raise ValueError(f"extract.extras ({', '.join(config.extract.extras)}) read the teacher on one device, not "
+                         "split by runtime.device_map: extract with the map first, then add the extras in a run "
+                         "without it (a complete cache only gains the extras)")
 
 
 def run(config: PktConfig, progress: bool = True, echo=print) -> dict:
@@ -107,10 +115,10 @@ def _run(config: PktConfig, progress: bool = True, echo=print) -> dict:
     validate(cfg)
     check_sections(config)  # the extras' settings (`methods.<name>.teacher`), and a typo in any method's section
     rank, world = distributed_context()
+    check_placement(config, world)
     started = time.perf_counter()
-    device = config.runtime.device
-    if device == "auto" and world > 1 and torch.cuda.is_available():
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
+    # a split teacher is placed by accelerate (device stays "auto"); a whole one goes to this rank's device
+    device = config.runtime.device if config.runtime.device_map else rank_device(config.runtime.device, world)
 
     data_path = resolve_data(cfg.data, config.assets.data_dir)
     tokenizer = load_tokenizer(config.teacher, trust_remote_code=config.runtime.trust_remote_code)
@@ -118,14 +126,11 @@ def _run(config: PktConfig, progress: bool = True, echo=print) -> dict:
     examples, counts = load_examples(data_path, tokenizer, cfg.prompt_format, cfg.max_length, cfg.train_on_inputs,
                                      limit=cfg.limit or None)
     model = load_model(config.teacher, dtype=config.runtime.dtype, device=device,
-                       trust_remote_code=config.runtime.trust_remote_code)
-    n_layers = model.config.num_hidden_layers
-    layers = tuple(sorted(set(cfg.layers))) if cfg.layers else tuple(range(n_layers + 1))
-    if min(layers) < 0 or max(layers) > n_layers:
-        raise ValueError(f"extract.layers must lie in 0..{n_layers} for this teacher, got {list(layers)}")
-    if cfg.top_k > model.config.vocab_size:
-        raise ValueError(f"extract.top_k ({cfg.top_k}) exceeds the teacher's vocabulary size ({model.config.vocab_size})")
-    settings = CaptureSettings(layers, tuple(cfg.capture), cfg.top_k, cfg.storage_dtype)
+                       trust_remote_code=config.runtime.trust_remote_code, device_map=config.runtime.device_map,
+                       max_memory=config.runtime.max_memory, offload_folder=config.runtime.offload_folder)
+    layers, layers_rule = capture_layers(config, model.config.num_hidden_layers)
+    check_topk_fits(cfg, model.config.vocab_size)
+    settings = CaptureSettings(layers, tuple(cfg.capture), cfg.top_k, cfg.storage_dtype, cfg.topk_codec)
 
     lengths = [len(e.input_ids) for e in examples]
     groups = plan_groups(lengths, cfg.shard_tokens)
@@ -133,7 +138,7 @@ def _run(config: PktConfig, progress: bool = True, echo=print) -> dict:
 
     attribution_path = resolve_attribution_data(cfg, data_path)
     record = _run_record(config, model, tokenizer, examples, counts, settings, prompt, data_path, attribution_path,
-                         len(groups))
+                         len(groups), layers_rule)
     index = pa.table({
         "example_id": [e.example_id for e in examples],
         "content_hash": [e.content_hash for e in examples],
@@ -142,6 +147,8 @@ def _run(config: PktConfig, progress: bool = True, echo=print) -> dict:
         "supervised_tokens": pa.array([int(e.supervised.sum()) for e in examples], pa.int32()),
         "group": pa.array(group_of, pa.int32()),
         "truncated": [e.truncated for e in examples],
+        "messages": [e.messages for e in examples],  # SOURCE_COLUMNS: what a student with another tokenizer re-renders
+        "text": [e.text for e in examples],
     })
     codec = compressor(cfg.compressor, cfg.compression_level)
     writer_args = (cfg.out, record, index, array_specs(settings, model.config.hidden_size), codec)
@@ -149,7 +156,7 @@ def _run(config: PktConfig, progress: bool = True, echo=print) -> dict:
     if rank == 0:
         writer = CacheWriter.open(*writer_args, overwrite=cfg.overwrite, create=True)
         repaired = reopen_damaged_groups(writer, echo)
-    _barrier(world)
+    barrier(world)
     if rank != 0:
         writer = CacheWriter.open(*writer_args, create=False)
     timings: dict[str, float] = {}  # the extras' run times: in the summary, never in the manifest (reproducible)
@@ -180,7 +187,8 @@ def _run(config: PktConfig, progress: bool = True, echo=print) -> dict:
     scores, n_used = _attribution(config, tokenizer, model, attribution_path, rank, world, progress and rank == 0)
     summary = {"out": cfg.out, "action": "repaired" if repaired else "extracted", "examples": counts["examples"],
                "tokens": counts["tokens"], "tokens_written_now": written_tokens,
-               **({"groups": repaired} if repaired else {})}
+               **({"groups": repaired} if repaired else {}),
+               **({"device_map": dict(getattr(model, "hf_device_map", {}))} if config.runtime.device_map else {})}
     try:
         if rank == 0:
             for target, values in scores.items():
@@ -188,9 +196,10 @@ def _run(config: PktConfig, progress: bool = True, echo=print) -> dict:
                     "aggregation": cfg.attribution_aggregation, "target": target, "examples": n_used,
                     "data": str(attribution_path)})
             _write_teacher_head(writer, model, settings.storage_dtype, codec)
+            _write_tokenizer(writer, tokenizer)
             extras = {**kept_extras, **_run_extras(cfg.extras, writer, model, tokenizer, config, data_path, codec,
                                                    progress, timings)}
-        _barrier(world)
+        barrier(world)
         if rank == 0:
             manifest = writer.finalize(AttributionSummary(aggregation=cfg.attribution_aggregation, examples=n_used),
                                        extras)
@@ -206,6 +215,76 @@ def _run(config: PktConfig, progress: bool = True, echo=print) -> dict:
         Path(cfg.metrics).parent.mkdir(parents=True, exist_ok=True)
         Path(cfg.metrics).write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def estimate(config: PktConfig) -> dict:
+    """`pkt extract --dry-run`: the cache's size and the run's time, from the teacher's config and tokenizer only.
+
+    Tokens are exact (the data tokenized as the run would); layers follow `extract.layers` (auto included);
+    raw bytes are exact for the codec (rows padded to whole chunks, as written); stored bytes apply the
+    compressor's ratio measured on the real teacher (bench/cache_fidelity.py), so they are an estimate.
+    Time: 2 x parameters x tokens FLOPs of forward, plus 3x that for the attribution examples' forward and
+    backward, over the matmul rate measured here on the run's device and dtype: a lower bound."""
+    from pkt_pipeline.cache.codecs import bytes_per_token, row_format, stored_ratio
+    from pkt_pipeline.models import matmul_rate, parameter_count, resolve_device, resolve_dtype
+
+    cfg = config.extract
+    validate(cfg)
+    data_path = resolve_data(cfg.data, config.assets.data_dir)
+    tokenizer = load_tokenizer(config.teacher, trust_remote_code=config.runtime.trust_remote_code)
+    examples, counts = load_examples(data_path, tokenizer, cfg.prompt_format, cfg.max_length, cfg.train_on_inputs,
+                                     limit=cfg.limit or None)
+    attribution, _ = load_examples(resolve_attribution_data(cfg, data_path), tokenizer, cfg.prompt_format,
+                                   cfg.max_length, cfg.train_on_inputs, limit=cfg.attribution_examples or None)
+    teacher = load_model_config(config.teacher, trust_remote_code=config.runtime.trust_remote_code)
+    layers, rule = capture_layers(config, teacher.num_hidden_layers)
+    check_topk_fits(cfg, teacher.vocab_size)
+    width = teacher.hidden_size
+    float_rows = len(layers) * ("hidden" in cfg.capture) + sum(layer >= 1 for layer in layers) * ("delta" in cfg.capture)
+    lengths = [len(e.input_ids) for e in examples]
+    groups = plan_groups(lengths, cfg.shard_tokens)
+    rows = sum(-(-sum(lengths[i] for i in group) // cfg.chunk_tokens) * cfg.chunk_tokens for group in groups)
+    per_token = bytes_per_token(cfg.storage_dtype, cfg.topk_codec, width, float_rows, cfg.top_k)
+    row_shape, row_dtype = row_format(cfg.storage_dtype, width)
+    head = (teacher.vocab_size + 1) * width * 2
+    ratio = stored_ratio(cfg.compressor, cfg.storage_dtype)
+    params = parameter_count(teacher, trust_remote_code=config.runtime.trust_remote_code)
+    device = resolve_device(config.runtime.device)
+    dtype = resolve_dtype(config.runtime.dtype, device)
+    rate = matmul_rate(device, dtype)
+    flops = 2 * params * counts["tokens"] + 3 * 2 * params * sum(len(e.input_ids) for e in attribution)
+    return {"examples": counts["examples"], "tokens": counts["tokens"], "groups": len(groups), "layers": list(layers),
+            "layers_rule": rule, "float_rows_per_token": float_rows,
+            "row_bytes": int(np.prod(row_shape)) * np.dtype(row_dtype).itemsize,
+            "bytes_per_token_raw": per_token, "activation_bytes_raw": per_token * rows,
+            "activation_bytes_stored": int(per_token * rows / ratio), "stored_ratio_assumed": ratio,
+            "teacher_head_bytes": head, "parameters": params, "flops": flops, "device": str(device),
+            "dtype": str(dtype).replace("torch.", ""), "matmul_flops_per_s": rate, "seconds": flops / rate}
+
+
+def capture_layers(config: PktConfig, teacher_layers: int) -> tuple[tuple[int, ...], dict | None]:
+    """The teacher layers to capture, and how `extract.layers: auto` derived them (None for listed layers).
+
+    `auto` reads the student's depth from its config alone (AutoConfig of `student`), never its weights."""
+    cfg = config.extract
+    if cfg.layers == "auto":
+        student = load_model_config(config.student, trust_remote_code=config.runtime.trust_remote_code,
+                                    needed_for="extract.layers: auto reads the student's depth")
+        layers, rule = auto_layers(config, teacher_layers, student.num_hidden_layers, tuple(cfg.capture))
+    else:
+        layers, rule = (tuple(sorted(set(cfg.layers))) if cfg.layers else tuple(range(teacher_layers + 1))), None
+    if layers and max(layers) > teacher_layers:
+        raise ValueError(f"extract.layers must lie in 0..{teacher_layers} for this teacher, got {list(layers)}")
+    return layers, rule
+
+
+def check_topk_fits(cfg: ExtractConfig, vocab_size: int) -> None:
+    """Refuse a top-k the teacher's vocabulary cannot fill, or ids the chosen top-k codec cannot store."""
+    if cfg.top_k > vocab_size:
+        raise ValueError(f"extract.top_k ({cfg.top_k}) exceeds the teacher's vocabulary size ({vocab_size})")
+    if cfg.topk_codec == "uint8" and vocab_size > MAX_PACKED_ID:
+        raise ValueError(f"extract.topk_codec=uint8 stores token ids in 3 bytes (< {MAX_PACKED_ID}); this teacher's "
+                         f"vocabulary has {vocab_size}: use extract.topk_codec=exact")
 
 
 def reopen_damaged_groups(writer: CacheWriter, echo=print) -> list[int]:
@@ -268,14 +347,28 @@ def _attribution(config, tokenizer, model, path: Path, rank: int, world: int,
 
 
 def _write_teacher_head(writer: CacheWriter, model, storage_dtype: str, codec) -> None:
+    from pkt_pipeline.cache.codecs import dense_dtype
     from pkt_pipeline.cache.layout import encode
 
+    storage_dtype = dense_dtype(storage_dtype)  # the head is never stored lossy: the semantic map is built from it
     norm, head, eps = final_norm_and_head(model)
     encoded_head = encode(head, storage_dtype)
     writer.write_array("teacher/lm_head", encoded_head, chunks=(min(4096, head.shape[0]), head.shape[1]), codec=codec,
                        attributes={"pkt_dtype": storage_dtype, "norm_eps": eps})
     writer.write_array("teacher/final_norm", encode(norm, storage_dtype), chunks=tuple(norm.shape), codec=codec,
                        attributes={"pkt_dtype": storage_dtype})
+
+
+def _write_tokenizer(writer: CacheWriter, tokenizer) -> None:
+    """The teacher's tokenizer files (chat template included) under `tokenizer/`: stage two decodes teacher ids
+    and re-renders the teacher's text with them, without the teacher."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="pkt-tokenizer-") as folder:
+        tokenizer.save_pretrained(folder)
+        for path in sorted(Path(folder).iterdir()):
+            if path.is_file():
+                writer.files.write_bytes(f"{TOKENIZER_DIR}/{path.name}", path.read_bytes())
 
 
 def _run_extras(names: list[str], writer: CacheWriter, model, tokenizer, config: PktConfig, data_path: Path, codec,
@@ -315,21 +408,19 @@ def _stale_extras(names: list[str], stored: dict[str, ExtraEntry], config: PktCo
     return stale
 
 
-def _run_record(config, model, tokenizer, examples, counts, settings, prompt, data_path, attribution_path, n_groups) -> dict:
+def _run_record(config, model, tokenizer, examples, counts, settings, prompt, data_path, attribution_path, n_groups,
+                layers_rule) -> dict:
     cfg = config.extract
+    # an exact top-k leaves `topk_codec` absent, so a cache's identity is what it was before the key existed
     capture = Capture(layers=settings.layers, kinds=settings.kinds, final_layer=FINAL_LAYER_RAW, top_k=settings.top_k,
                       storage_dtype=settings.storage_dtype, compressor=cfg.compressor,
-                      compression_level=cfg.compression_level)
+                      compression_level=cfg.compression_level, topk_codec=settings.topk_codec,
+                      absent=frozenset({"topk_codec"}) if settings.topk_codec == "exact" else frozenset())
     return run_record(
         version=__version__, teacher=teacher_info(model, str(config.teacher)), tokenizer=tokenizer_info(tokenizer),
         capture=capture, prompt=Prompt(**prompt), layout=Layout(cfg.chunk_tokens, cfg.shard_tokens, n_groups),
         dataset=DatasetInfo(path=str(data_path), fingerprint=dataset_fingerprint(examples, prompt)),
         counts=Counts(**counts),
         attribution=AttributionSource(data=str(attribution_path), aggregation=cfg.attribution_aggregation,
-                                      limit=cfg.attribution_examples))
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        torch.distributed.barrier()
-
+                                      limit=cfg.attribution_examples),
+        layers_rule=layers_rule)

@@ -20,6 +20,7 @@ from pkt_pipeline.loader import CacheLoader
 from pkt_pipeline.methods import AlignContext, available_methods, get_method, register, resolve
 from pkt_pipeline.models import load_model, load_tokenizer, with_lora
 from pkt_pipeline.training import _accumulate_gradients
+from pkt_pipeline.xtok import align_cache
 from stages import align
 from nan_method import NanAtThirdStep
 from tiny_data import extract_config, write_dataset
@@ -92,6 +93,7 @@ def disk_full_scenario(command_file: str, disk: str, results: str) -> None:
     (results_path / "report.json").write_text(json.dumps(report))
 
 
+@pytest.mark.integration
 def test_a_disk_filling_up_stops_align_clearly_and_the_run_resumes_exactly(tiny_pair, tiny_cache, tmp_path):
     if shutil.which("unshare") is None:
         pytest.skip("needs `unshare` to mount a private tmpfs")
@@ -175,9 +177,13 @@ def _method_and_batch(tiny_pair, cache: Path, name: str, options: list[str]):
     names = set(method.trainable(model, phase))
     for parameter_name, parameter in model.named_parameters():
         parameter.requires_grad_(parameter_name in names)
+    # A cross-tokenizer method reads the student's own tokenization (here the same tokenizer: every token aligned).
+    student = (align_cache(open_cache(cache), load_tokenizer(tiny_pair["student"]), who=name, progress=False)
+               if method.cross_tokenizer else None)
     loader = method.loader(phase, cfg.seed) or CacheLoader(
         open_cache(cache), batch_size=cfg.batch_size, layers=phase.teacher_layers, kind=method.teacher_kind,
-        topk=method.needs_topk, seed=cfg.seed, shuffle_buffer=8)
+        topk=method.needs_topk, seed=cfg.seed, shuffle_buffer=8, student=student,
+        target_logprob=method.needs_target_logprob)
     with loader:
         batch = next(iter(loader.batches(1)))
     model.eval()  # no dropout: both passes see the same network

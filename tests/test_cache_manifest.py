@@ -123,8 +123,8 @@ def test_a_manifest_with_a_wrong_type_is_refused_naming_the_key(cache_copy, key,
 
 
 def test_a_newer_format_version_is_refused(cache_copy):
-    path = edit_manifest(cache_copy, lambda record: record.update(format_version=2))
-    message = f"{path} is format version 2 of pkt-activation-cache; this pkt reads version 1: upgrade pkt to read it"
+    path = edit_manifest(cache_copy, lambda record: record.update(format_version=3))
+    message = f"{path} is format version 3 of pkt-activation-cache; this pkt reads version 2: upgrade pkt to read it"
     with pytest.raises(CacheError, match=re.escape(message)):
         open_cache(cache_copy)
 

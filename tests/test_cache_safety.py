@@ -200,6 +200,7 @@ def hold_lock(out: Path) -> subprocess.Popen:
     return holder
 
 
+@pytest.mark.integration
 def test_a_second_writer_is_refused_naming_the_holder(tiny_pair, tiny_dataset, tmp_path):
     out = tmp_path / "cache"
     holder = hold_lock(out)
@@ -245,6 +246,7 @@ def test_a_lock_file_naming_a_dead_process_is_stale(tiny_pair, tiny_dataset, tmp
         WriterLock.acquire(out)
 
 
+@pytest.mark.integration
 def test_the_lock_is_released_on_ctrl_c(tiny_pair, tmp_path):
     data = write_dataset(tmp_path / "train.jsonl", 160, seed=2)
     write_dataset(tmp_path / "extract.jsonl", 2, seed=3)

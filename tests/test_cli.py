@@ -39,6 +39,7 @@ def test_config_errors_are_one_clear_line(tmp_path):
     assert result.stderr.strip() == "Error: defaults: unknown key 'assets.nope'"
 
 
+@pytest.mark.integration
 def test_verbose_shows_the_traceback_of_an_error_and_the_default_stays_one_line(tmp_path):
     """`pkt -v` (global, before the command) prints the traceback behind a user-facing error, for a
     bug report; without it the error is the one line alone. Either way the exit status is 1."""

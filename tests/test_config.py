@@ -210,7 +210,7 @@ def test_a_file_value_out_of_range_names_the_file_and_key(tmp_path):
     [
         ("methods={kdd: {align: {lr: 1.0e-4}}}",
          # other tests register methods of their own: the built-in ones must be listed, others may follow
-         r"^methods\.kdd: 'kdd' is not a registered method \(did you mean 'kd'\?\); registered: kd, laten, lora-sft, "
+         r"^methods\.kdd: 'kdd' is not a registered method \(did you mean 'kd'\?\); registered: alm, kd, laten, lora-sft, "
          r"seeking, semalign\b.*\. A variant of a method names it: `methods: \{kdd: \{method: NAME, \.\.\.\}\}`$"),
         ("methods={kl-only: {method: semalgn}}",
          r"^methods\.kl-only\.method: 'semalgn' is not a registered method \(did you mean 'semalign'\?\)"),

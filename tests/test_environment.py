@@ -40,6 +40,7 @@ def pytest_run(*args: str, ci: bool, extra_path: Path | None = None) -> subproce
                           cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.integration
 def test_a_test_whose_shared_data_is_missing_fails_in_ci_and_skips_visibly_elsewhere(tmp_path):
     missing = tmp_path / "shared" / "data" / "gsm8k" / "test.jsonl"
     probe = tmp_path / "test_probe.py"
@@ -56,9 +57,39 @@ def test_a_test_whose_shared_data_is_missing_fails_in_ci_and_skips_visibly_elsew
 
 
 def test_ci_runs_the_suite_with_ci_true():
+    """CI runs the README's `make test` first, then the integration tests it leaves out, the second even
+    when the first failed, and fails if either did."""
     script = (PROJECT_ROOT / ".ci" / "run").read_text().splitlines()
     assert "export CI=true" in script
-    assert script.index("export CI=true") < script.index("make test")
+    assert (script.index("export CI=true") < script.index("make test || status=$?")
+            < script.index("make test-integration || status=$?") < script.index("exit $status"))
+
+
+def make(target: str, *pytest_args: str) -> subprocess.CompletedProcess:
+    """A Makefile target run for real, with this interpreter standing in for `.venv` (`-o` keeps make
+    from building it) and the pytest arguments passed on through PYTEST_ADDOPTS."""
+    env = {key: value for key, value in os.environ.items() if key not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    env["PYTEST_ADDOPTS"] = " ".join(["-p", "no:cacheprovider", *pytest_args])
+    return subprocess.run(["make", "-o", ".venv/.installed", f"BIN={Path(sys.executable).parent}", target],
+                          cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_make_test_leaves_the_integration_tests_to_make_test_integration():
+    here = "tests/test_environment.py::"
+    marked = here + test_a_test_whose_shared_data_is_missing_fails_in_ci_and_skips_visibly_elsewhere.__name__
+    plain = here + test_ci_runs_the_suite_with_ci_true.__name__
+    default = make("test", "--collect-only", "-q", "tests/test_environment.py")
+    integration = make("test-integration", "--collect-only", "-q", "tests/test_environment.py")
+    assert default.returncode == 0 and integration.returncode == 0, default.stderr + integration.stderr
+    assert plain in default.stdout and marked not in default.stdout
+    assert marked in integration.stdout and plain not in integration.stdout
+
+
+def test_make_test_fails_when_it_selects_no_test():
+    """A file of integration tests alone leaves `make test` nothing to run: pytest's exit 5 is a failure."""
+    result = make("test", "--collect-only", "-q", "tests/test_pipeline.py")
+    assert result.returncode != 0
+    assert "make test: pytest collected no tests, which counts as a failure" in result.stderr
 
 
 def test_the_cpu_check_skips_visibly_on_a_cuda_build(tmp_path):

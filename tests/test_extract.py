@@ -233,6 +233,7 @@ def test_truncation_is_counted(tiny_pair, dataset, tmp_path):
     assert max(cache.index.column("length").to_pylist()) == 40
 
 
+@pytest.mark.integration
 def test_bad_inputs_give_clear_errors(tiny_pair, dataset, tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
@@ -282,6 +283,7 @@ def reference_run(tiny_pair, long_dataset, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.integration
 def test_resume_after_kill_9_is_byte_identical(tiny_pair, long_dataset, reference_run, tmp_path):
     out = tmp_path / "cache"
     process = run_cli_extract(tiny_pair["teacher"], long_dataset, out)
@@ -299,6 +301,7 @@ def test_resume_after_kill_9_is_byte_identical(tiny_pair, long_dataset, referenc
     assert verify_cache(out) == []
 
 
+@pytest.mark.integration
 def test_ctrl_c_finishes_the_group_in_flight(tiny_pair, long_dataset, reference_run, tmp_path):
     out = tmp_path / "cache"
     process = run_cli_extract(tiny_pair["teacher"], long_dataset, out)
@@ -314,6 +317,7 @@ def test_ctrl_c_finishes_the_group_in_flight(tiny_pair, long_dataset, reference_
     assert checksums(out) == checksums(reference_run)
 
 
+@pytest.mark.integration
 def test_write_failure_stops_cleanly_and_resumes(tiny_pair, long_dataset, reference_run, tmp_path):
     """A file-size limit makes shard writes fail as a full disk would (Python ignores SIGXFSZ)."""
     out = tmp_path / "cache"
@@ -331,6 +335,7 @@ def test_write_failure_stops_cleanly_and_resumes(tiny_pair, long_dataset, refere
     assert checksums(out) == checksums(reference_run)
 
 
+@pytest.mark.integration
 def test_verify_names_a_corrupt_or_missing_shard(reference_run, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(reference_run, broken)
@@ -350,6 +355,7 @@ def test_verify_names_a_corrupt_or_missing_shard(reference_run, tmp_path):
     assert ok.wait(timeout=120) == 0
 
 
+@pytest.mark.integration
 def test_cache_info_summarises(reference_run):
     process = cli("cache", "info", str(reference_run))
     stdout, stderr = process.communicate(timeout=120)
@@ -358,6 +364,7 @@ def test_cache_info_summarises(reference_run):
         assert word in stdout
 
 
+@pytest.mark.integration
 def test_torchrun_matches_single_process(tiny_pair, long_dataset, reference_run, tmp_path):
     out = tmp_path / "cache"
     overrides = [x for o in [*SMALL_LAYOUT, "runtime.dtype=float32"] for x in ("--set", o)]

@@ -17,8 +17,9 @@ from import_graph import import_targets
 
 ROOTS = ("pkt_pipeline", "stages")
 METHODS = "pkt_pipeline.methods"
-CROSS_METHOD_IMPORTS = {("seeking", "sft")}
-"""Method folders that build on another: Seeking's stage two *is* lora-sft, started from cached factors."""
+CROSS_METHOD_IMPORTS = {("seeking", "sft"), ("semalign_xvocab", "semalign"), ("semalign_xvocab", "alm")}
+"""Method folders that build on another: Seeking's stage two *is* lora-sft, started from cached factors;
+semalign-xvocab is SemAlign with alm's chunk term as its output term."""
 
 
 def module_name(path: Path) -> str:
@@ -108,7 +109,7 @@ def test_each_method_lives_in_its_own_folder():
     edges = graph()
     folders = {name.split(".")[2] for name in edges if name.startswith(METHODS + ".") and
                (PROJECT_ROOT / "pkt_pipeline" / "methods" / name.split(".")[2]).is_dir()}
-    assert folders == {"kd", "laten", "seeking", "semalign", "sft"}
+    assert folders == {"alm", "kd", "laten", "seeking", "semalign", "semalign_xvocab", "sft", "uld"}
     crossing = set()
     for source, targets in edges.items():
         for target in targets:

@@ -13,11 +13,17 @@ example id to its rows.
     <cache>/writer.lock                    while a writer runs: its pid and host (`store.WriterLock`)
     <cache>/ledger/group-000042.json       one per finished group, with its shard checksums
     <cache>/tokens, supervised, answer     int32 / bool / bool     [N]  (answer: the reply tokens)
+    <cache>/spans                          int32                   [N, 2] each token's characters [start, end)
+                                           in its example's rendered text (the index's `text` column)
+    <cache>/target_logprob                 float32                 [N]  the teacher's log-prob of the next token
+                                           in the text (0 at an example's last token, which has none)
     <cache>/hidden/NN, delta/NN            bf16 bits (uint16) or fp16 [N, D], NN = layer (h_L pre-norm)
     <cache>/topk/logprobs, topk/indices    float32 / int32         [N, k]
     <cache>/attribution/scores             float64                 [L+1]  grad x output h_l
     <cache>/attribution/contribution       float64                 [L+1]  grad x contribution delta_l
     <cache>/teacher/lm_head, final_norm    storage dtype           [V, D], [D]
+    <cache>/tokenizer/                     the teacher's tokenizer files (tokenizer.json, tokenizer_config.json
+                                           with its chat template, ...), as `save_pretrained` writes them
     <cache>/manifest.json                  written last: its presence means the cache is complete
 
 `run_record` builds run.json and `build_manifest` the manifest: both are composed here, so the
@@ -36,11 +42,16 @@ import numpy as np
 import torch
 import zarr.codecs as zc
 
+from .codecs import (ACTIVATION_CODECS, LOSSY_ACTIVATION_CODECS, TOPK_CODECS, decode_rows, dense_dtype, encode_rows,
+                     row_format, topk_formats)
+from .errors import CacheError
+
 if TYPE_CHECKING:
     from .store import CacheFiles
 
 FORMAT_NAME = "pkt-activation-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""The newest format this pkt reads. A cache is written as version 1 unless it needs 2 (`format_version_of`)."""
 
 RUN_FILE = "run.json"
 INDEX_FILE = "index.parquet"
@@ -54,6 +65,7 @@ PARTIAL = ".partial"
 TOP_LEVEL_ENTRIES = frozenset({
     RUN_FILE, ZARR_GROUP_FILE, INDEX_FILE, MANIFEST_FILE, LEDGER_DIR, LOCK_FILE,
     "tokens", "supervised", "answer", "hidden", "delta", "topk", "attribution", "teacher", "extras",
+    "spans", "tokenizer", "target_logprob",
 })
 """Every name pkt writes at the top of a cache folder: anything else there is someone else's."""
 
@@ -66,15 +78,17 @@ FINAL_LAYER_RAW = "raw"
 """`capture.final_layer` of a cache whose h_L is the last decoder layer's raw output (`pkt_pipeline.residual`).
 Caches written before the key existed hold h_L after the final norm; their last layer is refused."""
 
+TOKENIZER_DIR = "tokenizer"
+"""Where the teacher's tokenizer files live in a cache (see `CrossTokenizerInfo`)."""
+SOURCE_COLUMNS = ("messages", "text")
+"""Index columns of the source of each example: its messages (canonical JSON) and the text the teacher tokenised."""
+
 ATTRIBUTION_KEYS = {"output": "attribution/scores", "contribution": "attribution/contribution"}
 """The attribution array of each target (`pkt_pipeline.attribution`)."""
 
-STORAGE_DTYPES = ("bfloat16", "float16")
+STORAGE_DTYPES = ACTIVATION_CODECS
+"""`extract.storage_dtype`: how the per-token float rows are stored (`codecs.py`)."""
 COMPRESSORS = ("zstd", "blosc-lz4", "blosc-zstd", "none")
-
-
-class CacheError(RuntimeError):
-    """A cache that is missing, incomplete, corrupt or not the one asked for."""
 
 
 def hidden_key(layer: int) -> str:
@@ -132,25 +146,13 @@ def compressor(name: str, level: int):
 
 
 def encode(tensor: torch.Tensor, storage_dtype: str) -> np.ndarray:
-    """A float tensor as the numpy array the cache stores (bf16 as its raw uint16 bits)."""
-    if storage_dtype == "bfloat16":
-        return tensor.detach().to(torch.bfloat16).contiguous().view(torch.uint16).cpu().numpy()
-    if storage_dtype == "float16":
-        largest = tensor.detach().abs().max().item() if tensor.numel() else 0.0
-        if largest > torch.finfo(torch.float16).max:
-            raise CacheError(f"value {largest:.4g} overflows float16; store bfloat16 instead")
-        return tensor.detach().to(torch.float16).cpu().numpy()
-    raise CacheError(f"unknown storage dtype {storage_dtype!r}; choose one of {STORAGE_DTYPES}")
+    """A float tensor as the numpy array the cache stores under activation codec `storage_dtype` (`codecs.py`)."""
+    return encode_rows(tensor, storage_dtype)
 
 
 def decode(array: np.ndarray, storage_dtype: str) -> torch.Tensor:
-    if storage_dtype == "bfloat16":
-        return torch.from_numpy(np.ascontiguousarray(array).view(np.uint16)).view(torch.bfloat16)
-    return torch.from_numpy(np.ascontiguousarray(array))
-
-
-def numpy_dtype(storage_dtype: str) -> str:
-    return "uint16" if storage_dtype == "bfloat16" else "float16"
+    """Stored rows back as a float tensor (bf16 for bf16 and the lossy codecs), whatever the codec."""
+    return decode_rows(array, storage_dtype)
 
 
 @dataclass(frozen=True)
@@ -161,6 +163,7 @@ class CaptureSettings:
     kinds: tuple[str, ...]  # "hidden" and/or "delta"
     top_k: int
     storage_dtype: str
+    topk_codec: str = "exact"
 
 
 @dataclass(frozen=True)
@@ -175,15 +178,19 @@ class ArraySpec:
 
 def array_specs(settings: CaptureSettings, width: int) -> list[ArraySpec]:
     """The token-major arrays a cache of these capture settings holds."""
-    float_type = numpy_dtype(settings.storage_dtype)
+    row_shape, float_type = row_format(settings.storage_dtype, width)
     attrs = {"pkt_dtype": settings.storage_dtype}
-    specs = [ArraySpec("tokens", (), "int32"), ArraySpec("supervised", (), "bool"), ArraySpec("answer", (), "bool")]
+    specs = [ArraySpec("tokens", (), "int32"), ArraySpec("supervised", (), "bool"), ArraySpec("answer", (), "bool"),
+             ArraySpec("spans", (2,), "int32"), ArraySpec("target_logprob", (), "float32")]
     for layer in settings.layers:
         if "hidden" in settings.kinds:
-            specs.append(ArraySpec(hidden_key(layer), (width,), float_type, attrs))
+            specs.append(ArraySpec(hidden_key(layer), row_shape, float_type, attrs))
         if "delta" in settings.kinds and layer >= 1:
-            specs.append(ArraySpec(delta_key(layer), (width,), float_type, attrs))
-    specs += [ArraySpec("topk/logprobs", (settings.top_k,), "float32"), ArraySpec("topk/indices", (settings.top_k,), "int32")]
+            specs.append(ArraySpec(delta_key(layer), row_shape, float_type, attrs))
+    (values_shape, values_type), (ids_shape, ids_type) = topk_formats(settings.topk_codec, settings.top_k)
+    topk_attrs = {} if settings.topk_codec == "exact" else {"pkt_codec": settings.topk_codec}
+    specs += [ArraySpec("topk/logprobs", values_shape, values_type, topk_attrs),
+              ArraySpec("topk/indices", ids_shape, ids_type, topk_attrs)]
     return specs
 
 
@@ -204,8 +211,9 @@ _Self = TypeVar("_Self", bound="_Record")
 class _Record:
     other: dict = field(default_factory=dict, kw_only=True)
     """Keys this pkt does not know, as they were read."""
-    absent: frozenset = field(default=frozenset(), kw_only=True, repr=False)
-    """Optional keys the record did not have: written back as absent, not as their default."""
+    absent: frozenset = field(default=frozenset(), kw_only=True, repr=False, compare=False)
+    """Optional keys the record did not have: written back as absent, not as their default (not compared:
+    two records of the same values are equal whoever wrote them)."""
 
     @classmethod
     def from_json(cls: type[_Self], data: Any, where: str = "") -> _Self:
@@ -302,10 +310,20 @@ class Capture(_Record):
     compression_level: int
     final_layer: str | None = None
     """`FINAL_LAYER_RAW`, or None for a cache whose h_L is after the final norm (it predates the key)."""
+    topk_codec: str | None = None
+    """How the top-k is stored (`codecs.TOPK_CODECS`); None: `exact` (caches before the key)."""
 
     @property
     def settings(self) -> CaptureSettings:
-        return CaptureSettings(self.layers, self.kinds, self.top_k, self.storage_dtype)
+        return CaptureSettings(self.layers, self.kinds, self.top_k, self.storage_dtype, self.topk_codec or "exact")
+
+
+def format_version_of(capture: Mapping) -> int:
+    """The format version a cache of these capture settings is written as: 2 when it uses a lossy codec
+    (a pkt that reads version 1 only would take its uint8 rows for something else), else 1, so a cache
+    an older pkt can read stays readable by it."""
+    lossy = capture.get("storage_dtype") in LOSSY_ACTIVATION_CODECS or capture.get("topk_codec", "exact") != "exact"
+    return 2 if lossy else 1
 
 
 @dataclass(frozen=True)
@@ -374,6 +392,27 @@ class ExtraEntry:
 
 
 @dataclass(frozen=True)
+class CrossTokenizerInfo(_Record):
+    """What a cache holds for a student with another tokenizer (`pkt_pipeline.xtok`): absent from caches
+    written before it, which then serve same-vocabulary methods only."""
+
+    spans: str
+    """The token-major array of each teacher token's character span in its example's text."""
+    source_columns: tuple[str, ...]
+    """Index columns with each example's source: `messages` (its canonical JSON) and the rendered `text`."""
+    tokenizer_dir: str
+    """The folder of the teacher's tokenizer files (`save_pretrained`'s), chat template included."""
+    target_logprob: str | None = None
+    """The token-major array of the teacher's log-prob of each token actually in the text, at the position that
+    predicts it (what `alm` sums over a chunk; the top-k need not hold it). None in caches written before it."""
+
+
+CROSS_TOKENIZER = CrossTokenizerInfo(spans="spans", source_columns=SOURCE_COLUMNS, tokenizer_dir=TOKENIZER_DIR,
+                                     target_logprob="target_logprob")
+"""The record every cache of this pkt carries."""
+
+
+@dataclass(frozen=True)
 class Manifest(_Record):
     """`manifest.json`, the record of a finished cache: what it holds, from what, and each file's sha256."""
 
@@ -394,6 +433,11 @@ class Manifest(_Record):
     checksums: dict[str, str | None]
     """sha256 of every file; None for a shard never written (all fill value)."""
     extras: dict[str, ExtraEntry] = field(default_factory=dict)
+    layers_rule: dict | None = None
+    """How `extract.layers: auto` derived `capture.layers` (the methods' rules, the student's depth); None when
+    the layers were listed (or all). Not part of the identity: the layers it gave are."""
+    cross_tokenizer: CrossTokenizerInfo | None = None
+    """None for a cache written before it was stored: no student with another tokenizer can use it."""
 
     @classmethod
     def from_json(cls, data: Any, where: str = "") -> "Manifest":
@@ -419,22 +463,27 @@ class Manifest(_Record):
 
 
 def run_record(version: str, teacher: TeacherInfo, tokenizer: TokenizerInfo, capture: Capture, prompt: Prompt,
-               layout: Layout, dataset: DatasetInfo, counts: Counts, attribution: AttributionSource) -> dict:
-    """run.json: the cache's identity (what decides its content) and the records its manifest repeats."""
+               layout: Layout, dataset: DatasetInfo, counts: Counts, attribution: AttributionSource,
+               layers_rule: dict | None = None, cross_tokenizer: CrossTokenizerInfo = CROSS_TOKENIZER) -> dict:
+    """run.json: the cache's identity (what decides its content) and the records its manifest repeats.
+
+    `cross_tokenizer` is part of the identity: a cache written without it has another layout (no `spans`),
+    so a rerun over one is refused as another cache rather than resumed into arrays it lacks."""
     identity = {"teacher": teacher.id, "teacher_weights_sha256": teacher.weights_sha256,
                 "tokenizer_sha256": tokenizer.sha256, "dataset_fingerprint": dataset.fingerprint,
                 "capture": capture.to_json(), "prompt": prompt.to_json(), "layout": layout.to_json(),
-                "attribution": attribution.to_json()}
+                "attribution": attribution.to_json(), "cross_tokenizer": cross_tokenizer.to_json()}
     return {"identity": identity, "pkt_version": version, "teacher": teacher.to_json(),
             "tokenizer": tokenizer.to_json(), "capture": capture.to_json(), "prompt": prompt.to_json(),
-            "layout": layout.to_json(), "dataset": dataset.to_json(), "counts": counts.to_json()}
+            "layout": layout.to_json(), "dataset": dataset.to_json(), "counts": counts.to_json(),
+            "cross_tokenizer": cross_tokenizer.to_json(), **({"layers_rule": layers_rule} if layers_rule else {})}
 
 
 def build_manifest(run: dict, attribution: AttributionSummary, extras: Mapping[str, ExtraEntry], stored_bytes: int,
                    checksums: Mapping[str, str | None], where: str = "") -> Manifest:
     """The manifest of a finished cache: its run record, what stage one added after the groups, every file's sha256."""
     return Manifest.from_json({
-        "format": FORMAT_NAME, "format_version": FORMAT_VERSION, **run,
+        "format": FORMAT_NAME, "format_version": format_version_of(run["capture"]), **run,
         "attribution": attribution.to_json(), "extras": {name: entry.to_json() for name, entry in extras.items()},
         "stored_bytes": stored_bytes, "checksums": dict(sorted(checksums.items())),
     }, where)

@@ -33,7 +33,6 @@ import zarr.storage
 
 from .layout import (
     FORMAT_NAME,
-    FORMAT_VERSION,
     INDEX_FILE,
     LEDGER_DIR,
     LOCK_FILE,
@@ -48,6 +47,7 @@ from .layout import (
     Layout,
     Manifest,
     build_manifest,
+    format_version_of,
     is_layout_entry,
     ledger_key,
 )
@@ -62,7 +62,9 @@ class CacheFiles:
 
     def __init__(self, path: str | os.PathLike, storage_options: dict | None = None):
         self.url = os.fspath(path)
-        self.storage_options = storage_options or {}
+        # fsspec remembers directory listings per filesystem instance, and s3fs answers `exists` from
+        # them: a ledger listed once would hide the groups other writers (ranks, a resumed run) add later.
+        self.storage_options = {"use_listings_cache": False, **(storage_options or {})}
         self.fs, self.root = fsspec.core.url_to_fs(self.url, **self.storage_options)
         self.is_local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
 
@@ -155,6 +157,13 @@ class CacheFiles:
         """Every file below the root, as keys."""
         prefix = self.root.rstrip("/") + "/"
         return sorted(p[len(prefix):] for p in self.fs.find(self.root) if p.startswith(prefix))
+
+    def remove(self, key: str) -> None:
+        """Remove one file if it is there; one request on an object store, where a delete of nothing succeeds."""
+        try:
+            self.fs.rm_file(self.full(key))
+        except FileNotFoundError:
+            pass
 
     def remove_entries(self, names: list[str]) -> None:
         """Remove these top-level files and folders (and nothing else: never the root itself)."""
@@ -418,8 +427,7 @@ class CacheWriter:
             if block.shape[0] > self.shard_tokens:
                 raise CacheError(f"group block for {key} has {block.shape[0]} rows, more than a shard ({self.shard_tokens})")
             shard = shard_file(key, block.ndim, group)
-            if self.files.exists(shard):
-                self.files.fs.rm(self.files.full(shard))
+            self.files.remove(shard)
             self.group[key][start:start + block.shape[0]] = block
             checksums[shard] = self.files.sha256(shard)
         self.files.write_json(ledger_key(group), {"group": group, "files": checksums, **stats})
@@ -527,7 +535,7 @@ def _create_layout(files: CacheFiles, run: dict, index: pa.Table, arrays: list[A
     rows = layout["groups"] * layout["shard_tokens"]
     files.write_json(RUN_FILE, run)
     group = zarr.open_group(files.zarr_store(read_only=False), mode="a", zarr_format=3)
-    group.update_attributes({"pkt_format": FORMAT_NAME, "pkt_format_version": FORMAT_VERSION})
+    group.update_attributes({"pkt_format": FORMAT_NAME, "pkt_format_version": format_version_of(run["capture"])})
     for spec in arrays:
         group.create_array(
             spec.key,

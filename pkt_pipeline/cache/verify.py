@@ -10,10 +10,20 @@ import pyarrow.parquet as pq
 import zarr
 
 from .layout import INDEX_FILE, LEDGER_DIR, MANIFEST_FILE, RUN_FILE, CacheError, Manifest, ledger_key
+from .mmap import choose_read_path
 from .store import CacheFiles
 
-TOKEN_MAJOR = ("tokens", "supervised", "answer", "hidden", "delta", "topk")
+TOKEN_MAJOR = ("tokens", "supervised", "answer", "spans", "target_logprob", "hidden", "delta", "topk")
 """First key segments of the per-token arrays: their rows are tokens of examples, named by the index."""
+
+
+def token_major_arrays(manifest: Manifest) -> list[str]:
+    """Keys of the cache's per-token arrays, from the manifest's checksums of their `zarr.json`."""
+    suffix = "/zarr.json"
+    nodes = {key[:-len(suffix)] for key in manifest.checksums
+             if key.endswith(suffix) and key.split("/")[0] in TOKEN_MAJOR}
+    groups = {node.rsplit("/", 1)[0] for node in nodes if "/" in node}  # `hidden` of `hidden/02`
+    return sorted(nodes - groups)
 
 
 def verify_cache(path: str | os.PathLike, storage_options: dict | None = None) -> list[str]:
@@ -148,6 +158,8 @@ def cache_info(path: str | os.PathLike, storage_options: dict | None = None) -> 
     teacher_bytes = sum(size for key, size in sizes.items() if key.startswith("teacher/"))
     token_major = ("hidden/", "delta/", "topk/", "tokens/", "supervised/", "answer/")
     activation_bytes = sum(size for key, size in sizes.items() if key.startswith(token_major))
+    present = (key for key in token_major_arrays(manifest) if files.exists(f"{key}/zarr.json"))  # lazy, as in Cache
+    read_path, read_reason = choose_read_path(files, present, lambda key: files.read_json(f"{key}/zarr.json"))
     return {
         "path": files.url,
         "teacher": manifest.teacher.id,
@@ -159,6 +171,8 @@ def cache_info(path: str | os.PathLike, storage_options: dict | None = None) -> 
         "kinds": list(capture.kinds),
         "top_k": capture.top_k,
         "storage_dtype": capture.storage_dtype,
+        "topk_codec": capture.topk_codec or "exact",
+        "layers_rule": manifest.layers_rule,
         "compressor": f"{capture.compressor}-{capture.compression_level}",
         "stored_bytes": stored,
         "activation_bytes": activation_bytes,
@@ -169,4 +183,6 @@ def cache_info(path: str | os.PathLike, storage_options: dict | None = None) -> 
         "compression_ratio": raw_per_token * counts.tokens / max(activation_bytes, 1),
         "groups": manifest.layout.groups,
         "ledger_entries": len(files.listdir(LEDGER_DIR)),
+        "read_path": read_path,
+        "read_path_reason": read_reason,
     }
