@@ -45,6 +45,12 @@ class Example:
     supervised: np.ndarray
     truncated: bool
     answer: np.ndarray
+    text: str = ""
+    """The rendered conversation the tokens were cut from (the chat template's or the plain format's)."""
+    offsets: np.ndarray | None = None
+    """[T, 2] int32: each token's character span [start, end) in `text` (the fast tokenizer's offset mapping)."""
+    messages: str = ""
+    """The row's messages as canonical JSON (what `content_hash` hashes): a student re-renders them with its template."""
 
 
 def _canonical_json(value) -> str:
@@ -124,11 +130,12 @@ def format_example(
         text, turns = _render_chat(messages, tokenizer, example_id)
     else:
         text, turns = _render_plain(messages, tokenizer, example_id)
-    input_ids, answer = _tokenise_with_mask(text, turns, tokenizer, example_id)
+    input_ids, answer, offsets = _tokenise_with_mask(text, turns, tokenizer, example_id)
     supervised = np.ones_like(answer) if train_on_inputs else answer.copy()
     truncated = len(input_ids) > max_length
     if truncated:
         input_ids, supervised, answer = input_ids[:max_length], supervised[:max_length], answer[:max_length]
+        offsets = offsets[:max_length]
     return Example(
         example_id=example_id,
         content_hash=content_hash(messages),
@@ -136,7 +143,20 @@ def format_example(
         supervised=supervised,
         truncated=truncated,
         answer=answer,
+        text=text,
+        offsets=offsets,
+        messages=_canonical_json(messages),
     )
+
+
+def render_text(messages: list[dict], tokenizer: PreTrainedTokenizerBase, prompt_format: str = "chat",
+                example_id: str = "") -> str:
+    """The text `format_example` tokenises for `messages` (checked as it checks them)."""
+    if prompt_format not in PROMPT_FORMATS:
+        raise ValueError(f"unknown prompt_format {prompt_format!r}; expected one of {', '.join(PROMPT_FORMATS)}")
+    _check_messages(messages, example_id)
+    render = _render_chat if prompt_format == "chat" else _render_plain
+    return render(messages, tokenizer, example_id)[0]
 
 
 def load_examples(
@@ -285,7 +305,7 @@ def _special_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
 
 
 def _tokenise_with_mask(text: str, turns: list[_Turn], tokenizer: PreTrainedTokenizerBase,
-                        example_id: str) -> tuple[np.ndarray, np.ndarray]:
+                        example_id: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError(f"{type(tokenizer).__name__} is not a fast tokenizer; answer masks need its character offsets")
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -304,4 +324,5 @@ def _tokenise_with_mask(text: str, turns: list[_Turn], tokenizer: PreTrainedToke
             before_end = np.flatnonzero(starts < content_end)
             stop = int(before_end[-1]) + 1 if len(before_end) else 0
         supervised[first:stop] = True
-    return input_ids, supervised
+    offsets = np.stack([starts, ends], axis=1).astype(np.int32) if len(input_ids) else np.zeros((0, 2), np.int32)
+    return input_ids, supervised, offsets

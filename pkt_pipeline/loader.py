@@ -9,6 +9,8 @@ The order is a plan computed from the index alone, so a position is two numbers 
 done): resuming recomputes the plan and skips by count without reading what it skips. Arrays are
 read a whole group (one zarr shard) at a time on a background thread, because one read per group
 decodes a shard's chunks together where a read per example pays zarr's per-call cost each time.
+An uncompressed cache on local disk is read as views of its memory-mapped shards instead
+(`Cache.read_path`), so the ranks of one node share one copy of it in the page cache.
 """
 
 from __future__ import annotations
@@ -20,14 +22,19 @@ import queue
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol, get_args
+from typing import TYPE_CHECKING, Literal, Protocol, get_args
 
 import numpy as np
 import torch
 
 from .cache import Cache, CacheError, open_cache
+from .cache.codecs import decode_topk
 from .cache.layout import decode, delta_key, hidden_key
+from .losses import next_token_mask
 from .residual import residual_delta
+
+if TYPE_CHECKING:
+    from .xtok import AlignedExample
 
 KINDS = ("hidden", "delta")
 TOPK_KEYS = ("topk/logprobs", "topk/indices")
@@ -54,6 +61,60 @@ class ExampleMeta:
 
 
 @dataclass
+class StudentTokens:
+    """A batch's examples in the student's own tokenization, for a student with another tokenizer than the
+    cache's teacher (`pkt_pipeline.xtok`; only methods with `Method.cross_tokenizer` get it). Right-padded."""
+
+    input_ids: torch.Tensor                 # [B, S] int64
+    attention_mask: torch.Tensor            # [B, S] int64
+    supervised: torch.Tensor                # [B, S] bool
+    answer: torch.Tensor                    # [B, S] bool
+    pairs: tuple[torch.Tensor, ...]         # per example [P, 2] int64 (teacher token, student token), `Alignment.pairs`
+    chunks: tuple[torch.Tensor, ...]        # per example [C, 4] int64, `Alignment.chunks`
+
+    def tokens_mask(self, tokens: str) -> torch.Tensor:
+        """[B, S] bool: the student's `supervised` or `answer` tokens (as `Batch.tokens_mask`)."""
+        if tokens not in TOKEN_MASKS:
+            raise ValueError(f"tokens must be one of {TOKEN_MASKS}, got {tokens!r}")
+        return self.supervised if tokens == "supervised" else self.answer
+
+    def scored_next(self, tokens: str) -> torch.Tensor:
+        """[B, S] bool: the positions whose next token is one of the student's `tokens` (what its CE scores)."""
+        return next_token_mask(self.tokens_mask(tokens), self.attention_mask)
+
+    def pairs_where(self, teacher_mask: torch.Tensor,
+                    student_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(rows, teacher positions, student positions), [P] each, grouped by row: the aligned `pairs` whose
+        teacher token is set in `teacher_mask` [B, T] and student token in `student_mask` [B, S]."""
+        device = teacher_mask.device
+        rows, teacher, own = [], [], []
+        for row, pairs in enumerate(self.pairs):
+            t, s = pairs[:, 0].to(device), pairs[:, 1].to(device)
+            keep = (t < teacher_mask.shape[1]) & (s < student_mask.shape[1])
+            t, s = t[keep], s[keep]
+            keep = teacher_mask[row, t] & student_mask[row, s]
+            rows.append(torch.full((int(keep.sum()),), row, dtype=torch.long, device=device))
+            teacher.append(t[keep])
+            own.append(s[keep])
+        if not rows:
+            empty = torch.zeros(0, dtype=torch.long, device=device)
+            return empty, empty, empty
+        return torch.cat(rows), torch.cat(teacher), torch.cat(own)
+
+    def to(self, device: torch.device | str) -> StudentTokens:
+        return StudentTokens(self.input_ids.to(device), self.attention_mask.to(device), self.supervised.to(device),
+                             self.answer.to(device), tuple(p.to(device) for p in self.pairs),
+                             tuple(c.to(device) for c in self.chunks))
+
+    def rows(self, rows: slice) -> StudentTokens:
+        """The examples `rows`, cut to their own longest sequence."""
+        width = int(self.attention_mask[rows].sum(1).max()) if len(self.pairs[rows]) else 0
+        return StudentTokens(self.input_ids[rows, :width], self.attention_mask[rows, :width],
+                             self.supervised[rows, :width], self.answer[rows, :width], self.pairs[rows],
+                             self.chunks[rows])
+
+
+@dataclass
 class Batch:
     """Right-padded sequences and their cached teacher signals; every padded position is zero."""
 
@@ -66,6 +127,8 @@ class Batch:
     topk_indices: torch.Tensor | None       # [B, T, k] int64
     answer: torch.Tensor | None = None      # [B, T] bool, the reply tokens (None: a cache from before it was stored)
     meta: tuple[ExampleMeta, ...] = ()  # one per example, or () where the source gives none
+    student: StudentTokens | None = None  # the student's own tokens and their alignment; cross-tokenizer methods only
+    target_logprob: torch.Tensor | None = None  # [B, T] float32, the teacher's log-prob of each next token in the text
 
     def __post_init__(self) -> None:
         if self.meta and len(self.meta) != len(self.example_ids):
@@ -89,7 +152,8 @@ class Batch:
 
         return Batch(self.example_ids, move(self.input_ids), move(self.attention_mask), move(self.supervised),
                      {layer: move(t) for layer, t in self.teacher.items()}, move(self.topk_logprobs),
-                     move(self.topk_indices), move(self.answer), self.meta)
+                     move(self.topk_indices), move(self.answer), self.meta,
+                     None if self.student is None else self.student.to(device), move(self.target_logprob))
 
     @property
     def tokens(self) -> int:
@@ -111,7 +175,8 @@ class Batch:
             parts.append(Batch(self.example_ids[rows], cut(self.input_ids), cut(self.attention_mask),
                                cut(self.supervised), {layer: cut(t) for layer, t in self.teacher.items()},
                                cut(self.topk_logprobs), cut(self.topk_indices), cut(self.answer),
-                               self.meta[rows]))
+                               self.meta[rows], None if self.student is None else self.student.rows(rows),
+                               cut(self.target_logprob)))
         return parts
 
 
@@ -153,13 +218,22 @@ class CacheLoader:
     lengths pad little), then shuffle those batches. A buffer that does not divide into full
     batches holds a random remainder back for the next one, so only an epoch's last batch can be
     short (and `drop_last` drops it).
+
+    Under data parallelism every rank plans the same global batches and reads only its slice
+    `batch[rank::world]` of each (an empty one where a short batch has fewer examples than ranks).
+    The position stays the global one, so a state resumes exactly under any number of ranks.
     """
 
     def __init__(self, cache: Cache | str | os.PathLike, *, batch_size: int, layers: Sequence[int] = (),
                  kind: str = "hidden", topk: bool = True, seed: int = 0, shuffle_buffer: int = 64,
                  prefetch: int = 2, read_workers: int = 4, examples: Mapping[str, str] | None = None,
-                 drop_last: bool = False):
+                 drop_last: bool = False, rank: int = 0, world: int = 1,
+                 student: Mapping[str, AlignedExample] | None = None, target_logprob: bool = False):
+        """`student`: each example's own tokenization by a student with another tokenizer, aligned with the cached
+        tokens (`xtok.align_cache`); given, every batch carries it as `Batch.student`. `target_logprob`: every batch
+        carries the teacher's log-prob of each next token (`Batch.target_logprob`; refused on a cache without it)."""
         self.cache = cache if isinstance(cache, Cache) else open_cache(cache)
+        self.student = student
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if shuffle_buffer < batch_size:
@@ -171,15 +245,23 @@ class CacheLoader:
             raise ValueError(f"seed must be >= 0, got {seed}")
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        if not 0 <= rank < world:
+            raise ValueError(f"rank must be in [0, world) = [0, {world}), got {rank}")
+        self.rank, self.world = rank, world
         self.batch_size, self.shuffle_buffer, self.seed, self.drop_last = batch_size, shuffle_buffer, seed, drop_last
         self.prefetch, self.read_workers = prefetch, read_workers
         self.layers, self.kind, self.topk = tuple(dict.fromkeys(int(layer) for layer in layers)), kind, topk
         self._sources = self._teacher_sources()
+        if target_logprob:
+            self.cache.require_target_logprob("loading the teacher's next-token log-probs")
+        self._target_key = self.cache.manifest.cross_tokenizer.target_logprob if target_logprob else None
         if topk and not self.cache.manifest.capture.top_k:
             raise CacheError(f"the cache at {self.cache.files.url} holds no top-k log-probs; pass topk=False")
         teacher_keys = [key for keys in self._sources.values() for key in keys]
         answer = ["answer"] if self.cache.has_answer_mask else []
-        self._keys = list(dict.fromkeys(["tokens", "supervised", *answer, *teacher_keys, *(TOPK_KEYS if topk else ())]))
+        target = [self._target_key] if self._target_key else []
+        self._keys = list(dict.fromkeys(["tokens", "supervised", *answer, *teacher_keys, *(TOPK_KEYS if topk else ()),
+                                         *target]))
         self._select(examples)
         self._fingerprint = self._plan_fingerprint()
         self._epoch, self._done = 0, 0
@@ -292,7 +374,8 @@ class CacheLoader:
         if self._reader is not None:
             raise RuntimeError("this loader is already being iterated; finish or close() that pass first")
         plan = self._plan(self._epoch)
-        reader = _Prefetch(self._read(plan[self._done:self._done + count]), self.prefetch)
+        mine = [batch[self.rank::self.world] for batch in plan[self._done:self._done + count]]
+        reader = _Prefetch(self._read(mine), self.prefetch)
         self._reader = reader
         try:
             for batch in reader:
@@ -323,7 +406,8 @@ class CacheLoader:
                 if position not in pending:
                     group = int(self._group[position])
                     self._read_group(group, wanted.pop(group), pending)
-            yield self._assemble(positions, [pending.pop(position) for position in positions])
+            yield (self._assemble(positions, [pending.pop(position) for position in positions]) if positions
+                   else _no_examples(self._sources))
 
     def _read_group(self, group: int, members: list[int], into: dict[int, dict[str, np.ndarray]]) -> None:
         try:
@@ -336,10 +420,14 @@ class CacheLoader:
                              f"{', '.join(self._shard_files(group))}. "
                              f"`pkt cache verify {self.cache.files.url}` names damaged files; rerun `pkt extract` "
                              "to rewrite them.") from error
+        # Views of mapped shards hold page cache, shared and reclaimable, not this process's memory:
+        # only decoded groups are copied out, and the batch's assembly is then the one copy of mapped rows.
+        mapped = self.cache.read_path == "mmap"
         for position in members:
             start = int(self._offset[position]) - first
             stop = start + int(self._length[position])
-            into[position] = {key: array[start:stop].copy() for key, array in arrays.items()}
+            into[position] = {key: array[start:stop] if mapped else array[start:stop].copy()
+                              for key, array in arrays.items()}
 
     def _shard_files(self, group: int) -> list[str]:
         files = []
@@ -363,6 +451,8 @@ class CacheLoader:
 
         dtype = self.cache.storage_dtype
         teacher = {}
+        if self.topk:
+            topk_logprobs, topk_indices = decode_topk(flat["topk/logprobs"], flat["topk/indices"], self.cache.topk_codec)
         for layer, keys in self._sources.items():
             values = decode(flat[keys[0]], dtype)
             if len(keys) == 2:  # derived delta, like Cache.delta: back in the cached dtype
@@ -374,10 +464,12 @@ class CacheLoader:
             attention_mask=mask.long(),
             supervised=pad(torch.from_numpy(flat["supervised"].astype(bool))),
             teacher=teacher,
-            topk_logprobs=pad(torch.from_numpy(flat["topk/logprobs"].astype(np.float32))) if self.topk else None,
-            topk_indices=pad(torch.from_numpy(flat["topk/indices"].astype(np.int64))) if self.topk else None,
+            topk_logprobs=pad(topk_logprobs) if self.topk else None,
+            topk_indices=pad(topk_indices) if self.topk else None,
             answer=pad(torch.from_numpy(flat["answer"].astype(bool))) if "answer" in flat else None,
             meta=tuple(ExampleMeta(position) for position in positions),
+            student=None if self.student is None else student_tokens([self.student[self._ids[p]] for p in positions]),
+            target_logprob=pad(torch.from_numpy(flat[self._target_key].astype(np.float32))) if self._target_key else None,
         )
 
     def state_dict(self) -> dict:
@@ -417,6 +509,28 @@ class CacheLoader:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def student_tokens(examples: Sequence[AlignedExample]) -> StudentTokens:
+    """Right-pad the student's side of a batch's examples (every padded position zero)."""
+    lengths = torch.tensor([len(example.input_ids) for example in examples])
+    mask = torch.arange(int(lengths.max())) < lengths[:, None]
+
+    def pad(values: list[np.ndarray], dtype: torch.dtype) -> torch.Tensor:
+        out = torch.zeros(mask.shape, dtype=dtype)
+        out[mask] = torch.from_numpy(np.concatenate(values)).to(dtype)
+        return out
+
+    return StudentTokens(pad([e.input_ids for e in examples], torch.int64), mask.long(),
+                         pad([e.supervised for e in examples], torch.bool), pad([e.answer for e in examples], torch.bool),
+                         tuple(torch.from_numpy(e.alignment.pairs) for e in examples),
+                         tuple(torch.from_numpy(e.alignment.chunks) for e in examples))
+
+
+def _no_examples(layers: Mapping[int, object]) -> Batch:
+    """A rank's empty slice of a batch with fewer examples than ranks (an epoch's short last batch)."""
+    empty = torch.zeros(0, 0, dtype=torch.int64)
+    return Batch([], empty, empty, empty.bool(), {layer: torch.zeros(0, 0, 0) for layer in layers}, None, None)
 
 
 class _End:

@@ -210,3 +210,52 @@ def _next_token_rows(logits: torch.Tensor, input_ids: torch.Tensor,
     if mask[:, -1].any():
         raise ValueError("mask is True at the last position, which has no next token: build it with next_token_mask")
     return logits[mask].float(), input_ids[:, 1:][mask[:, :-1]].long()
+
+
+def sorted_probability_distance(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor) -> torch.Tensor:
+    """ULD's Wasserstein-1 between two next-token distributions over different vocabularies, mean over rows.
+
+    student_logits [N, V_S]; teacher_logprobs [N, k] (the cache's top-k). Without a shared vocabulary the
+    distributions are compared as sorted probability vectors (Boizard et al. 2024): the teacher's k largest
+    probabilities against the student's k largest (zeros pad a student vocabulary smaller than k), summed
+    |p_T(i) - p_S(i)| over ranks i. Rows beyond the cached top-k carry no teacher mass and are not compared."""
+    k = teacher_logprobs.shape[-1]
+    student = torch.softmax(student_logits.float(), dim=-1)
+    student = student.topk(min(k, student.shape[-1]), dim=-1).values
+    student = F.pad(student, (0, k - student.shape[-1]))
+    teacher = teacher_logprobs.float().exp().sort(dim=-1, descending=True).values
+    return (teacher - student).abs().sum(-1).sum() / max(len(teacher), 1)
+
+
+BinaryDivergence = Literal["binary_ce", "binary_kl"]
+BINARY_DIVERGENCES: tuple[str, ...] = get_args(BinaryDivergence)
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0, accurate at both ends (log1p near -inf, expm1 near 0)."""
+    return torch.where(x < -math.log(2), torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+def binarised_likelihood_divergence(student_logp: torch.Tensor, teacher_logp: torch.Tensor, temperature: float = 1.0,
+                                    divergence: str = "binary_ce", epsilon: float = 1e-6) -> torch.Tensor:
+    """ALM's chunk term (Minixhofer et al. 2025), mean over chunks: each chunk's likelihood under each model as a
+    Bernoulli {p, 1 - p} and a divergence between the two, so text whose tokens differ is compared by what both
+    models say about the same characters.
+
+    student_logp, teacher_logp [C]: the chunks' log-likelihoods (sums of token log-probs, <= 0). They are
+    scaled by 1/`temperature` (p^(1/T): long chunks' tiny likelihoods are lifted away from 0) and moved
+    `epsilon` below 0 so that log(1 - p) stays finite. `binary_ce` (the authors' default):
+    -(p_T log p_S + (1 - p_T) log(1 - p_S)); `binary_kl`: the same minus the teacher's binary entropy, the
+    f-divergence KL itself (0 when the two agree; the same gradient)."""
+    if divergence not in BINARY_DIVERGENCES:
+        raise ValueError(f"divergence must be one of {BINARY_DIVERGENCES}, got {divergence!r}")
+    if student_logp.shape != teacher_logp.shape or student_logp.dim() != 1:
+        raise ValueError(f"student_logp {tuple(student_logp.shape)} and teacher_logp {tuple(teacher_logp.shape)} "
+                         "must both be [C]")
+    student = student_logp.float().clamp(max=0) / temperature - epsilon
+    teacher = teacher_logp.float().clamp(max=0) / temperature - epsilon
+    p_teacher = teacher.exp()
+    terms = -(p_teacher * student + (1 - p_teacher) * log1mexp(student))
+    if divergence == "binary_kl":
+        terms = terms + p_teacher * teacher + (1 - p_teacher) * log1mexp(teacher)
+    return terms.sum() / max(len(terms), 1)

@@ -22,6 +22,16 @@ CHATML_TEMPLATE = (
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
+# The tiny cross-tokenizer student's own template and special tokens: another chat format than the
+# teacher's ChatML, so that only the messages' contents are shared between the two renders.
+OTHER_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+OTHER_SPECIAL_TOKENS = ["<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+
 # A little English, arithmetic and Python so the BPE learns merges for the kinds of text
 # pkt's transfer data holds; the byte alphabet covers everything else.
 _CORPUS = """\
@@ -52,8 +62,11 @@ TEACHER_SHAPE = TinyShape(layers=4, hidden=64, heads=4, kv_heads=2, intermediate
 STUDENT_SHAPE = TinyShape(layers=2, hidden=32, heads=4, kv_heads=2, intermediate=64)
 
 
-def build_tokenizer(vocab_size: int = 384):
-    """A byte-level BPE tokenizer trained on a fixed corpus, wrapped for transformers."""
+def build_tokenizer(vocab_size: int = 384, special_tokens: list[str] = SPECIAL_TOKENS,
+                    chat_template: str = CHATML_TEMPLATE):
+    """A byte-level BPE tokenizer trained on a fixed corpus, wrapped for transformers.
+
+    `special_tokens` are (pad, the template's markers..., eos): the first pads, the last ends a turn."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -62,18 +75,18 @@ def build_tokenizer(vocab_size: int = 384):
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=special_tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     backend.train_from_iterator([_CORPUS] * 4, trainer=trainer)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        additional_special_tokens=SPECIAL_TOKENS[1:],
+        eos_token=special_tokens[-1],
+        pad_token=special_tokens[0],
+        additional_special_tokens=special_tokens[1:],
     )
-    tokenizer.chat_template = CHATML_TEMPLATE
+    tokenizer.chat_template = chat_template
     return tokenizer
 
 
@@ -111,3 +124,15 @@ def save_tiny_pair(out_dir: str | Path) -> dict[str, Path]:
         model.save_pretrained(paths[role], safe_serialization=True)
         tokenizer.save_pretrained(paths[role])
     return paths
+
+
+def save_tiny_cross_student(out_dir: str | Path) -> Path:
+    """A tiny student (the student's shape) with a tokenizer of its own: another vocabulary (320 tokens, other
+    merges and special tokens) and another chat template than the tiny teacher's, for cross-tokenizer methods."""
+    tokenizer = build_tokenizer(320, OTHER_SPECIAL_TOKENS, OTHER_TEMPLATE)
+    tokenizer.unk_token = OTHER_SPECIAL_TOKENS[0]  # else a Qwen2 model's tokenizer class adds its own `<|endoftext|>`
+    model = build_model(STUDENT_SHAPE, len(tokenizer), 5, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir

@@ -283,6 +283,7 @@ def wait_for_steps(out: Path, steps: int, process: subprocess.Popen, timeout: fl
     pytest.fail("align did not reach the step in time")
 
 
+@pytest.mark.integration
 def test_resume_after_kill_9_matches_an_uninterrupted_run(tiny_pair, tiny_cache, tmp_path):
     reference = cli_align(tiny_pair, tiny_cache, tmp_path / "reference")
     _, stderr = reference.communicate(timeout=300)
@@ -294,7 +295,7 @@ def test_resume_after_kill_9_matches_an_uninterrupted_run(tiny_pair, tiny_cache,
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert not (out / "metrics.json").exists(), "the kill came after the run had finished"
-    resumed = cli_align(tiny_pair, tiny_cache, out)
+    resumed = cli_align(tiny_pair, tiny_cache, out, "align.overwrite=true")  # as the DVC stages call it
     stdout, stderr = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, stderr
     assert "resuming" in stdout
@@ -319,6 +320,7 @@ def _interrupted_run(tiny_pair, tiny_cache, out: Path) -> str:
     return stderr
 
 
+@pytest.mark.integration
 def test_ctrl_c_saves_a_checkpoint_and_exits_130(tiny_pair, tiny_cache, tmp_path):
     out = tmp_path / "interrupted"
     assert "checkpoint saved" in _interrupted_run(tiny_pair, tiny_cache, out)
@@ -326,6 +328,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130(tiny_pair, tiny_cache, tmp_path
     assert state["position"]["global_step"] == len((out / "train_log.jsonl").read_text().splitlines())
 
 
+@pytest.mark.integration
 def test_a_kill_between_the_checkpoint_renames_resumes_from_the_previous_checkpoint(tiny_pair, tiny_cache, tmp_path):
     out = tmp_path / "swapping"
     _interrupted_run(tiny_pair, tiny_cache, out)

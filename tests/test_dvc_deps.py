@@ -16,7 +16,8 @@ import pytest
 from conftest import PROJECT_ROOT
 from import_graph import import_targets
 
-PIPELINES = ["dvc.yaml", "experiments/transfer/dvc.yaml", "experiments/tuning/dvc.yaml"]
+PIPELINES = ["dvc.yaml", "experiments/transfer/dvc.yaml", "experiments/transfer-xtok/dvc.yaml",
+             "experiments/tuning/dvc.yaml"]
 STAGE_MODULES = {"extract": "stages.extract", "align": "stages.align", "eval": "stages.evaluate",
                  "report": "stages.report", "assets": "stages.assets"}
 CODE_ROOTS = ("pkt_pipeline", "stages")
@@ -120,3 +121,52 @@ def test_every_param_the_default_pipeline_tracks_is_written_in_its_configs(confi
         for part in key.split("."):
             assert isinstance(node, dict) and part in node, f"{config} lacks {key}, which dvc.yaml's extract tracks"
             node = node[part]
+
+
+def tracked_keys(config: dict, key: str) -> None:
+    node = config
+    for part in key.split("."):
+        assert isinstance(node, dict) and part in node, f"lacks {key}"
+        node = node[part]
+
+
+def xtok_stages() -> dict:
+    import yaml
+
+    return yaml.safe_load((PROJECT_ROOT / "experiments/transfer-xtok/dvc.yaml").read_text())
+
+
+@pytest.mark.parametrize("bench", xtok_stages()["vars"][2]["teacher_evals"])
+def test_the_cross_tokenizer_bench_reuses_a_teacher_evaluation_of_the_same_model_and_items(bench):
+    """The cross-tokenizer report reads a same-tokenizer bench's teacher evaluation instead of running its own: that
+    is right only for the same teacher and the same `eval` section (which items, how scored), which DVC cannot see
+    across the two files. The pair is the one the pipeline's `vars` name, and every param a stage tracks is written."""
+    import yaml
+
+    pipeline = xtok_stages()
+    reference = pipeline["vars"][2]["teacher_evals"][bench]["teacher_bench"]
+    ours = yaml.safe_load((PROJECT_ROOT / f"configs/transfer/{bench}.yaml").read_text())
+    theirs = yaml.safe_load((PROJECT_ROOT / f"configs/transfer/{reference}.yaml").read_text())
+    default = yaml.safe_load((PROJECT_ROOT / "configs/default.yaml").read_text())
+    assert ours["eval"] == theirs["eval"], f"{bench}'s eval section must be {reference}'s, whose teacher scores it reads"
+    assert ours["teacher"] == theirs["teacher"] == default["teacher"], "the reused evaluation is of another teacher"
+    pair = yaml.safe_load((PROJECT_ROOT / "configs/transfer/mmlu-xtok.yaml").read_text())
+    assert ours["student"] == pair["student"] != theirs["student"], "the pipeline's vars name another student"
+    assert set(ours["methods"]) == set(pipeline["vars"][3]["methods"])
+    for name, stage in pipeline["stages"].items():
+        for entry in stage.get("params", []):
+            for key in next(iter(entry.values())):
+                for method in pipeline["vars"][3]["methods"]:
+                    tracked_keys(ours, key.replace("${item.method}", method))
+    assert f"experiments/transfer/{reference}/eval/teacher" in [
+        dep.replace("${item.teacher_bench}", reference) for dep in pipeline["stages"]["report"]["do"]["deps"]]
+
+
+def test_the_cross_tokenizer_control_is_lora_sft_on_the_students_own_tokens():
+    """lora-sft trains on the cached token ids, which are not the student's here; its section in the cross-tokenizer
+    configs is ULD with the distillation term off, i.e. LoRA + cross-entropy on the student's tokens of the same texts."""
+    import yaml
+
+    for bench in xtok_stages()["vars"][2]["teacher_evals"]:
+        config = yaml.safe_load((PROJECT_ROOT / f"configs/transfer/{bench}.yaml").read_text())
+        assert config["methods"]["lora-sft"] == {"method": "uld", "distill_weight": 0.0}

@@ -17,6 +17,8 @@ import pytest
 
 from conftest import require_dataset
 
+pytestmark = pytest.mark.integration  # a whole `dvc repro` of the tiny pipeline, three rounds
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 

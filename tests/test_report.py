@@ -100,8 +100,9 @@ def write_records(root: Path, name: str, task: str, records: list[dict]) -> None
     (root / name / "items").mkdir(parents=True, exist_ok=True)
     (root / name / "items" / f"{task}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     verdicts = [r["correct"] for r in records if r.get("correct") is not None]
+    continuous = [key for key in records[0] if key not in ("id", "prompt", "correct")]  # as `pkt eval` lists them
     (root / name / "metrics.json").write_text(json.dumps(
-        {task: {"score": sum(verdicts) / len(verdicts), "n": len(verdicts), "dropped": 0}}))
+        {task: {"score": sum(verdicts) / len(verdicts), "n": len(verdicts), "continuous": continuous, "dropped": 0}}))
 
 
 def test_continuous_metric_and_method_vs_method_interval_by_hand(tmp_path):
@@ -140,6 +141,22 @@ def test_cli_report_refuses_a_malformed_comparison(tmp_path):
     assert result.exit_code != 0 and "not of the form A:B" in result.output
 
 
+def test_results_written_before_tasks_listed_their_continuous_values_show_the_known_ones(tmp_path):
+    """A `metrics.json` without `continuous` (pkt eval before it wrote one) shows the known values it holds."""
+    for name, p_correct in (("student", [0.2, 0.4]), ("kd", [0.4, 0.5])):
+        write_records(tmp_path / "eval", name, "mmlu", [
+            {"id": f"q{i}", "p_correct": p, "correct": p > 0.3} for i, p in enumerate(p_correct)])
+        path = tmp_path / "eval" / name / "metrics.json"
+        metrics = json.loads(path.read_text())
+        del metrics["mmlu"]["continuous"]
+        metrics["mmlu"].update(p_correct=sum(p_correct) / 2, p_correct_n=2)
+        path.write_text(json.dumps(metrics))
+    result = report.run(settings(tmp_path), echo=lambda *_: None)
+    assert result["metrics"] == {"mmlu": ["correct", "p_correct"]}
+    kd = next(row for row in result["rows"] if row["name"] == "kd")["scores"]["mmlu"]
+    assert kd["p_correct"]["delta"] == pytest.approx(0.15)
+
+
 def test_dev_rows_are_reported_by_p_correct_and_nll_paired(tmp_path):
     """`pkt eval --dev` records: MMLU rows carry p_correct, every row its reply NLL; both get paired changes."""
     def write_dev(name: str, p_correct: list[float], nll: list[float]) -> None:
@@ -147,7 +164,8 @@ def test_dev_rows_are_reported_by_p_correct_and_nll_paired(tmp_path):
         records = [{"id": f"r{i}", "nll": v, **({"p_correct": p, "correct": p > 0.5} if p is not None else {})}
                    for i, (p, v) in enumerate(zip(p_correct, nll))]
         (tmp_path / "eval" / name / "items" / "dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-        (tmp_path / "eval" / name / "metrics.json").write_text(json.dumps({"dev": {"n": 2}}))
+        (tmp_path / "eval" / name / "metrics.json").write_text(json.dumps(
+            {"dev": {"score": None, "n": 2, "continuous": ["p_correct", "nll"]}}))
 
     write_dev("teacher", [0.8, 0.9, None], [0.5, 0.6, 0.7])
     write_dev("student", [0.3, 0.4, None], [1.5, 1.6, 1.7])
@@ -158,3 +176,65 @@ def test_dev_rows_are_reported_by_p_correct_and_nll_paired(tmp_path):
     assert kd["nll"]["n"] == 3 and kd["nll"]["delta"] == pytest.approx(-1.4 / 3)
     assert kd["nll"]["gap_closed"] == pytest.approx((1.4 / 3) / 1.0)
     assert "### dev" in (tmp_path / "report" / "report.md").read_text()
+
+
+XTOK = ("student", "uld", "alm", "semalign-xvocab", "lora-sft")
+
+
+def write_mmlu(root: Path, name: str, p_correct: list[float], ids: list[str] | None = None) -> None:
+    """MMLU records as `pkt eval` writes them: right when the correct letter is the likeliest (p > 0.5 here)."""
+    ids = ids or [f"m{i}" for i in range(len(p_correct))]
+    write_records(root, name, "mmlu", [{"id": i, "correct": p > 0.5, "p_correct": p} for i, p in zip(ids, p_correct)])
+
+
+def test_a_teacher_evaluated_by_another_benchmark_gives_the_gap_on_the_same_items(tmp_path):
+    """The cross-tokenizer benchmark reads the same-tokenizer one's teacher evaluation (`--teacher-eval`): the teacher
+    row's change from the student is the teacher-student gap paired over the same questions, every method's gap
+    closed is against it, and the methods are compared with the control and with each other."""
+    from click.testing import CliRunner
+
+    from pkt_pipeline.cli import main
+
+    student = [0.2, 0.3, 0.6, 0.4, 0.1, 0.7, 0.2, 0.3]
+    teacher = [0.9, 0.8, 0.7, 0.6, 0.3, 0.9, 0.4, 0.8]
+    write_mmlu(tmp_path / "same-tokenizer", "teacher", teacher)
+    write_mmlu(tmp_path / "eval", "student", student)
+    for shift, name in enumerate(XTOK[1:], start=1):
+        write_mmlu(tmp_path / "eval", name, [p + 0.02 * shift * (i % 3) for i, p in enumerate(student)])
+    result = CliRunner().invoke(main, ["report", "--eval-dir", str(tmp_path / "eval"), "--out", str(tmp_path / "report"),
+                                       "--runs-dir", str(tmp_path / "runs"), "--metrics-dir", str(tmp_path / "metrics"),
+                                       "--teacher-eval", str(tmp_path / "same-tokenizer" / "teacher")])
+    assert result.exit_code == 0, result.output
+    written = json.loads((tmp_path / "report" / "report.json").read_text())
+    rows = {row["name"]: row["scores"]["mmlu"] for row in written["rows"]}
+    assert list(rows) == ["teacher", "student", "alm", "lora-sft", "semalign-xvocab", "uld"]
+    gaps = [t - s for t, s in zip(teacher, student)]
+    half = 1.959964 * statistics.stdev(gaps) / len(gaps) ** 0.5
+    gap = rows["teacher"]["p_correct"]
+    assert gap["delta"] == pytest.approx(statistics.mean(gaps))
+    assert gap["delta_interval_95"] == pytest.approx([statistics.mean(gaps) - half, statistics.mean(gaps) + half])
+    uld = rows["uld"]["p_correct"]
+    assert uld["gap_closed"] == pytest.approx(uld["delta"] / statistics.mean(gaps))
+    assert {(c["a"], c["b"]) for c in written["comparisons"]} == {
+        ("uld", "lora-sft"), ("alm", "lora-sft"), ("semalign-xvocab", "lora-sft"), ("semalign-xvocab", "alm"),
+        ("semalign-xvocab", "uld"), ("alm", "uld")}
+    assert all(c["n"] == len(student) for c in written["comparisons"])
+    table = (tmp_path / "report" / "report.md").read_text()
+    assert "| alm − uld | mmlu | p_correct |" in table
+    assert f"| evaluate teacher (reused: {tmp_path / 'same-tokenizer' / 'teacher'}) |" in table
+
+
+def test_a_reused_teacher_evaluation_of_other_items_is_refused_naming_both(tmp_path):
+    write_mmlu(tmp_path / "eval", "student", [0.2, 0.3, 0.6])
+    write_mmlu(tmp_path / "other", "teacher", [0.9, 0.8, 0.7], ids=["m0", "m1", "m9"])
+    config = report.ReportConfig(tmp_path / "eval", tmp_path / "report", teacher_eval=tmp_path / "other" / "teacher")
+    with pytest.raises(ValueError, match=f"the teacher's evaluation {tmp_path / 'other' / 'teacher'} scored other mmlu "
+                                         rf"items \(accuracy\) than the student's {tmp_path / 'eval' / 'student'}: "
+                                         "2 in common of 3 and 3"):
+        report.run(config, echo=lambda *_: None)
+    missing = report.ReportConfig(tmp_path / "eval", tmp_path / "report", teacher_eval=tmp_path / "none")
+    with pytest.raises(FileNotFoundError, match=f"--teacher-eval {tmp_path / 'none'} holds no metrics.json"):
+        report.run(missing, echo=lambda *_: None)
+    write_mmlu(tmp_path / "eval", "teacher", [0.9, 0.8, 0.7])
+    with pytest.raises(ValueError, match="two teacher evaluations"):
+        report.run(config, echo=lambda *_: None)

@@ -13,6 +13,8 @@ import pytest
 
 from conftest import PROJECT_ROOT
 
+pytestmark = pytest.mark.integration  # each test runs several `pkt align` processes with the plug-in installed
+
 TESTS = Path(__file__).parent
 FAST = ["runtime.dtype=float32", "align.batch_size=4", "align.lr=5e-3", "align.loader.shuffle_buffer=8",
         "align.lora.r=4", "align.lora.alpha=8", "align.steps=3"]

@@ -64,6 +64,7 @@ def test_non_utf8_dev_rows_and_config_name_the_file_and_line(tmp_path):
         load_config(config)
 
 
+@pytest.mark.integration
 def test_ctrl_c_during_attribution_exits_130(tiny_pair, tiny_dataset, tmp_path):
     attribution = write_dataset(tmp_path / "attribution.jsonl", 4000, seed=3)
     # As from a terminal: a suite started in the background (`cmd &` in a script) inherits SIGINT ignored,
@@ -92,6 +93,7 @@ def test_ctrl_c_during_attribution_exits_130(tiny_pair, tiny_dataset, tmp_path):
         (tmp_path / "cache" / "run.json").read_text())["layout"]["groups"]
 
 
+@pytest.mark.integration
 def test_extract_with_laten_without_a_student_says_a_student_is_needed(tiny_pair, tmp_path):
     write_dataset(tmp_path / "extract.jsonl", 3, seed=1)
     write_dataset(tmp_path / "align.jsonl", 8, seed=2)
@@ -155,6 +157,7 @@ def test_align_of_a_student_whose_embedding_is_smaller_than_its_tokenizer_says_s
         align.run(config, progress=False)
 
 
+@pytest.mark.integration
 def test_no_progress_hides_the_bars_of_transformers_too(tiny_teacher_gguf, tiny_pair, tiny_dataset, tmp_path):
     """Loading a GGUF model draws transformers' conversion bar, a local folder its weight-loading bar."""
     for model in (tiny_teacher_gguf, tiny_pair["student"]):

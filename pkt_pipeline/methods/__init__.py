@@ -14,15 +14,15 @@ Adding a method touches no stage: a folder like these (or a package registering 
 
 from __future__ import annotations
 
-from .base import AlignContext, Method, Phase, StudentOutputs, cached_topk_kl, forward_student, next_token_positions
-from .registry import (REGISTRY, Registration, ResolvedMethod, available_extras, available_methods, build_extra,
-                       check_sections, get_extra, get_method, method_settings_class, register, resolve,
+from .base import AlignContext, LayerNeed, Method, Phase, StudentOutputs, cached_topk_kl, forward_student, next_token_positions
+from .registry import (REGISTRY, Registration, ResolvedMethod, auto_layers, available_extras, available_methods,
+                       build_extra, check_sections, configured_methods, get_extra, get_method, method_settings_class, register, resolve,
                        teacher_settings)
 from .teacher import ExtraOutput, TeacherExtra
 
-from . import kd, laten, seeking, semalign, sft  # noqa: E402,F401  (the built-in methods register themselves)
+from . import alm, kd, laten, seeking, semalign, semalign_xvocab, sft, uld  # noqa: E402,F401  (the built-in methods register themselves)
 
-__all__ = ["AlignContext", "ExtraOutput", "Method", "Phase", "REGISTRY", "Registration", "ResolvedMethod",
-           "StudentOutputs", "TeacherExtra", "available_extras", "available_methods", "build_extra", "cached_topk_kl",
+__all__ = ["AlignContext", "ExtraOutput", "LayerNeed", "Method", "Phase", "REGISTRY", "Registration", "ResolvedMethod",
+           "StudentOutputs", "TeacherExtra", "auto_layers", "available_extras", "configured_methods", "available_methods", "build_extra", "cached_topk_kl",
            "check_sections", "forward_student", "get_extra", "get_method", "method_settings_class",
            "next_token_positions", "register", "resolve", "teacher_settings"]

@@ -41,6 +41,18 @@ class Phase:
     """The learning rate over the phase, after the warm-up: `linear` decay to 0, or `constant`."""
 
 
+@dataclass(frozen=True)
+class LayerNeed:
+    """The cached teacher layers a method reads, known before any cache exists (`extract.layers: auto`)."""
+
+    layers: frozenset[int]
+    """Teacher layers 1..L_T it may pair, a superset where the pairing depends on the cache's attribution."""
+    kind: str
+    """`hidden` or `delta`: a delta not captured as such is derived from the layer and its predecessor."""
+    rule: str
+    """How the layers follow from the settings and the depths, in words (recorded in the manifest)."""
+
+
 @dataclass
 class StudentOutputs:
     """A student forward, with logits only where a loss needs them (the LM head is 25% of a small
@@ -74,6 +86,13 @@ class Method:
     name: ClassVar[str] = ""
     uses_lora: ClassVar[bool] = True
     needs_topk: ClassVar[bool] = False
+    needs_target_logprob: ClassVar[bool] = False
+    """True: batches carry the teacher's log-prob of each next token in the text (`Batch.target_logprob`), and
+    `pkt align` refuses a cache without it before training."""
+    cross_tokenizer: ClassVar[bool] = False
+    """True for a method that trains a student with another tokenizer than the cache's teacher: `pkt align` then
+    accepts one, and every batch carries the student's own tokens aligned with the teacher's (`Batch.student`,
+    `pkt_pipeline.xtok`). False (the default): the student must share the teacher's vocabulary."""
     teacher_kind: ClassVar[str] = "hidden"
     """Which cached teacher arrays the phases read: `hidden` or `delta`."""
     frozen_student: ClassVar[bool] = False
@@ -95,6 +114,12 @@ class Method:
 
     def setup(self, model: nn.Module) -> None:
         """Called once with the (LoRA-wrapped) student before training, e.g. to build fixed maps."""
+
+    @classmethod
+    def layer_need(cls, settings: Any, teacher_layers: int, student_layers: int) -> LayerNeed | None:
+        """The cached teacher layers this method's phases read, from its settings and the two depths alone;
+        None, the default, when it reads none (top-k, tokens and teacher extras only)."""
+        return None
 
     def phases(self, total_steps: int, student_layers: int) -> list[Phase]:
         """The schedule; one phase over the whole budget unless a method needs more."""
@@ -156,6 +181,10 @@ class Method:
         with `when="before"` training (`so_far` None) and `"after"` it (`so_far` the first call's result),
         returning the JSON-able report so far. None, the default, means the method writes no report."""
         return None
+
+    def run_metrics(self) -> dict:
+        """What the method measured of its setup, added to the run's `metrics.json`; none by default."""
+        return {}
 
     @classmethod
     def format_report(cls, report: dict) -> list[str]:

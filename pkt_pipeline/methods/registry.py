@@ -24,7 +24,7 @@ from typing import Any
 
 from ..config import AlignConfig, ConfigError, PktConfig, _build, _deep_update, to_dict
 from ..plugins import load_entry_points
-from .base import Method
+from .base import LayerNeed, Method
 from .teacher import TeacherExtra
 
 RESERVED = ("method", "align", "teacher")
@@ -185,6 +185,41 @@ def teacher_settings(config: PktConfig, name: str) -> Any:
 def build_extra(config: PktConfig, name: str) -> TeacherExtra:
     """Teacher extra `name`, ready to run with its settings from `methods.<name>.teacher`."""
     return get_extra(name)(teacher_settings(config, name))
+
+
+def configured_methods(config: PktConfig) -> list[str]:
+    """`align.method` and every `methods.<name>` section that configures a method (a teacher extra's
+    section alone does not), in that order: what `extract.layers: auto` captures for."""
+    names = [config.align.method]
+    for name, section in config.methods.items():
+        method = section.get("method", name) if isinstance(section, dict) else name
+        entry = _registration(method) if isinstance(method, str) else None
+        if entry is not None and entry.method is not None:
+            names.append(name)
+    return list(dict.fromkeys(names))
+
+
+def auto_layers(config: PktConfig, teacher_layers: int, student_layers: int,
+                kinds: tuple[str, ...]) -> tuple[tuple[int, ...], dict]:
+    """`extract.layers: auto`: the union of the teacher layers the configured methods read, with each
+    derived delta's predecessor when `kinds` does not capture deltas, and the record of how (the manifest's
+    `layers_rule`)."""
+    layers: set[int] = set()
+    methods = {}
+    for name in configured_methods(config):
+        resolved = resolve(config, name)
+        need: LayerNeed | None = resolved.method_class.layer_need(resolved.settings, teacher_layers, student_layers)
+        if need is None:
+            methods[name] = {"layers": [], "rule": "reads no cached teacher layer"}
+            continue
+        wanted = set(need.layers)
+        if need.kind == "delta" and "delta" not in kinds:
+            wanted |= {layer - 1 for layer in need.layers}
+        layers |= wanted
+        methods[name] = {"layers": sorted(wanted), "kind": need.kind, "rule": need.rule}
+    return tuple(sorted(layers)), {"rule": "auto", "teacher_layers": teacher_layers,
+                                   "student": str(config.student), "student_layers": student_layers,
+                                   "methods": methods}
 
 
 def check_sections(config: PktConfig) -> None:

@@ -18,7 +18,7 @@ from ...losses import KL_MODES, cosine_loss, fisher_surrogate, label_cosine_loss
 from ...loader import TOKEN_MASKS
 from ...residual import decoder_of, layer_state, unwrapped
 from .semantic_map import SemanticMap, attributed_pairing, build_semantic_map, proportional_pairing
-from ..base import (LR_SCHEDULES, Method, Phase, cached_topk_kl, forward_student, next_token_positions,
+from ..base import (LR_SCHEDULES, LayerNeed, Method, Phase, cached_topk_kl, forward_student, next_token_positions,
                     require_answer_mask)
 from .config import SemAlignConfig
 from .diagnostics import map_report, report_lines
@@ -45,6 +45,28 @@ class SemAlign(Method):
     def teacher_kind(self) -> str:
         return "hidden" if self.settings.objective == "v1" else self.settings.supervise
 
+    @classmethod
+    def layer_need(cls, settings: SemAlignConfig, teacher_layers: int, student_layers: int) -> LayerNeed:
+        """The teacher layers `setup` can pair with the chosen student layers. Proportional pairing is known
+        exactly; attributed pairing picks within +-`pairing_window` of the proportional layer by scores the
+        cache computes itself, so the whole window is kept; `critical_layers` may pick any layer, so all."""
+        chosen = sorted(set(settings.layers or range(1, student_layers + 1)))
+        bad = [k for k in chosen if not 1 <= k <= student_layers]
+        if bad:
+            raise ValueError(f"methods.semalign.layers {bad} are outside this student's layers 1..{student_layers}")
+        base = proportional_pairing(teacher_layers, student_layers)
+        kind = "hidden" if settings.objective == "v1" else settings.supervise
+        if settings.pairing == "proportional":
+            return LayerNeed(frozenset(base[k - 1] for k in chosen), kind,
+                             "proportional pairing p(k) = max(1, floor(L_T k / L_S))")
+        if settings.critical_layers:
+            return LayerNeed(frozenset(range(1, teacher_layers + 1)), kind,
+                             "attributed pairing with critical_layers: any teacher layer")
+        window = settings.pairing_window
+        layers = {p for k in chosen for p in range(max(1, base[k - 1] - window),
+                                                    min(teacher_layers, base[k - 1] + window) + 1)}
+        return LayerNeed(frozenset(layers), kind, f"attributed pairing: p(k) +- {window} (the window it picks in)")
+
     def setup(self, model: nn.Module) -> None:
         cache, settings = self.context.cache, self.settings
         student_layers = decoder_of(model).config.num_hidden_layers
@@ -68,9 +90,13 @@ class SemAlign(Method):
             raise ValueError(f"SemAlign pairs student layers with teacher layers {sorted(set(self.pairs.values()))}, "
                              f"but the cache lacks layers {missing} (cached: {cache.layers}); extract them, or "
                              "choose methods.semalign.layers")
-        head = cache.teacher_head()
-        self.semantic_map = build_semantic_map(
-            head, model.get_output_embeddings().weight.detach(), cache.manifest.tokenizer.vocab_size,
+        self.semantic_map = self.build_map(model)
+
+    def build_map(self, model: nn.Module) -> SemanticMap:
+        """The teacher->student map from the cached teacher head and the student's, over the shared vocabulary."""
+        cache, settings = self.context.cache, self.settings
+        return build_semantic_map(
+            cache.teacher_head(), model.get_output_embeddings().weight.detach(), cache.manifest.tokenizer.vocab_size,
             recompose=settings.recompose, map_space=settings.map_space)
 
     def report(self, model, make_loader, when, so_far):
