@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Callable
 from pkt_pipeline.config import ConfigError, PktConfig, to_dict
 from pkt_pipeline.evaluation.journal import Journal, model_fingerprint
 from pkt_pipeline.evaluation.tasks import Task, available_tasks, drop_contaminated, get_task
-from pkt_pipeline.models import load_model, load_tokenizer, peak_rss_gib, resolve_device
+from pkt_pipeline.models import load_model, load_tokenizer, peak_rss_gib
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -63,8 +63,10 @@ def run(config: PktConfig, progress: bool = True, echo: Callable[[str], None] = 
         sandbox_mode()  # a machine that cannot sandbox code says so now, not after an hour of generation
     model_name = cfg.model
     tokenizer = load_tokenizer(model_name, trust_remote_code=config.runtime.trust_remote_code)
-    model = load_model(model_name, dtype=config.runtime.dtype, device=resolve_device(config.runtime.device),
-                       trust_remote_code=config.runtime.trust_remote_code, tokenizer=tokenizer)
+    runtime = config.runtime
+    model = load_model(model_name, dtype=runtime.dtype, device=runtime.device,
+                       trust_remote_code=runtime.trust_remote_code, tokenizer=tokenizer, device_map=runtime.device_map,
+                       max_memory=runtime.max_memory, offload_folder=runtime.offload_folder)
     out = Path(cfg.out)
     items_dir = out / "items"
     items_dir.mkdir(parents=True, exist_ok=True)
@@ -92,7 +94,8 @@ def _score_task(task: Task, items: list, model: PreTrainedModel, tokenizer: PreT
         for record in records:
             handle.write(json.dumps(record) + "\n")
     journal.remove()
-    metrics = {**summarise(records, task.continuous), "dropped": dropped, "subset": bool(cfg.limit),
+    metrics = {**summarise(records, task.continuous), "continuous": list(task.continuous), "dropped": dropped,
+               "subset": bool(cfg.limit),
                "seconds": round(time.perf_counter() - task_started, 1)}
     echo(_summary_line(task, metrics))
     return metrics

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -46,7 +47,8 @@ def test_pkt_own_tasks_are_registered_in_report_order():
 @pytest.mark.usefixtures("code_sandbox")
 def test_every_task_scores_as_before_the_registry(tiny_pair, tmp_path):
     """`pkt eval` of the tiny student on the pinned set: metrics.json and every item record as
-    recorded from the code before the registry (eba3d12; `python tests/eval_pin.py` re-records)."""
+    recorded from the code before the registry (eba3d12; `python tests/eval_pin.py` re-records), plus the
+    `continuous` list each task's metrics gained since (which values the report pairs)."""
     result = run_cli_eval(tiny_pair["student"], pin_data_dir(tmp_path / "data"), tmp_path / "eval", PROJECT_ROOT)
     expected = json.loads(EXPECTED.read_text())
     assert_same(result["metrics"], expected["metrics"], "metrics")
@@ -117,6 +119,18 @@ def test_a_plugin_task_is_scored_by_pkt_eval_without_touching_the_stage(tiny_pai
     assert metrics["toy"]["margin_n"] == 3 and metrics["toy"]["dropped"] == 0
     assert metrics["mmlu"]["n"] == 2 and metrics["mmlu"]["dropped"] == 1
     assert "toy " in result.stdout and "margin" in result.stdout
+
+    # `pkt report` lists the plug-in task beside MMLU, with its own continuous value paired item by item.
+    for name in ("student", "kd"):
+        shutil.copytree(out, tmp_path / "evals" / name)
+    report = subprocess.run([sys.executable, "-m", "pkt_pipeline.cli", "report", "--eval-dir", str(tmp_path / "evals"),
+                             "--out", str(tmp_path / "report")], capture_output=True, text=True, env=env, timeout=600)
+    assert report.returncode == 0, report.stderr[-3000:]
+    written = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert written["tasks"] == ["mmlu", "toy"]
+    kd = next(row for row in written["rows"] if row["name"] == "kd")
+    assert kd["scores"]["toy"]["margin"]["delta"] == 0.0 and kd["scores"]["toy"]["margin"]["n"] == 3
+    assert "### toy" in (tmp_path / "report" / "report.md").read_text()
 
 
 def test_eval_refuses_an_unknown_task_naming_the_registered_ones(tiny_pair):

@@ -99,13 +99,6 @@ def test_mmlu_answer_prefix_opens_the_reply_before_the_letter_is_read(tiny_pair,
         assert record["letter_logprobs"] != plain[item_id]["letter_logprobs"]
 
 
-def test_eval_cli_refuses_an_unknown_task(tiny_pair):
-    result = subprocess.run([sys.executable, "-m", "pkt_pipeline.cli", "eval", str(tiny_pair["student"]),
-                             "--tasks", "mmlu,triviaqa"], capture_output=True, text=True)
-    assert result.returncode == 1
-    assert "eval.tasks must be a non-empty subset" in result.stderr and "triviaqa" in result.stderr
-
-
 def test_a_killed_eval_resumes_from_its_journal(tiny_pair, data_dir, tmp_path, monkeypatch):
     """Killed after the first chunk of NLL items, the rerun scores only the rest and writes the same
     records as an uninterrupted run; a journal of other settings is not reused."""

@@ -7,10 +7,11 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
+import torch
 
 from pkt_pipeline.evaluation.code_tasks import extract_code
 from pkt_pipeline.evaluation.generation import (
-    _Rows, code_stop, eos_token_ids, generate, greedy_generate, gsm8k_stop, stop_at,
+    _GrowingLayer, _PackedLinear, _Rows, code_stop, eos_token_ids, generate, greedy_generate, gsm8k_stop, packed_linears, stop_at,
 )
 from pkt_pipeline.evaluation.gsm8k import extract_final_number
 from pkt_pipeline.models import load_model, load_tokenizer
@@ -107,6 +108,23 @@ def test_refill_joins_rows_of_other_lengths_both_ways(tiny, config, monkeypatch)
     got = greedy_generate(model, tokenizer, prompts, MAX_NEW, 3, progress=False)
     assert [g.token_ids for g in got] == reference(model, tokenizer, prompts)
     assert any(a > b for a, b in widths) and any(a < b for a, b in widths), widths
+
+
+def test_prefill_in_parts_joins_them_into_one_batch(tiny, config, monkeypatch):
+    """A batch filled by several prefill forwards (PREFILL_ROWS prompts each) decodes the same tokens."""
+    import pkt_pipeline.evaluation.generation as generation
+
+    model, tokenizer = tiny
+    config.eos_token_id = [tokenizer.eos_token_id, early_eos(reference(model, tokenizer, PROMPTS))]
+    monkeypatch.setattr(generation, "PREFILL_ROWS", 2)
+    calls, handle = count_forwards(model)
+    try:
+        got = greedy_generate(model, tokenizer, PROMPTS, MAX_NEW, len(PROMPTS), refill=False, progress=False)
+    finally:
+        handle.remove()
+    assert [g.token_ids for g in got] == reference(model, tokenizer, PROMPTS)
+    longest = max(len(g.token_ids) for g in got)
+    assert len(calls) == 4 + longest - 1  # 7 prompts in 4 prefills, then one forward per further token
 
 
 def test_repetition_penalty_is_applied_as_generate_does(tiny, config):
@@ -262,3 +280,79 @@ def test_bf16_model_runs_through_the_loop(tiny_pair):
     got = greedy_generate(model, tokenizer, PROMPTS, 8, 3, progress=False)
     assert all(0 < len(g.token_ids) <= 8 for g in got)
     assert all(isinstance(t, int) for g in got for t in g.token_ids)
+
+
+def test_packed_weights_give_the_same_tokens_and_the_model_gets_its_linears_back(tiny, config):
+    """The packed path (on by default, so the tests above run it against `model.generate`) equals the
+    plain one row for row, really runs packed, and leaves the model's own modules in place."""
+    model, tokenizer = tiny
+    config.eos_token_id = [tokenizer.eos_token_id, early_eos(reference(model, tokenizer, PROMPTS))]
+    linears = {name: m for name, m in model.named_modules() if type(m) is torch.nn.Linear}
+    assert "lm_head" in linears
+    seen_head = []
+    handle = model.register_forward_pre_hook(lambda m, *_: seen_head.append(type(m.lm_head)))
+    try:
+        packed = greedy_generate(model, tokenizer, PROMPTS, MAX_NEW, 3, progress=False)
+        assert set(seen_head) == {_PackedLinear}
+        seen_head.clear()
+        plain = greedy_generate(model, tokenizer, PROMPTS, MAX_NEW, 3, progress=False, pack_weights=False)
+        assert set(seen_head) == {torch.nn.Linear}
+    finally:
+        handle.remove()
+    assert [g.token_ids for g in packed] == [g.token_ids for g in plain] == reference(model, tokenizer, PROMPTS)
+    assert {name: m for name, m in model.named_modules() if type(m) is torch.nn.Linear} == linears
+
+
+def test_packed_linears_restores_after_an_error_and_skips_other_dtypes(tiny, tiny_pair):
+    model, _ = tiny
+    linears = dict(model.named_modules())
+    with pytest.raises(RuntimeError, match="boom"):
+        with packed_linears(model, 4) as swapped:
+            assert swapped == sum(type(m) is torch.nn.Linear for m in linears.values()) > 0
+            assert isinstance(model.lm_head, _PackedLinear)
+            raise RuntimeError("boom")
+    assert dict(model.named_modules()) == linears
+    with packed_linears(model, 4, enabled=False) as swapped:
+        assert swapped == 0
+    bf16 = load_model(tiny_pair["student"], dtype="bfloat16", device="cpu")
+    with packed_linears(bf16, 4) as swapped:
+        assert swapped == 0
+
+
+def test_growing_layer_holds_what_a_dynamic_layer_holds_and_writes_steps_in_place():
+    """Against transformers' DynamicLayer fed the same states: prefill, decode steps past the spare
+    room, then the assignments `_Rows` makes (row selection, trimming, joining) and more steps."""
+    from transformers.cache_utils import DynamicLayer
+
+    torch.manual_seed(0)
+    grown, plain = _GrowingLayer(), DynamicLayer()
+
+    def feed(columns):
+        rows = 3 if grown.keys is None else len(grown.keys)
+        k, v = torch.randn(rows, 2, columns, 4), torch.randn(rows, 2, columns, 4)
+        for layer in (grown, plain):
+            out = layer.update(k, v)
+        assert torch.equal(out[0], grown.keys) and torch.equal(grown.keys, plain.keys)
+        assert torch.equal(grown.values, plain.values)
+
+    feed(5)  # prefill: (rows 3, kv_heads 2, columns 5, head_dim 4)
+    storage = grown.keys.untyped_storage().data_ptr()
+    for _ in range(_GrowingLayer.GROW):
+        feed(1)
+    assert grown.keys.untyped_storage().data_ptr() == storage  # all GROW steps written in place
+    feed(1)  # past the spare room: one move into a larger buffer
+    assert grown.keys.shape[-2] == plain.keys.shape[-2] == 5 + _GrowingLayer.GROW + 1
+
+    index = torch.tensor([0, 2])
+    grown.batch_select_indices(index), plain.batch_select_indices(index)
+    for layer in (grown, plain):  # trim two leading columns, then join a row, as _Rows does
+        layer.keys, layer.values = layer.keys[..., 2:, :], layer.values[..., 2:, :]
+    grown.keys = torch.randn(len(grown.keys), 2, grown.keys.shape[-2] + 3, 4)  # join assigns keys, then reads values
+    assert torch.equal(grown.values, plain.values)
+    grown.keys = plain.keys.clone()
+    extra = torch.randn(1, 2, grown.keys.shape[-2], 4)
+    for layer in (grown, plain):
+        layer.keys, layer.values = torch.cat([layer.keys, extra]), torch.cat([layer.values, extra])
+    assert grown.get_seq_length() == plain.get_seq_length()
+    for _ in range(3):
+        feed(1)

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..jsonl import jsonl_records
+from ..models import input_device
 from .batching import left_padded, pad_token_id
 
 if TYPE_CHECKING:
@@ -151,7 +152,7 @@ def score_mmlu(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, items
 
     letter_ids = letter_token_ids(tokenizer)
     pad_id = pad_token_id(tokenizer)
-    device = next(model.parameters()).device
+    device = input_device(model)
     prompts = [render_prompt(item, tokenizer, chat, answer_prefix) for item in items]
     # A chat template writes its own BOS; a raw prompt needs the tokenizer's.
     encoded = [tokenizer.encode(p, add_special_tokens=not chat) for p in prompts]

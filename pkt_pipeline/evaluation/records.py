@@ -17,10 +17,18 @@ class Metric:
     key: str  # in item records
     percent: bool  # shown ×100
     higher_is_better: bool
+    unit: str = ""  # of a value not shown in %
 
 
 ACCURACY = Metric("accuracy", "correct", True, True)
-P_CORRECT, NLL = Metric("p_correct", "p_correct", True, True), Metric("nll", "nll", False, False)
+P_CORRECT, NLL = Metric("p_correct", "p_correct", True, True), Metric("nll", "nll", False, False, "nats/token")
+METRICS: dict[str, Metric] = {metric.key: metric for metric in (ACCURACY, P_CORRECT, NLL)}
+"""How each record key reads. A task plug-in with a continuous value of its own adds its `Metric` here
+(its direction and unit); a key missing from it is shown as a plain number, higher taken as better."""
+
+
+def metric_for(key: str) -> Metric:
+    return METRICS.get(key) or Metric(key, key, False, True)
 
 
 def item_values(eval_dir: Path, name: str, task: str, key: str = "correct") -> dict[str, float]:

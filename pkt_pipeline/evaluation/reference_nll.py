@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm.auto import tqdm
 
+from ..models import input_device
 from .batching import left_padded, pad_token_id
 
 if TYPE_CHECKING:
@@ -46,7 +47,7 @@ def reference_nll(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, co
     for i, (context, target) in enumerate(zip(context_ids, target_ids)):
         if not context or not target:
             raise ValueError(f"item {i}: empty {'context' if not context else 'target'} after tokenization")
-    device = next(model.parameters()).device
+    device = input_device(model)
     model.eval()
     order = sorted(range(len(contexts)), key=lambda i: len(context_ids[i]) + len(target_ids[i]))
     results: list[dict | None] = [None] * len(contexts)
