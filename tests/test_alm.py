@@ -17,8 +17,7 @@ from pkt_pipeline.config import load_config
 from pkt_pipeline.losses import binarised_likelihood_divergence
 from pkt_pipeline.tiny_models import save_tiny_cross_student
 from stages import align
-from test_uld import FAST, cross_method, pkt
-from tiny_data import SMALL_LAYOUT
+from test_uld import FAST, cross_method, extract_then_align
 
 
 @pytest.fixture(scope="module")
@@ -109,15 +108,8 @@ def test_alm_chunk_likelihoods_are_sums_of_token_log_probs_inside_each_chunk(tin
 @pytest.mark.integration
 def test_pkt_extract_then_pkt_align_alm_trains_a_student_with_another_tokenizer(tiny_pair, tiny_dataset,
                                                                                 cross_student, tmp_path):
-    cache, out = tmp_path / "cache", tmp_path / "run"
-    sets = lambda settings: [x for setting in settings for x in ("--set", setting)]  # noqa: E731
-    done = pkt("extract", "--teacher", str(tiny_pair["teacher"]), "--data", str(tiny_dataset), "--out", str(cache),
-               "--no-progress", *sets(["runtime.dtype=float32", "extract.limit=12", *SMALL_LAYOUT]))
-    assert done.returncode == 0, done.stderr
-    done = pkt("align", "--cache", str(cache), "--student", str(cross_student), "--method", "alm", "--out", str(out),
-               "--no-progress", *sets([*FAST, "align.steps=3", "align.micro_batch_size=2"]))
-    assert done.returncode == 0, done.stderr
-    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    out, log = extract_then_align(tiny_pair, tiny_dataset, cross_student, tmp_path, "alm", "align.steps=3",
+                                  "align.micro_batch_size=2")
     assert len(log) == 3 and all(entry["alm"] > 0 and entry["ce"] > 0 for entry in log)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["method"] == "alm" and metrics["steps"] == 3
