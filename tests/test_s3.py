@@ -26,7 +26,8 @@ from pkt_pipeline.cache import CacheError, CacheFiles, WriterLock, open_cache, v
 from pkt_pipeline.cache.layout import LEDGER_DIR, LOCK_FILE, MANIFEST_FILE, ledger_key
 from tiny_data import SMALL_LAYOUT
 
-pytestmark = pytest.mark.integration  # every test needs the S3 server process; most run pkt against it
+# The tests that run `pkt extract` in a subprocess killed with -9 (the `s3_cache` fixture) are `integration`;
+# the others start only the S3 server (a few seconds) and run in `make test`; `pytest -k s3` selects all of them.
 
 SETTINGS = [*SMALL_LAYOUT, "runtime.dtype=float32", "extract.limit=8"]
 
@@ -87,6 +88,7 @@ def s3_cache(tiny_pair, tiny_dataset, s3_bucket) -> dict:
     return {"url": url, "killed": killed, "resumed": resumed}
 
 
+@pytest.mark.integration
 def test_s3_extract_resumes_after_kill_9_byte_identical(s3_cache, local_cache):
     killed, resumed = s3_cache["killed"], s3_cache["resumed"]
     assert killed["ledger"] < killed["groups"], "the kill came after the run had finished"
@@ -98,6 +100,7 @@ def test_s3_extract_resumes_after_kill_9_byte_identical(s3_cache, local_cache):
     assert not s3().exists(f"{s3_cache['url']}/{LOCK_FILE}")
 
 
+@pytest.mark.integration
 def test_s3_cache_verify_passes_and_names_a_damaged_shard(s3_cache):
     url = s3_cache["url"]
     result = pkt_here("cache", "verify", url)
@@ -118,6 +121,7 @@ def test_s3_cache_verify_passes_and_names_a_damaged_shard(s3_cache):
     assert verify_cache(url) == []
 
 
+@pytest.mark.integration
 def test_s3_align_streams_from_the_bucket_as_from_disk(tiny_pair, s3_cache, local_cache, tmp_path):
     runs = {}
     for name, cache in (("s3", s3_cache["url"]), ("local", local_cache)):
