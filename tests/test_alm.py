@@ -108,8 +108,8 @@ def test_alm_chunk_likelihoods_are_sums_of_token_log_probs_inside_each_chunk(tin
 @pytest.mark.integration
 def test_pkt_extract_then_pkt_align_alm_trains_a_student_with_another_tokenizer(tiny_pair, tiny_dataset,
                                                                                 cross_student, tmp_path):
-    out, log = extract_then_align(tiny_pair, tiny_dataset, cross_student, tmp_path, "alm", "align.steps=3",
-                                  "align.micro_batch_size=2")
+    out, log, _ = extract_then_align(tiny_pair, tiny_dataset, cross_student, tmp_path, "alm", "align.steps=3",
+                                     "align.micro_batch_size=2")
     assert len(log) == 3 and all(entry["alm"] > 0 and entry["ce"] > 0 for entry in log)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["method"] == "alm" and metrics["steps"] == 3

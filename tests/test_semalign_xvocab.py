@@ -18,8 +18,7 @@ from pkt_pipeline.methods.semalign.semantic_map import semantic_map
 from pkt_pipeline.models import load_model, load_tokenizer
 from pkt_pipeline.tiny_models import save_tiny_cross_student
 from stages import align
-from test_uld import FAST, pkt
-from tiny_data import SMALL_LAYOUT
+from test_uld import FAST, extract_then_align
 
 METHOD = "semalign-xvocab"
 
@@ -119,15 +118,8 @@ def test_with_teacher_equal_student_the_map_is_semaligns_on_the_shared_rows(tiny
 @pytest.mark.integration
 def test_pkt_extract_then_pkt_align_semalign_xvocab_trains_a_student_with_another_tokenizer(
         tiny_pair, tiny_dataset, cross_student, tmp_path):
-    cache, out = tmp_path / "cache", tmp_path / "run"
-    sets = lambda settings: [x for setting in settings for x in ("--set", setting)]  # noqa: E731
-    done = pkt("extract", "--teacher", str(tiny_pair["teacher"]), "--data", str(tiny_dataset), "--out", str(cache),
-               "--no-progress", *sets(["runtime.dtype=float32", "extract.limit=12", *SMALL_LAYOUT]))
-    assert done.returncode == 0, done.stderr
-    done = pkt("align", "--cache", str(cache), "--student", str(cross_student), "--method", METHOD, "--out", str(out),
-               "--no-progress", "--report-map", *sets([*FAST, "align.steps=4", "align.micro_batch_size=2"]))
-    assert done.returncode == 0, done.stderr
-    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    out, log, done = extract_then_align(tiny_pair, tiny_dataset, cross_student, tmp_path, METHOD, "align.steps=4",
+                                        "align.micro_batch_size=2", flags=("--report-map",))
     assert len(log) == 4 and all(entry["layer"] > 0 and entry["chunks"] > 0 for entry in log)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["method"] == METHOD and metrics["steps"] == 4 and set(metrics["pairs"]) == {"1", "2"}

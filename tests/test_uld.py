@@ -122,25 +122,25 @@ def pkt(*args: str) -> subprocess.CompletedProcess:
                           timeout=600)
 
 
-def extract_then_align(tiny_pair, tiny_dataset, cross_student, tmp_path: Path, method: str,
-                       *settings: str) -> tuple[Path, list[dict]]:
+def extract_then_align(tiny_pair, tiny_dataset, cross_student, tmp_path: Path, method: str, *settings: str,
+                       flags: tuple[str, ...] = ()) -> tuple[Path, list[dict], subprocess.CompletedProcess]:
     """`pkt extract` a tiny cache with the teacher, then `pkt align` the other-tokenizer student from it by
-    `method`: the run's folder and its per-step log."""
+    `method` (with `flags` and `--set` each of `settings`): the run's folder, its per-step log and the align run."""
     cache, out = tmp_path / "cache", tmp_path / "run"
     as_flags = lambda items: [x for item in items for x in ("--set", item)]  # noqa: E731
     done = pkt("extract", "--teacher", str(tiny_pair["teacher"]), "--data", str(tiny_dataset), "--out", str(cache),
                "--no-progress", *as_flags(["runtime.dtype=float32", "extract.limit=12", *SMALL_LAYOUT]))
     assert done.returncode == 0, done.stderr
     done = pkt("align", "--cache", str(cache), "--student", str(cross_student), "--method", method, "--out", str(out),
-               "--no-progress", *as_flags([*FAST, *settings]))
+               "--no-progress", *flags, *as_flags([*FAST, *settings]))
     assert done.returncode == 0, done.stderr
-    return out, [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    return out, [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()], done
 
 
 @pytest.mark.integration
 def test_pkt_extract_then_pkt_align_uld_trains_a_student_with_another_tokenizer(tiny_pair, tiny_dataset, cross_student,
                                                                                 tmp_path):
-    out, log = extract_then_align(tiny_pair, tiny_dataset, cross_student, tmp_path, "uld", "align.steps=3")
+    out, log, _ = extract_then_align(tiny_pair, tiny_dataset, cross_student, tmp_path, "uld", "align.steps=3")
     assert len(log) == 3 and all(entry["uld"] > 0 and entry["ce"] > 0 for entry in log)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["method"] == "uld" and metrics["steps"] == 3
