@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from pkt_pipeline.evaluation.records import ACCURACY, METRICS, Metric, item_values, item_verdicts, metric_for
+from pkt_pipeline.evaluation.records import ACCURACY, METRICS, Metric, item_values, metric_for
 from pkt_pipeline.evaluation.stats import mean_half_width, paired_difference, score_half_width
 
 REFERENCES = ("teacher", "student")

@@ -15,7 +15,7 @@ import pytest
 import torch
 import zarr
 
-from pkt_pipeline.cache import CacheError, cache_info, open_cache, verify_cache
+from pkt_pipeline.cache import CacheError, open_cache, verify_cache
 from pkt_pipeline.cache.store import shard_file
 from pkt_pipeline.config import load_config
 from pkt_pipeline.loader import CacheLoader

@@ -23,7 +23,7 @@ from pkt_pipeline.config import load_config
 from pkt_pipeline.datasets import DatasetNotFound
 from pkt_pipeline.examples import format_example
 from pkt_pipeline.loader import ExampleMeta
-from pkt_pipeline.methods import AlignContext, get_method, resolve
+from pkt_pipeline.methods import AlignContext, resolve
 from pkt_pipeline.methods.laten.config import LatenExtractConfig
 from pkt_pipeline.methods.laten.student import LatenBatches, NeuronInjection
 from pkt_pipeline.methods.laten.teacher import ModelShape, Readout, answer_target, check_settings, locate, neuron_counts

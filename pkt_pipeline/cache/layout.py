@@ -42,7 +42,7 @@ import numpy as np
 import torch
 import zarr.codecs as zc
 
-from .codecs import (ACTIVATION_CODECS, LOSSY_ACTIVATION_CODECS, TOPK_CODECS, decode_rows, dense_dtype, encode_rows,
+from .codecs import (ACTIVATION_CODECS, LOSSY_ACTIVATION_CODECS, decode_rows, encode_rows,
                      row_format, topk_formats)
 from .errors import CacheError
 

@@ -14,11 +14,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ...losses import KL_MODES, cosine_loss, fisher_surrogate, label_cosine_loss, relation_loss
-from ...loader import TOKEN_MASKS
+from ...losses import cosine_loss, fisher_surrogate, label_cosine_loss, relation_loss
 from ...residual import decoder_of, layer_state, unwrapped
 from .semantic_map import SemanticMap, attributed_pairing, build_semantic_map, proportional_pairing
-from ..base import (LR_SCHEDULES, LayerNeed, Method, Phase, cached_topk_kl, forward_student, next_token_positions,
+from ..base import (LayerNeed, Method, Phase, cached_topk_kl, forward_student, next_token_positions,
                     require_answer_mask)
 from .config import SemAlignConfig
 from .diagnostics import map_report, report_lines
