@@ -265,7 +265,9 @@ def _prepare_out(out: Path, record: dict, overwrite: bool, report_file: str) -> 
             raise ValueError(f"{out} holds another run (it differs in {', '.join(changed)}); choose another "
                              "--out or pass --overwrite")
         return "done" if (out / "metrics.json").exists() else "resume"
-    entries = sorted(out.iterdir()) if out.is_dir() else []
+    # DVC writes a `.gitignore` beside each output it tracks (`/model`) and commits it; it belongs to the
+    # repository, so it neither makes the folder foreign nor is deleted.
+    entries = sorted(p for p in out.iterdir() if p.name != ".gitignore") if out.is_dir() else []
     if entries and previous is None:
         raise ValueError(f"{out} is not empty and holds no pkt align run (no {RUN_FILE} of pkt align); pkt neither "
                          "writes into nor deletes a folder it did not make: choose another --out")

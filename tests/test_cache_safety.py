@@ -118,6 +118,20 @@ def test_align_overwrite_refuses_a_folder_pkt_did_not_write(tiny_pair, clean, tm
         assert tree(thesis) == {"chapters/one.tex": b"four years of work", "run.json": b'{"not": "pkt"}'}
 
 
+def test_align_trains_in_a_folder_holding_only_dvcs_gitignore(tiny_pair, clean, tmp_path):
+    """A DVC stage's --out in a clone: DVC removed the stale outputs before the command, the committed
+    `.gitignore` it wrote beside them stays, and is kept."""
+    out = tmp_path / "runs" / "kd"
+    out.mkdir(parents=True)
+    (out / ".gitignore").write_text("/model\n")
+    result = align_cli(tiny_pair, clean, out, "--overwrite")
+    assert result.returncode == 0, result.stderr
+    assert (out / ".gitignore").read_text() == "/model\n" and (out / "metrics.json").exists()
+    (out / "notes.txt").write_text("mine")
+    refused = align_cli(tiny_pair, clean, out, "--overwrite")
+    assert "holds files pkt align did not write (notes.txt)" in refused.stderr
+
+
 def test_align_overwrite_replaces_only_its_own_run(tiny_pair, clean, tmp_path):
     out = tmp_path / "run"
     assert align_cli(tiny_pair, clean, out).returncode == 0
